@@ -1,0 +1,110 @@
+"""The ``napari-bci`` command line (contract: DESIGN.md section 2b).
+
+Each subpackage owns its subcommands in a ``_cli`` module exposing ``register(subparsers)``;
+a subcommand's function takes the parsed ``args`` and returns a JSON-able ``dict`` (the report)
+or ``None``. This module does the rest in one place: ``--json`` output (one object on stdout,
+nothing else), the human rendering, and errors (one line on stderr; exit 2 for bad input,
+1 for other failures, 130 when interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from . import __version__
+from .errors import BCIError, InputError
+
+#: Modules that contribute subcommands, in help order.
+_COMMAND_MODULES = (
+    "napari_bci.widgets._cli",  # demo, view (import napari lazily)
+    "napari_bci.io._cli",  # info
+    "napari_bci.samples._cli",  # sample
+    "napari_bci.generate._cli",  # models, generate, train
+    "napari_bci.registration._cli",  # register, transform
+    "napari_bci.metrics._cli",  # evaluate, ssim
+    "napari_bci.her2._cli",  # score
+)
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+def _human(obj: Any, indent: int = 0) -> str:
+    pad = "  " * indent
+    if isinstance(obj, dict):
+        lines = []
+        for k, v in obj.items():
+            if isinstance(v, (dict, list)) and v and not all(isinstance(x, (int, float, str)) for x in v):
+                lines.append(f"{pad}{k}:")
+                lines.append(_human(v, indent + 1))
+            else:
+                lines.append(f"{pad}{k}: {_scalar(v)}")
+        return "\n".join(lines)
+    if isinstance(obj, list):
+        return "\n".join(_human(x, indent) if isinstance(x, (dict, list)) else f"{pad}- {_scalar(x)}" for x in obj)
+    return f"{pad}{_scalar(obj)}"
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+    return str(v)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="napari-bci",
+        description="Virtual HER2 IHC from H&E: view, register, generate, evaluate and score.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-bci {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _fail(command: str | None, message: str, code: int) -> int:
+    prefix = f"napari-bci {command}" if command else "napari-bci"
+    print(f"{prefix}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], Any] = args.func
+    try:
+        result = func(args)
+    except InputError as e:
+        return _fail(args.command, str(e), 2)
+    except BCIError as e:
+        return _fail(args.command, str(e), e.exit_code)
+    except FileNotFoundError as e:
+        return _fail(args.command, f"{e.filename}: no such file or directory", 2)
+    except PermissionError as e:
+        return _fail(args.command, f"{e.filename}: permission denied", 2)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", 130)
+    except Exception as e:  # the contract: one readable line, never a traceback
+        if os.environ.get("NAPARI_BCI_DEBUG"):
+            raise
+        return _fail(args.command, f"{type(e).__name__}: {e}", 1)
+    if result is not None:
+        if getattr(args, "json", False):
+            sys.stdout.write(json.dumps(result) + "\n")
+        else:
+            print(_human(result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

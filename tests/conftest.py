@@ -1,0 +1,32 @@
+"""Shared fixtures. Area-specific fixtures live in the area's own test modules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+# Keep torch and BLAS from oversubscribing the two CI cores when tests run Qt threads too.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """``tests/data``: real, freely licensed samples (see ATTRIBUTION.md there)."""
+    return DATA
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``napari-bci ARGS`` in-process; returns ``(exit_code, stdout, stderr)``."""
+    from napari_bci.cli import main
+
+    def run(*args: str):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
