@@ -1,5 +1,52 @@
-"""Subcommands of this package (see napari_bci.cli)."""
+"""``napari-bci demo`` and ``napari-bci view``: open napari (imported lazily)."""
+
+from __future__ import annotations
+
+SAMPLES = ("bci-0", "bci-1+", "bci-2+", "bci-3+", "wsi-pair", "cmu-small")
 
 
 def register(sub) -> None:
-    """Add this package's subcommands to the ``napari-bci`` parser."""
+    p = sub.add_parser(
+        "demo",
+        help="open napari on the embedded default: synthetic H&E/IHC whole-slide pair, built-in model, all widgets",
+    )
+    p.add_argument("--size", type=int, default=16384, help="level-0 size of the synthetic slide (default 16384)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--her2", default="2+", choices=["0", "1+", "2+", "3+"], help="HER2 level of the synthetic slide")
+    p.add_argument("--model", default=None, help="generator for the Virtual IHC widget (default: builtin)")
+    p.add_argument("--no-generate", action="store_true", help="do not start follow-the-view generation")
+    p.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window and exit")
+    p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("view", help="open slides, patches or BCI folders (and samples) in napari")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.add_argument("--sample", action="append", choices=SAMPLES, default=[], help="also open a sample (repeatable)")
+    p.add_argument("--model", default=None, help="generator preselected in the Virtual IHC widget")
+    p.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window and exit")
+    p.set_defaults(func=run_view)
+
+
+def run_demo(args):
+    from .app import launch_demo
+
+    launch_demo(
+        size=args.size,
+        seed=args.seed,
+        her2=args.her2,
+        model=args.model,
+        generate=not args.no_generate,
+        screenshot=args.screenshot,
+    )
+
+
+def run_view(args):
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    for p in args.paths:
+        if not Path(p).exists():
+            raise InputError(p, "no such file or directory")
+    from .app import launch_view
+
+    launch_view(args.paths, samples=args.sample, model=args.model, screenshot=args.screenshot)

@@ -1,0 +1,97 @@
+"""Launch napari with napari-bci's layers and widgets (used by ``napari-bci demo/view``)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+#: The plugin's dock widgets, in the order they are docked (names as in napari.yaml).
+WIDGETS = ("Slides", "Virtual IHC", "Compare", "Register", "HER2")
+
+
+def dock_widgets(viewer, names: Iterable[str] = WIDGETS) -> dict:
+    """Dock the plugin's widgets (tabbed on the right) and return them by name."""
+    docked = {}
+    for i, name in enumerate(names):
+        _, widget = viewer.window.add_plugin_dock_widget("napari-bci", name, tabify=i > 0)
+        docked[name] = widget
+    return docked
+
+
+def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> list[tuple]:
+    """The embedded default data: the synthetic whole-slide H&E / IHC pair as layer tuples."""
+    from ..samples._npe2 import wsi_layers
+
+    return wsi_layers(size=size, seed=seed, her2=her2)
+
+
+def _finish(viewer, screenshot: str | None, wait_s: float, ready=None) -> None:
+    """Run napari; with ``screenshot``, save the window once ``ready()`` is true (or after
+    ``wait_s``) and quit."""
+    import napari
+    from qtpy.QtCore import QTimer
+
+    if not screenshot:
+        napari.run()
+        return
+    import time
+
+    start = time.monotonic()
+    timer = QTimer()
+
+    def poll():
+        if (ready is None or not ready()) and time.monotonic() - start < wait_s:
+            return
+        timer.stop()
+        viewer.screenshot(screenshot, canvas_only=False, flash=False)
+        viewer.close()
+
+    timer.timeout.connect(poll)
+    timer.start(250)
+    napari.run()
+
+
+def launch_demo(
+    size: int = 16384,
+    seed: int = 0,
+    her2: str = "2+",
+    model: str | None = None,
+    generate: bool = True,
+    screenshot: str | None = None,
+):
+    import napari
+
+    viewer = napari.Viewer(title="napari-bci demo")
+    viewer.window.resize(1600, 1000)
+    for data, attrs, _ in demo_layers(size=size, seed=seed, her2=her2):
+        viewer.add_image(data, **attrs)
+    widgets = dock_widgets(viewer)
+    vihc = widgets["Virtual IHC"]
+    if model:
+        vihc.set_model(model)
+    # a view where cells are visible, in the tissue
+    viewer.reset_view()
+    he = viewer.layers["H&E"]
+    h, w = he.data[0].shape[:2] if he.multiscale else he.data.shape[:2]
+    sy, sx = he.scale[:2]
+    viewer.scene.camera.center = (h * sy * 0.45, w * sx * 0.45)
+    viewer.scene.camera.zoom = 1.0 / sy
+    if generate:
+        vihc.start_following()
+    _finish(viewer, screenshot, wait_s=120, ready=getattr(vihc, "is_idle", None))
+    return viewer
+
+
+def launch_view(paths, samples=(), model: str | None = None, screenshot: str | None = None):
+    import napari
+
+    viewer = napari.Viewer(title="napari-bci")
+    viewer.window.resize(1600, 1000)
+    for p in paths:
+        viewer.open(p, plugin="napari-bci")
+    for s in samples:
+        viewer.open_sample("napari-bci", s)
+    widgets = dock_widgets(viewer)
+    if model:
+        widgets["Virtual IHC"].set_model(model)
+    _finish(viewer, screenshot, wait_s=5)
+    return viewer
