@@ -1,0 +1,198 @@
+"""HER2 scoring of large images: per-tile score maps and polygon regions on a pyramid.
+
+Images are one ``(H, W, 3)`` array or a list of pyramid levels (level 0 first; numpy, dask or
+zarr arrays: only the tiles needed are read). Cells are analysed at the coarsest level whose
+pixel size is at most ``max_mpp`` (enough resolution for nuclei and membranes). All returned
+coordinates are level-0 pixels (x, y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .scoring import LEVELS, HER2Result, score, summarize
+
+#: Fixed display colours (RGBA 0..1) per map label: 0 = not scored, then 0, 1+, 2+, 3+.
+LEVEL_COLOURS = {
+    0: (0.0, 0.0, 0.0, 0.0),
+    1: (0.27, 0.51, 0.71, 0.55),  # 0: steel blue
+    2: (1.00, 0.85, 0.20, 0.55),  # 1+: yellow
+    3: (1.00, 0.55, 0.10, 0.55),  # 2+: orange
+    4: (0.85, 0.10, 0.10, 0.55),  # 3+: red
+}
+LEGEND = {"0": LEVEL_COLOURS[1], "1+": LEVEL_COLOURS[2], "2+": LEVEL_COLOURS[3], "3+": LEVEL_COLOURS[4]}
+
+
+def as_levels(image) -> list:
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def choose_level(levels: Sequence, mpp: float, max_mpp: float = 1.0) -> tuple[int, float, float]:
+    """(level index, its downsample from level 0, its mpp): the coarsest level with mpp <= max_mpp."""
+    h0 = levels[0].shape[0]
+    best = (0, 1.0, mpp)
+    for i, lv in enumerate(levels):
+        ds = h0 / lv.shape[0]
+        if mpp * ds <= max_mpp * 1.001 and ds >= best[1]:
+            best = (i, ds, mpp * ds)
+    return best
+
+
+def read_rgb(level, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """A window of one level as a numpy RGB uint8 array (clipped to the level)."""
+    h, w = level.shape[:2]
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    a = level[y0:y1, x0:x1]
+    if hasattr(a, "compute"):
+        a = a.compute()
+    a = np.asarray(a)
+    return a[..., :3] if a.ndim == 3 and a.shape[-1] == 4 else a
+
+
+def _tissue_fraction(rgb: np.ndarray) -> float:
+    from ..stain import rgb_to_od
+
+    return float((rgb_to_od(rgb[::4, ::4]).sum(-1) > 0.25).mean()) if rgb.size else 0.0
+
+
+@dataclass
+class TileScore:
+    row: int
+    col: int
+    bbox: tuple[int, int, int, int]  # level-0 (x0, y0, x1, y1)
+    result: HER2Result | None  # None: skipped (no tissue)
+
+
+@dataclass
+class ScoreMap:
+    """A per-tile HER2 map: ``labels[r, c]`` = 0 (not scored / no tumour cells) or 1 + level index."""
+
+    labels: np.ndarray
+    tile: int  # tile size in level-0 pixels
+    mpp: float | None  # level-0 mpp
+    analysis_mpp: float
+    tiles: list[TileScore] = field(default_factory=list)
+
+    @property
+    def overall(self) -> HER2Result:
+        """All scored tiles' cells pooled (centroids in level-0 pixels)."""
+        rs = [t.result for t in self.tiles if t.result is not None]
+        return HER2Result.merge(rs)
+
+    def to_dict(self) -> dict:
+        return {
+            "tile": self.tile,
+            "shape": list(self.labels.shape),
+            "analysis_mpp": self.analysis_mpp,
+            "overall": self.overall.to_dict(),
+            "tiles": [
+                {"row": t.row, "col": t.col, "bbox": list(t.bbox), **t.result.to_dict()}
+                for t in self.tiles if t.result is not None
+            ],
+        }
+
+
+def _to_level0(res: HER2Result, off_xy, ds: float) -> HER2Result:
+    res.centroid = (res.centroid + np.asarray(off_xy, float)) * ds
+    return res
+
+
+def iter_tiles(
+    image,
+    mpp: float = 0.5,
+    *,
+    tile_um: float = 256.0,
+    max_mpp: float = 1.0,
+    halo_um: float = 12.0,
+    min_tissue: float = 0.05,
+    bbox: tuple[int, int, int, int] | None = None,
+    **score_kw,
+) -> Iterator[TileScore]:
+    """Score an image tile by tile (row-major). Each tile is analysed with a halo so border
+    cells are whole; a cell belongs to the tile holding its centroid. ``bbox`` (level-0 x0, y0,
+    x1, y1) limits the area. Tiles with less than ``min_tissue`` stained area are skipped."""
+    levels = as_levels(image)
+    li, ds, amp = choose_level(levels, mpp, max_mpp)
+    lv = levels[li]
+    H0, W0 = levels[0].shape[:2]
+    tile0 = max(int(round(tile_um / mpp)), 16)
+    bx0, by0, bx1, by1 = bbox or (0, 0, W0, H0)
+    halo = int(np.ceil(halo_um / amp))
+    for r, y in enumerate(range(by0, by1, tile0)):
+        for c, x in enumerate(range(bx0, bx1, tile0)):
+            x1, y1 = min(x + tile0, bx1), min(y + tile0, by1)
+            lx0, ly0 = int(x / ds), int(y / ds)
+            lx1, ly1 = int(np.ceil(x1 / ds)), int(np.ceil(y1 / ds))
+            core = read_rgb(lv, lx0, ly0, lx1, ly1)
+            if core.size == 0 or _tissue_fraction(core) < min_tissue:
+                yield TileScore(r, c, (x, y, x1, y1), None)
+                continue
+            wx0, wy0 = max(lx0 - halo, 0), max(ly0 - halo, 0)
+            win = read_rgb(lv, wx0, wy0, lx1 + halo, ly1 + halo)
+            res = score(win, amp, **score_kw)
+            cx, cy = res.centroid[:, 0] + wx0, res.centroid[:, 1] + wy0
+            inside = (cx >= lx0) & (cx < lx1) & (cy >= ly0) & (cy < ly1)
+            res = _to_level0(res.subset(inside), (wx0, wy0), ds)
+            yield TileScore(r, c, (x, y, x1, y1), res)
+
+
+def score_map(
+    image,
+    mpp: float = 0.5,
+    *,
+    tile_um: float = 256.0,
+    max_mpp: float = 1.0,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    **kw,
+) -> ScoreMap:
+    """Per-tile HER2 score map of a whole image or pyramid (see :func:`iter_tiles`)."""
+    from ..errors import Cancelled
+
+    levels = as_levels(image)
+    H0, W0 = levels[0].shape[:2]
+    tile0 = max(int(round(tile_um / mpp)), 16)
+    ny, nx = -(-H0 // tile0), -(-W0 // tile0)
+    labels = np.zeros((ny, nx), np.uint8)
+    tiles = []
+    _, _, amp = choose_level(levels, mpp, max_mpp)
+    for i, t in enumerate(iter_tiles(levels, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw)):
+        if cancelled is not None and cancelled():
+            raise Cancelled("HER2 scoring cancelled")
+        tiles.append(t)
+        if t.result is not None and t.result.cells > 0:
+            labels[t.row, t.col] = 1 + LEVELS.index(t.result.her2)
+        if progress is not None:
+            progress(i + 1, ny * nx)
+    return ScoreMap(labels, tile0, mpp, amp, tiles)
+
+
+def polygon_mask(polygon_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise a polygon given as (x, y) vertices into a boolean mask of ``shape`` (rows, cols)."""
+    from skimage.draw import polygon2mask
+
+    p = np.asarray(polygon_xy, float)
+    return polygon2mask(shape, p[:, ::-1])
+
+
+def score_polygon(image, polygon_xy, mpp: float = 0.5, *, max_mpp: float = 1.0, **kw) -> HER2Result:
+    """Score the cells inside a polygon ((x, y) level-0 vertices) of an image or pyramid.
+    Centroids of the result are level-0 pixels."""
+    levels = as_levels(image)
+    li, ds, amp = choose_level(levels, mpp, max_mpp)
+    lv = levels[li]
+    p = np.asarray(polygon_xy, float) / ds
+    h, w = lv.shape[:2]
+    x0, y0 = max(int(np.floor(p[:, 0].min())), 0), max(int(np.floor(p[:, 1].min())), 0)
+    x1, y1 = min(int(np.ceil(p[:, 0].max())) + 1, w), min(int(np.ceil(p[:, 1].max())) + 1, h)
+    if x1 <= x0 or y1 <= y0:
+        return summarize(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), mpp=amp)
+    m = int(np.ceil(16.0 / amp))  # context around the polygon for the local background
+    wx0, wy0 = max(x0 - m, 0), max(y0 - m, 0)
+    win = read_rgb(lv, wx0, wy0, x1 + m, y1 + m)
+    mask = polygon_mask(p - [wx0, wy0], win.shape[:2])
+    res = score(win, amp, mask=mask, **kw)
+    return _to_level0(res, (wx0, wy0), ds)
