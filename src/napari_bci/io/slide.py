@@ -1,0 +1,462 @@
+"""Whole-slide images as lazy pyramids.
+
+``open_slide(path) -> Slide`` reads SVS, NDPI, OME-TIFF (SubIFD pyramids), tiled multi-page
+("generic") pyramidal TIFF, plain TIFF and PNG/JPEG patches. TIFF levels are dask arrays over
+tifffile's zarr store, so only the tiles (or strips) a caller slices are read and decoded.
+Slides without low-resolution levels get lazily computed 2x box-filtered levels down to
+about 512 px. Formats tifffile cannot read (e.g. MIRAX ``.mrxs``) go through OpenSlide when
+``openslide-python`` is installed (``pip install napari-bci[openslide]``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .patches import IMAGE_SUFFIXES, check_file, read_patch, sniff, to_rgb8
+
+#: Synthesised levels stop once the smaller side is at most this many pixels ...
+MIN_LEVEL_SIZE = 512
+#: ... and are only added to images whose larger side exceeds this (patches stay one level).
+SYNTH_ABOVE = 2048
+#: A chunk (tile or strip) larger than this is refused instead of being decoded whole.
+MAX_CHUNK_BYTES = 256 * 2**20
+#: Series that are not pyramid levels (SVS/NDPI/SCN/BIF associated images).
+ASSOCIATED = {"thumbnail", "label", "macro", "map", "overview", "probability"}
+OPENSLIDE_ONLY = (".mrxs", ".vms", ".vmu", ".svslide", ".dcm", ".isyntax", ".czi", ".sis", ".vsi")
+
+_ids = count()
+
+
+class Slide:
+    """A slide (or a patch) as a pyramid of ``(H, W, 3)`` uint8 dask arrays, level 0 first."""
+
+    def __init__(self, path, fmt: str, levels: list, mpp: float | None, metadata: dict | None = None,
+                 closer=None, native_levels: int | None = None):
+        self.path = Path(path)
+        self.format = fmt
+        self.levels = list(levels)
+        self.mpp = None if mpp is None else float(mpp)
+        self.native_levels = len(self.levels) if native_levels is None else native_levels
+        self.metadata = dict(metadata or {})
+        self._closer = closer
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.levels[0].shape)
+
+    @property
+    def level_shapes(self) -> list[list[int]]:
+        return [[int(a.shape[0]), int(a.shape[1])] for a in self.levels]
+
+    @property
+    def downsamples(self) -> list[float]:
+        h0, w0 = self.shape[:2]
+        return [float((h0 / a.shape[0] + w0 / a.shape[1]) / 2) for a in self.levels]
+
+    def level_for_mpp(self, mpp: float) -> int:
+        """The finest level whose pixel size does not exceed ``mpp`` (level 0 when mpp is unknown)."""
+        if not self.mpp:
+            return 0
+        best = 0
+        for i, d in enumerate(self.downsamples):
+            if self.mpp * d <= mpp * 1.05:
+                best = i
+        return best
+
+    def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Pixels ``[y:y+h, x:x+w]`` of ``level`` as an ``(h, w, 3)`` uint8 array; outside is white."""
+        a = self.levels[level]
+        H, W = a.shape[:2]
+        out = np.full((h, w, 3), 255, np.uint8)
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, H), min(x + w, W)
+        if y1 > y0 and x1 > x0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = np.asarray(a[y0:y1, x0:x1].compute())
+        return out
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        mpp = "unknown" if self.mpp is None else f"{self.mpp:.4g} um/px"
+        return f"<Slide {self.path.name} {self.format} levels={self.level_shapes} mpp={mpp}>"
+
+    def info(self) -> dict[str, Any]:
+        """The JSON summary used by ``napari-bci info``."""
+        return {
+            "levels": self.level_shapes,
+            "mpp": self.mpp,
+            "format": self.format,
+            "path": str(self.path),
+            "downsamples": [round(d, 4) for d in self.downsamples],
+            "native_levels": self.native_levels,
+            "backend": self.metadata.get("backend"),
+        }
+
+
+def open_slide(path: str | os.PathLike) -> Slide:
+    """Open a slide or an image file lazily; InputError names the file and the problem."""
+    p = check_file(path)
+    suffix = p.suffix.lower()
+    if suffix in OPENSLIDE_ONLY:
+        return _open_openslide(p, reason=f"{suffix} files")
+    kind = sniff(p)
+    if kind in ("png", "jpeg"):
+        arr = read_patch(p)
+        return _patch_slide(p, arr, kind)
+    if kind == "tiff":
+        return _open_tiff(p)
+    if _openslide_available():
+        return _open_openslide(p, reason="this file")
+    if suffix in IMAGE_SUFFIXES:
+        raise InputError(p, f"not a {suffix[1:].upper()} image: the content is not PNG, JPEG or TIFF")
+    raise InputError(p, "unsupported file type (napari-bci reads SVS, NDPI, OME-TIFF, TIFF, PNG, JPEG; "
+                        "install napari-bci[openslide] for other slide formats)")
+
+
+# --------------------------------------------------------------------------------- patches
+
+
+def _patch_slide(p: Path, arr: np.ndarray, fmt: str) -> Slide:
+    import dask.array as da
+
+    level0 = da.from_array(arr, chunks=(1024, 1024, 3), name=f"patch-{next(_ids)}-{p.name}")
+    levels = _with_synthesised_levels([level0])
+    return Slide(p, fmt, levels, None, {"backend": "image", "synthesised_levels": len(levels) - 1},
+                 native_levels=1)
+
+
+# ------------------------------------------------------------------------------------ TIFF
+
+
+def _tiff_format(tf) -> str:
+    for flag, name in (("is_svs", "svs"), ("is_ndpi", "ndpi"), ("is_ome", "ome-tiff"), ("is_scn", "scn"),
+                       ("is_bif", "bif"), ("is_qpi", "qptiff"), ("is_philips", "philips-tiff")):
+        if getattr(tf, flag, False):
+            return name
+    return "tiff"
+
+
+def _pick_series(tf):
+    """Index of the pyramid series: the largest image that is not an associated image."""
+    best, best_area = None, -1
+    for i, s in enumerate(tf.series):
+        if (s.name or "").strip().lower() in ASSOCIATED:
+            continue
+        h, w = _yx(s)
+        if h * w > best_area:
+            best, best_area = i, h * w
+    if best is None:
+        raise InputError(tf.filename, "no image series found")
+    return best
+
+
+def _yx(s) -> tuple[int, int]:
+    axes = s.axes
+    return int(s.shape[axes.index("Y")]), int(s.shape[axes.index("X")])
+
+
+def _mpp_from_tiff(tf, series, fmt: str) -> float | None:
+    page = series.pages[0] if series.pages else tf.pages[0]
+    desc = page.description or ""
+    if fmt == "svs":
+        m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", desc)
+        if m:
+            return float(m.group(1))
+    if fmt == "ome-tiff" and tf.ome_metadata:
+        mpp = _mpp_from_ome(tf.ome_metadata, tf.series.index(series))
+        if mpp:
+            return mpp
+    if fmt == "philips-tiff" and tf.philips_metadata:
+        m = re.search(r'PIM_DP_SCANNED_IMAGE.*?DICOM_PIXEL_SPACING"[^>]*>&quot;([0-9.eE+-]+)', tf.philips_metadata, re.S)
+        if m:
+            return float(m.group(1)) * 1000.0
+    tags = page.tags
+    xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+    if xres is not None and unit is not None:
+        num, den = xres.value
+        ppu = num / den if den else 0.0
+        um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+        if ppu > 0 and um_per_unit:
+            mpp = um_per_unit / ppu
+            if 0.01 < mpp < 1000:  # (1, 1) per inch/cm is a default, not a measurement
+                return mpp
+    return None
+
+
+_UNIT_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "pm": 1e-6}
+
+
+def _mpp_from_ome(xml: str, series: int) -> float | None:
+    from xml.etree import ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = [el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"]
+    idx = series
+    if not pixels:
+        return None
+    px = pixels[idx] if idx < len(pixels) else pixels[0]
+    v = px.get("PhysicalSizeX")
+    if v is None:
+        return None
+    unit = px.get("PhysicalSizeXUnit", "µm")
+    return float(v) * _UNIT_UM.get(unit, 1.0)
+
+
+def _normalise_axes(arr, axes: str, src: Path, photometric: int | None, colormap):
+    """A dask array with tifffile ``axes`` as ``(Y, X[, S|C])``; extra planes: the first, with a warning."""
+    extra = [i for i, a in enumerate(axes) if a not in "YXSC"]
+    if "C" in axes and "S" in axes:
+        extra.append(axes.index("C"))
+    if extra:
+        index = tuple(0 if i in extra else slice(None) for i in range(arr.ndim))
+        if any(arr.shape[i] > 1 for i in extra):
+            warnings.warn(f"{src}: has {axes} axes of shape {tuple(arr.shape)}; showing the first plane only",
+                          UserWarning, stacklevel=4)
+        arr = arr[index]
+        axes = "".join(a for i, a in enumerate(axes) if i not in extra)
+    if "C" in axes:  # planar RGB (axes CYX): move channels last
+        arr = arr.transpose([axes.index("Y"), axes.index("X"), axes.index("C")])
+    elif "S" in axes:
+        arr = arr.transpose([axes.index("Y"), axes.index("X"), axes.index("S")])
+    if photometric == 3 and colormap is not None:  # palette
+        lut = np.asarray(colormap)
+        lut = (lut >> 8).astype(np.uint8).T if lut.max() > 255 else lut.astype(np.uint8).T
+        arr = arr.map_blocks(lambda b: lut[b], dtype=np.uint8, new_axis=2, chunks=arr.chunks + ((3,),))
+    elif photometric == 0 and arr.ndim == 2 and arr.dtype == np.uint8:  # min-is-white
+        arr = 255 - arr
+    return to_rgb8(arr, src)
+
+
+def _open_tiff(p: Path) -> Slide:
+    import tifffile
+
+    try:
+        tf = tifffile.TiffFile(p)
+        series_list = tf.series
+    except Exception as e:
+        if _openslide_available():
+            return _open_openslide(p, reason=f"tifffile could not read it ({e})")
+        raise InputError(p, f"corrupt or unreadable TIFF ({type(e).__name__}: {e})") from None
+    try:
+        if not series_list:
+            raise InputError(p, "TIFF without images")
+        fmt = _tiff_format(tf)
+        idx = _pick_series(tf)
+        series = series_list[idx]
+        level_series = [(series, i) for i in range(len(series.levels))]
+        if len(level_series) == 1 and fmt == "tiff":
+            level_series += [(s, 0) for s in _generic_reduced_series(tf, series)]
+        _check_offsets(p, tf, [s.levels[i] for s, i in level_series])
+        levels = [_tiff_level(p, tf, s, lv, i) for i, (s, lv) in enumerate(level_series)]
+        _check_decodes(p, levels[-1])
+        mpp = _mpp_from_tiff(tf, series, fmt)
+        meta = {
+            "backend": "tifffile",
+            "series": idx,
+            "series_name": series.name,
+            "associated": [s.name for s in series_list if (s.name or "").strip().lower() in ASSOCIATED],
+            "tiled": bool(series.pages[0].is_tiled) if series.pages else None,
+        }
+        native = len(levels)
+        levels = _with_synthesised_levels(levels)
+        meta["synthesised_levels"] = len(levels) - native
+    except BaseException:
+        tf.close()
+        raise
+    return Slide(p, fmt, levels, mpp, meta, closer=tf.close, native_levels=native)
+
+
+def _generic_reduced_series(tf, base) -> list:
+    """Further top-level series that are consistent 2^k-ish reductions of ``base`` (generic pyramids)."""
+    H, W = _yx(base)
+    out, last = [], (H, W)
+    for s in tf.series[tf.series.index(base) + 1:]:
+        if (s.name or "").strip().lower() in ASSOCIATED or not s.pages or not s.pages[0].is_tiled:
+            continue
+        h, w = _yx(s)
+        if not (h < last[0] and w < last[1]):
+            continue
+        d = W / w
+        if abs(H / d - h) <= max(1.0, 0.01 * h) and s.shape[-1] == base.shape[-1] and s.dtype == base.dtype:
+            out.append(s)
+            last = (h, w)
+    return out
+
+
+def _check_offsets(p: Path, tf, level_series) -> None:
+    size = os.path.getsize(p)
+    for i, s in enumerate(level_series):
+        for page in s.pages[:1]:
+            page = page.keyframe if hasattr(page, "keyframe") else page
+            ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
+            if ends and max(ends) > size:
+                raise InputError(p, f"truncated file: level {i} image data ends at byte {max(ends)} "
+                                    f"but the file has {size} bytes")
+            if ends and page.is_tiled and any(c == 0 for c in page.databytecounts):
+                warnings.warn(f"{p}: level {i} has missing tiles (shown as empty)", UserWarning, stacklevel=4)
+
+
+def _tiff_level(p: Path, tf, series, level: int, i: int):
+    import dask.array as da
+    import zarr
+
+    s = series.levels[level]
+    page = s.pages[0]
+    page = page.keyframe if hasattr(page, "keyframe") else page
+    chunk_bytes = int(np.prod(page.chunks)) * page.dtype.itemsize if page.chunks else 0
+    h, w = _yx(s)
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        mm = _try_memmap(tf, s)
+        if mm is None:
+            kind = "tile" if page.is_tiled else ("strip" if len(page.dataoffsets) > 1 else "single strip")
+            raise InputError(p, f"untiled {w}x{h} image stored as {kind}s of {chunk_bytes / 2**20:.0f} MiB, "
+                                f"too large to read lazily; convert it to a tiled pyramid (e.g. "
+                                f"`vips tiffsave IN OUT --tile --pyramid --compression jpeg`)")
+        arr = da.from_array(mm, chunks=(1024, 1024) + mm.shape[2:], name=f"memmap-{next(_ids)}-{p.name}-L{i}")
+    else:
+        z = zarr.open_array(series.aszarr(level=level), mode="r")
+        arr = da.from_zarr(z, name=f"tiff-{next(_ids)}-{p.name}-L{i}", inline_array=True)
+    return _normalise_axes(arr, s.axes, p, page.photometric, getattr(page, "colormap", None))
+
+
+def _try_memmap(tf, s):
+    """An uncompressed contiguous level as a read-only numpy memmap, else None."""
+    page = s.pages[0]
+    if len(s.pages) != 1 or not page.is_memmappable:
+        return None
+    off = page.dataoffsets[0]
+    shape = tuple(int(x) for x in s.shape)
+    return np.memmap(tf.filehandle.path, dtype=page.dtype.newbyteorder(tf.byteorder), mode="r",
+                     offset=off, shape=shape)
+
+
+def _check_decodes(p: Path, level) -> None:
+    """Decode one chunk of the smallest native level, so corrupt tile data fails at open time."""
+    cy, cx = level.chunks[0][0], level.chunks[1][0]
+    try:
+        level[:cy, :cx].compute()
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(p, f"corrupt image data ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------- synthesised levels
+
+
+def downsample2(a):
+    """A lazy 2x2 box-filtered (mean, rounded) half-size copy of dask array ``a`` ``(H, W, 3)``."""
+    h2, w2 = a.shape[0] // 2, a.shape[1] // 2
+    a = a[: 2 * h2, : 2 * w2]
+    cy = _even_chunk(a.chunks[0][0])
+    cx = _even_chunk(a.chunks[1][0])
+    a = a.rechunk((cy, cx, 3))
+    out_chunks = (tuple(c // 2 for c in a.chunks[0]), tuple(c // 2 for c in a.chunks[1]), (3,))
+    return a.map_blocks(_mean2, dtype=np.uint8, chunks=out_chunks)
+
+
+def _even_chunk(native: int, target: int = 1024) -> int:
+    c = native * max(1, round(target / native)) if native <= target else target
+    return c if c % 2 == 0 else 2 * c
+
+
+def _mean2(b: np.ndarray) -> np.ndarray:
+    h, w = b.shape[0] // 2, b.shape[1] // 2
+    s = b.reshape(h, 2, w, 2, b.shape[2]).astype(np.uint16).sum(axis=(1, 3))
+    return ((s + 2) // 4).astype(np.uint8)
+
+
+def _with_synthesised_levels(levels: list) -> list:
+    levels = list(levels)
+    if max(levels[0].shape[:2]) <= SYNTH_ABOVE:
+        return levels
+    while min(levels[-1].shape[:2]) > MIN_LEVEL_SIZE:
+        levels.append(downsample2(levels[-1]))
+    return levels
+
+
+# ------------------------------------------------------------------------------- OpenSlide
+
+
+def _openslide_available() -> bool:
+    try:
+        import openslide  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class _OpenSlideLevel:
+    """Array-like view of one OpenSlide level for ``da.from_array``."""
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, osr, level: int):
+        self.osr, self.level = osr, level
+        w, h = osr.level_dimensions[level]
+        self.shape = (h, w, 3)
+        self.ds = osr.level_downsamples[level]
+
+    def __getitem__(self, key):
+        ys, xs = key[0], key[1]
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)[(slice(None), slice(None)) + tuple(key[2:])]
+        img = self.osr.read_region((int(x0 * self.ds), int(y0 * self.ds)), self.level, (x1 - x0, y1 - y0))
+        rgba = np.asarray(img)
+        a = rgba[..., 3:4].astype(np.float32) / 255.0
+        rgb = np.rint(rgba[..., :3] * a + 255.0 * (1 - a)).astype(np.uint8)
+        return rgb[(slice(None), slice(None)) + tuple(key[2:])]
+
+
+def _open_openslide(p: Path, reason: str) -> Slide:
+    if not _openslide_available():
+        raise InputError(p, f"{reason} need the OpenSlide backend: pip install 'napari-bci[openslide]'")
+    import dask.array as da
+    import openslide
+
+    try:
+        osr = openslide.OpenSlide(str(p))
+    except Exception as e:
+        raise InputError(p, f"unsupported or corrupt slide ({type(e).__name__}: {e})") from None
+    levels = [da.from_array(_OpenSlideLevel(osr, i), chunks=(512, 512, 3), name=f"openslide-{next(_ids)}-L{i}",
+                            asarray=True, fancy=False, lock=True)
+              for i in range(osr.level_count)]
+    props = dict(osr.properties)
+    mpp = props.get(openslide.PROPERTY_NAME_MPP_X)
+    meta = {"backend": "openslide", "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
+            "associated": list(osr.associated_images.keys())}
+    native = len(levels)
+    levels = _with_synthesised_levels(levels)
+    meta["synthesised_levels"] = len(levels) - native
+    fmt = props.get(openslide.PROPERTY_NAME_VENDOR) or p.suffix.lstrip(".").lower()
+    return Slide(p, fmt, levels, float(mpp) if mpp else None, meta, closer=osr.close, native_levels=native)
+
+
+def level_count_for(shape: tuple[int, int], min_size: int = MIN_LEVEL_SIZE) -> int:
+    """Levels a pyramid of ``shape`` gets when halving until the smaller side is <= ``min_size``."""
+    n, (h, w) = 1, shape
+    while min(h, w) > min_size:
+        h, w, n = h // 2, w // 2, n + 1
+    return n

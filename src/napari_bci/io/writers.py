@@ -1,0 +1,335 @@
+"""Streaming writer of tiled, compressed, pyramidal OME-TIFF.
+
+``write_pyramid`` takes level 0 as an array (numpy/dask), a list of ready levels, a
+``Slide``, a tile callable ``tile(y, x, h, w)`` or an iterator of tiles in row-major order, and
+writes every level tile by tile. Lower levels are 2x2 box-filtered from the level above, one
+tile row at a time, while level 0 streams into the file; their tiles wait in a compressed
+spill file next to the output until tifffile writes them. Peak memory is about
+``2 * tile * width * 3`` bytes (two tile rows of level 0) plus tifffile's encoder buffers,
+whatever the slide's height. Output is atomic: a hidden temporary file in the same directory,
+renamed over ``path`` only when complete.
+
+Layouts (``layout=``):
+
+- ``"subifd"`` (default): OME-TIFF with OME-XML (PhysicalSizeX/Y in µm) in level 0's
+  ImageDescription and the lower levels in SubIFDs (Bio-Formats/QuPath/tifffile/napari pyramid
+  convention). OpenSlide reads such a file as a single-level generic TIFF.
+- ``"pages"``: the levels as consecutive top-level tiled pages marked reduced-resolution
+  (NewSubfileType 1), no OME-XML: OpenSlide's "generic-tiff" sees every level.
+
+Both carry XResolution/YResolution in pixels per centimetre when ``mpp`` is known.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import Cancelled, InputError
+
+
+def pyramid_shapes(shape: tuple[int, int], tile: int, n_levels: int | None = None) -> list[tuple[int, int]]:
+    """Level shapes: halve (floor) until the whole level fits one tile, or ``n_levels`` levels."""
+    h, w = int(shape[0]), int(shape[1])
+    out = [(h, w)]
+    while (n_levels is None and max(h, w) > tile) or (n_levels is not None and len(out) < n_levels):
+        h, w = h // 2, w // 2
+        if min(h, w) < 1:
+            break
+        out.append((h, w))
+    return out
+
+
+def mean2(block: np.ndarray) -> np.ndarray:
+    """2x2 box filter (rounded mean) of an even-sized ``(h, w, 3)`` uint8 block."""
+    h, w = block.shape[0] // 2, block.shape[1] // 2
+    s = block[: 2 * h, : 2 * w].reshape(h, 2, w, 2, block.shape[2]).astype(np.uint16).sum(axis=(1, 3))
+    return ((s + 2) // 4).astype(np.uint8)
+
+
+class _Spill:
+    """Row-major tiles of one level, zstd-compressed in an anonymous temporary file."""
+
+    def __init__(self, directory: Path):
+        import imagecodecs
+
+        self._enc, self._dec = imagecodecs.zstd_encode, imagecodecs.zstd_decode
+        self.f = tempfile.TemporaryFile(dir=directory, prefix=".napari-bci-spill-")
+        self.n = 0
+
+    def put(self, t: np.ndarray) -> None:
+        b = self._enc(np.ascontiguousarray(t).tobytes(), level=1)
+        self.f.write(struct.pack("<QHH", len(b), t.shape[0], t.shape[1]))
+        self.f.write(b)
+        self.n += 1
+
+    def tiles(self) -> Iterator[np.ndarray]:
+        self.f.seek(0)
+        for _ in range(self.n):
+            n, h, w = struct.unpack("<QHH", self.f.read(12))
+            yield np.frombuffer(self._dec(self.f.read(n)), np.uint8).reshape(h, w, 3)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _Level:
+    """Receives rows of level k, tiles and spills them, and feeds their 2x2 mean to level k+1."""
+
+    def __init__(self, shape, tile, spill: _Spill, below: "_Level | None"):
+        self.h, self.w = shape
+        self.tile, self.spill, self.below = tile, spill, below
+        self.rows: list[np.ndarray] = []  # pending rows for the current tile row
+        self.nrows = 0  # rows received so far
+        self.carry: np.ndarray | None = None  # odd row waiting for its pair
+
+    def push(self, strip: np.ndarray) -> None:
+        strip = strip[: max(0, self.h - self.nrows), : self.w]
+        if not len(strip):
+            return
+        self.nrows += len(strip)
+        self.rows.append(strip)
+        if sum(len(r) for r in self.rows) >= self.tile:
+            buf = np.concatenate(self.rows) if len(self.rows) > 1 else self.rows[0]
+            while len(buf) >= self.tile:
+                self._emit(buf[: self.tile])
+                buf = buf[self.tile:]
+            self.rows = [buf] if len(buf) else []
+        if self.below is not None:
+            self._reduce(strip)
+
+    def _reduce(self, strip: np.ndarray) -> None:
+        if self.carry is not None:
+            strip = np.concatenate([self.carry, strip])
+            self.carry = None
+        if len(strip) % 2:
+            self.carry, strip = strip[-1:].copy(), strip[:-1]
+        if len(strip):
+            self.below.push(mean2(strip))
+
+    def _emit(self, buf: np.ndarray) -> None:
+        for x in range(0, self.w, self.tile):
+            self.spill.put(buf[:, x:x + self.tile])
+
+    def finish(self) -> None:
+        if self.rows:
+            self._emit(np.concatenate(self.rows))
+            self.rows = []
+        if self.below is not None:
+            self.below.finish()
+
+
+def _pad(t: np.ndarray, tile: int) -> np.ndarray:
+    """Edge-replicate a partial tile to ``tile x tile`` (no dark JPEG ringing at slide edges)."""
+    h, w = t.shape[:2]
+    if h == tile and w == tile:
+        return t
+    return np.pad(t, ((0, tile - h), (0, tile - w), (0, 0)), mode="edge")
+
+
+def _as_rgb_tile(t: Any, h: int, w: int, where: str) -> np.ndarray:
+    a = np.asarray(t)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or a.shape[0] < h or a.shape[1] < w:
+        raise ValueError(f"{where}: expected a ({h}, {w}, 3) uint8 tile, got {a.shape} {a.dtype}")
+    return a[:h, :w]
+
+
+def _rows_from_array(arr, tile: int) -> Iterator[list[np.ndarray]]:
+    H, W = arr.shape[:2]
+    for y in range(0, H, tile):
+        strip = np.asarray(arr[y:y + tile])
+        if strip.dtype != np.uint8 or strip.ndim != 3 or strip.shape[2] != 3:
+            raise ValueError(f"level data must be (H, W, 3) uint8, got {strip.shape} {strip.dtype}")
+        yield [strip[:, x:x + tile] for x in range(0, W, tile)]
+
+
+def _rows_from_callable(fn: Callable, shape, tile: int) -> Iterator[list[np.ndarray]]:
+    H, W = shape
+    for y in range(0, H, tile):
+        h = min(tile, H - y)
+        yield [_as_rgb_tile(fn(y, x, h, min(tile, W - x)), h, min(tile, W - x), f"tile at y={y}, x={x}")
+               for x in range(0, W, tile)]
+
+
+def _rows_from_iterator(it: Iterable, shape, tile: int) -> Iterator[list[np.ndarray]]:
+    H, W = shape
+    it = iter(it)
+    for y in range(0, H, tile):
+        h = min(tile, H - y)
+        row = []
+        for x in range(0, W, tile):
+            try:
+                t = next(it)
+            except StopIteration:
+                raise ValueError(f"tile iterator ended early, at tile y={y}, x={x}") from None
+            row.append(_as_rgb_tile(t, h, min(tile, W - x), f"tile at y={y}, x={x}"))
+        yield row
+
+
+def write_pyramid(
+    path: str | os.PathLike,
+    source: Any,
+    *,
+    shape: tuple[int, int] | None = None,
+    mpp: float | None = None,
+    tile: int = 512,
+    compression: str | None = "jpeg",
+    quality: int = 90,
+    n_levels: int | None = None,
+    layout: str = "subifd",
+    progress: Callable[[int, int], Any] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write a tiled pyramidal (OME-)TIFF at ``path``; returns the path.
+
+    ``source``: an ``(H, W, 3)`` uint8 array (numpy or dask) as level 0; a list of such arrays
+    (the levels, written as given); a :class:`~napari_bci.io.slide.Slide` (its level 0, and its
+    mpp unless ``mpp`` is given); a callable ``tile(y, x, h, w) -> (h, w, 3) uint8`` in level-0
+    pixels; or an iterator of such tiles in row-major order of the ``tile`` grid. Callables and
+    iterators need ``shape=(H, W)``. ``compression``: ``"jpeg"`` (``quality``), ``"zlib"``,
+    ``"zstd"``, ``"lzw"``, ``"webp"``, ... (tifffile names) or None. ``progress(done, total)`` is
+    called per tile; ``cancel()`` returning True stops with :class:`Cancelled` (no output).
+    """
+    import tifffile
+
+    from .slide import Slide
+
+    path = Path(path)
+    if layout not in ("subifd", "pages"):
+        raise ValueError(f"layout must be 'subifd' or 'pages', not {layout!r}")
+    if tile % 16:
+        raise ValueError(f"tile must be a multiple of 16, not {tile}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(path, "cannot write: the directory does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(path, "cannot write: permission denied")
+
+    given_levels: list | None = None
+    if isinstance(source, Slide):
+        mpp = source.mpp if mpp is None else mpp
+        name = name or source.path.stem
+        source = source.levels[0]
+    if isinstance(source, (list, tuple)):
+        if len(source) == 1:
+            source = source[0]
+        else:
+            given_levels = list(source)
+            source = given_levels[0]
+    if callable(source) and not hasattr(source, "shape"):
+        if shape is None:
+            raise ValueError("shape=(H, W) is required with a tile callable")
+        rows = _rows_from_callable(source, shape[:2], tile)
+    elif hasattr(source, "shape") and hasattr(source, "dtype"):
+        shape = tuple(source.shape[:2])
+        rows = _rows_from_array(source, tile)
+    else:
+        if shape is None:
+            raise ValueError("shape=(H, W) is required with a tile iterator")
+        rows = _rows_from_iterator(source, shape[:2], tile)
+    H, W = int(shape[0]), int(shape[1])
+    if given_levels is not None:
+        shapes = [tuple(int(s) for s in a.shape[:2]) for a in given_levels]
+    else:
+        shapes = pyramid_shapes((H, W), tile, n_levels)
+    n_tiles = [-(-h // tile) * -(-w // tile) for h, w in shapes]
+    total, done = sum(n_tiles), 0
+
+    def tick():
+        nonlocal done
+        if cancel is not None and cancel():
+            raise Cancelled(f"{path}: writing cancelled")
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    spills: list[_Spill] = []
+    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        cascade = None
+        if given_levels is None:
+            for k in range(len(shapes) - 1, 0, -1):
+                spills.insert(0, _Spill(parent))
+                cascade = _Level(shapes[k], tile, spills[0], cascade)
+
+        n_rows0 = -(-H // tile)
+
+        def level0_tiles():
+            # tifffile stops pulling after the last tile, so finish the cascade before yielding it
+            for i, row in enumerate(rows):
+                if cascade is not None:
+                    _feed(np.concatenate(row, axis=1) if len(row) > 1 else row[0])
+                    if i == n_rows0 - 1:
+                        cascade.finish()
+                for t in row:
+                    tick()
+                    yield _pad(t, tile)
+
+        carry: list[np.ndarray] = []
+
+        def _feed(strip):
+            if carry:
+                strip = np.concatenate([carry.pop(), strip])
+            if len(strip) % 2:
+                carry.append(strip[-1:].copy())
+                strip = strip[:-1]
+            if len(strip):
+                cascade.push(mean2(strip[:, : 2 * shapes[1][1]]))
+
+        def lower_tiles(k):
+            if given_levels is not None:
+                for row in _rows_from_array(given_levels[k], tile):
+                    for t in row:
+                        tick()
+                        yield _pad(t, tile)
+            else:
+                for t in spills[k - 1].tiles():
+                    tick()
+                    yield _pad(t, tile)
+
+        opts: dict[str, Any] = dict(tile=(tile, tile), dtype=np.uint8, photometric="rgb")
+        if compression:  # tifffile stores RGB JPEG tiles as YCbCr 4:2:0 (photometric 6) itself
+            opts["compression"] = compression
+            if compression.lower() in ("jpeg", "webp", "jpegxl", "avif"):
+                opts["compressionargs"] = {"level": int(quality)}
+        bigtiff = H * W * 3 * 4 / 3 > 2**31 - 2**25
+        ome = layout == "subifd"
+        meta: dict[str, Any] | None
+        if ome:
+            meta = {"axes": "YXS", "Name": name or path.name.split(".")[0]}
+            if mpp:
+                meta.update(PhysicalSizeX=float(mpp), PhysicalSizeXUnit="µm",
+                            PhysicalSizeY=float(mpp), PhysicalSizeYUnit="µm")
+        else:
+            meta = None
+
+        def res(k):
+            if not mpp:
+                return {}
+            ds_y, ds_x = H / shapes[k][0], W / shapes[k][1]
+            return dict(resolution=(1e4 / (mpp * ds_x), 1e4 / (mpp * ds_y)), resolutionunit="CENTIMETER")
+
+        with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=ome) as tw:
+            tw.write(level0_tiles(), shape=(H, W, 3), subifds=(len(shapes) - 1) if ome else None,
+                     metadata=meta, software="napari-bci", **opts, **res(0))
+            for k in range(1, len(shapes)):
+                tw.write(lower_tiles(k), shape=shapes[k] + (3,), subfiletype=1, metadata=None,
+                         **opts, **res(k))
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    finally:
+        for s in spills:
+            s.close()
+    return path
