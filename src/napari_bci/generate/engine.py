@@ -1,0 +1,416 @@
+"""The tile engine: the one place that tiles images for generation.
+
+Shared by the viewer (visible tiles, centre first), the CLI (whole images) and batch/dask
+runners (lists of tile indices). It knows
+
+* the generation level: the pyramid level whose mpp is closest to the generator's training
+  mpp (level 0 when either is unknown);
+* the tile grid at that level: core tiles of ``tile`` px, each read with ``halo`` px of context
+  on every side (mirror-padded at the image border) and cropped back to its core, so each output
+  tile is a pure function of its input window (seam-free when the halo covers the receptive
+  field; cacheable and computable in any order or process);
+* batching, the device policy and out-of-memory handling (halve the batch, then CPU);
+* a byte-budgeted LRU cache keyed by (image, model, level, tile size, tile index);
+* world placement: output pixel ``(i, j)`` of the generation level sits exactly over the H&E
+  pixels it was computed from (:attr:`TileEngine.out_scale`, :attr:`TileEngine.out_translate`).
+
+Level arrays may be numpy, dask or zarr (anything sliceable that ``np.asarray`` reads).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import Cancelled, InputError, ModelError
+from .base import Generator, check_tiles
+from .cache import TileCache, default_cache
+
+TileIndex = tuple[int, int]
+
+
+# -- geometry ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileGrid:
+    """Core tiles of ``tile`` px over an ``(height, width)`` level, with ``halo`` px context."""
+
+    height: int
+    width: int
+    tile: int
+    halo: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return math.ceil(self.height / self.tile), math.ceil(self.width / self.tile)
+
+    def __len__(self) -> int:
+        ny, nx = self.shape
+        return ny * nx
+
+    def all_indices(self) -> list[TileIndex]:
+        ny, nx = self.shape
+        return [(ty, tx) for ty in range(ny) for tx in range(nx)]
+
+    def core(self, idx: TileIndex) -> tuple[int, int, int, int]:
+        """``(y0, y1, x0, x1)`` of the tile's core, clipped to the level."""
+        ty, tx = idx
+        y0, x0 = ty * self.tile, tx * self.tile
+        return y0, min(y0 + self.tile, self.height), x0, min(x0 + self.tile, self.width)
+
+    def in_box(self, y0: float, y1: float, x0: float, x1: float) -> list[TileIndex]:
+        """Tiles intersecting the pixel box ``[y0, y1) x [x0, x1)`` (clipped to the level)."""
+        ny, nx = self.shape
+        ty0, ty1 = max(0, int(math.floor(y0 / self.tile))), min(ny, int(math.ceil(y1 / self.tile)))
+        tx0, tx1 = max(0, int(math.floor(x0 / self.tile))), min(nx, int(math.ceil(x1 / self.tile)))
+        return [(ty, tx) for ty in range(ty0, ty1) for tx in range(tx0, tx1)]
+
+    def centre_first(self, indices: Iterable[TileIndex], centre: tuple[float, float] | None = None) -> list[TileIndex]:
+        """``indices`` sorted by distance of their centres from ``centre`` (pixels; default: the
+        centre of the indices' bounding box)."""
+        idx = list(dict.fromkeys(indices))
+        if not idx:
+            return idx
+        if centre is None:
+            ys = [i[0] for i in idx]
+            xs = [i[1] for i in idx]
+            centre = ((min(ys) + max(ys) + 1) * self.tile / 2, (min(xs) + max(xs) + 1) * self.tile / 2)
+        cy, cx = centre
+        return sorted(idx, key=lambda i: ((i[0] + 0.5) * self.tile - cy) ** 2 + ((i[1] + 0.5) * self.tile - cx) ** 2)
+
+
+def level_mpps(levels: Sequence[Any], mpp: float | None) -> list[float | None]:
+    """mpp of each level from level 0's mpp and the level shapes."""
+    h0 = levels[0].shape[0]
+    return [None if mpp is None else float(mpp) * h0 / lv.shape[0] for lv in levels]
+
+
+def pick_level(levels: Sequence[Any], mpp: float | None, target_mpp: float | None) -> int:
+    """Index of the level whose mpp is closest (in log scale) to ``target_mpp``."""
+    if mpp is None or target_mpp is None or len(levels) == 1:
+        return 0
+    mpps = level_mpps(levels, mpp)
+    return int(np.argmin([abs(math.log(m / target_mpp)) for m in mpps]))
+
+
+def view_box(center: Sequence[float], zoom: float, canvas_size: Sequence[int]) -> tuple[float, float, float, float]:
+    """World box ``(y0, y1, x0, x1)`` seen by a 2D camera (``center`` in world (y, x), ``zoom`` in
+    screen px per world unit, ``canvas_size`` (height, width) in screen px)."""
+    cy, cx = float(center[-2]), float(center[-1])
+    hh, hw = canvas_size[0] / zoom / 2, canvas_size[1] / zoom / 2
+    return cy - hh, cy + hh, cx - hw, cx + hw
+
+
+def _pad_mode(pad: int, size: int) -> str:
+    return "reflect" if pad < size else "symmetric" if pad <= size else "edge"
+
+
+def read_window(arr: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """``arr[y0:y1, x0:x1, :3]`` as uint8 numpy, mirror-padded where the box leaves the image."""
+    h, w = arr.shape[:2]
+    cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if cy1 <= cy0 or cx1 <= cx0:
+        raise ValueError("window outside the image")
+    win = np.asarray(arr[cy0:cy1, cx0:cx1])
+    if win.ndim == 2:
+        win = np.repeat(win[..., None], 3, axis=-1)
+    win = win[..., :3]
+    if win.dtype != np.uint8:
+        win = np.clip(win, 0, 255).astype(np.uint8)
+    pads = [(cy0 - y0, y1 - cy1), (cx0 - x0, x1 - cx1)]
+    for axis, (a, b) in enumerate(pads):
+        while a > 0 or b > 0:  # reflect as far as the data allows, repeatedly for tiny images
+            size = win.shape[axis]
+            pa, pb = min(a, size - 1) if size > 1 else a, min(b, size - 1) if size > 1 else b
+            mode = "reflect" if size > 1 else "edge"
+            width = [(0, 0)] * 3
+            width[axis] = (pa, pb)
+            win = np.pad(win, width, mode=mode)
+            a, b = a - pa, b - pb
+    return win
+
+
+# -- the engine ---------------------------------------------------------------------------------------
+class TileEngine:
+    """Generate virtual IHC tile by tile for one image (a pyramid) with one generator.
+
+    Parameters
+    ----------
+    generator: the :class:`Generator` (see :func:`napari_bci.generate.registry.load_generator`)
+    levels: one ``(H, W, 3)`` array or a list of pyramid levels (level 0 first)
+    mpp: level-0 microns per pixel (None: unknown; then level 0 is used)
+    image_id: cache key of the image (default: derived from the array object)
+    level: force a pyramid level (default: the one matching ``generator.mpp``)
+    tile, halo: override the generator's preferred sizes
+    batch_size: tiles per forward pass (default: 8 on accelerators, 4 on CPU)
+    scale, translate: the H&E layer's world transform (level-0 pixels -> world)
+    on_warning: called with a message when the engine degrades (OOM -> smaller batch / CPU)
+    """
+
+    def __init__(self, generator: Generator, levels: Any, *, mpp: float | None = None,
+                 image_id: Any = None, level: int | None = None, tile: int | None = None,
+                 halo: int | None = None, batch_size: int | None = None, cache: TileCache | None = None,
+                 scale: Sequence[float] = (1.0, 1.0), translate: Sequence[float] = (0.0, 0.0),
+                 on_warning: Callable[[str], None] | None = None):
+        self.generator = generator
+        self.levels = list(levels) if isinstance(levels, (list, tuple)) else [levels]
+        for i, lv in enumerate(self.levels):
+            if len(lv.shape) not in (2, 3) or (len(lv.shape) == 3 and lv.shape[2] not in (3, 4)):
+                raise InputError(None, f"level {i} has shape {tuple(lv.shape)}; expected (H, W, 3) RGB")
+        self.mpp = mpp
+        self.level = pick_level(self.levels, mpp, generator.mpp) if level is None else int(level)
+        if not 0 <= self.level < len(self.levels):
+            raise InputError(None, f"level {self.level} does not exist (image has {len(self.levels)})")
+        self.array = self.levels[self.level]
+        mult = max(1, int(getattr(generator, "multiple", 1)))
+        t = int(tile or generator.tile)
+        t = max(mult, int(round(t / mult)) * mult)
+        hl = int(generator.halo if halo is None else halo)
+        hl = int(math.ceil(hl / mult) * mult) if hl else 0
+        if mult > 4 and hl % mult:  # U-Nets: keep the window a multiple of their size
+            hl = int(math.ceil(hl / mult) * mult)
+        self.grid = TileGrid(int(self.array.shape[0]), int(self.array.shape[1]), t, hl)
+        self.multiple = mult
+        self.image_id = image_id if image_id is not None else f"array-{id(self.levels[0])}-{tuple(self.levels[0].shape)}"
+        self.model_key = f"{generator.name}:{getattr(generator, 'source', '') or id(generator)}"
+        self.cache = cache if cache is not None else default_cache()
+        dev = getattr(generator, "device", "cpu")
+        self.batch_size = int(batch_size or (8 if dev != "cpu" else 4))
+        h0, w0 = self.levels[0].shape[:2]
+        self.downsample = (h0 / self.array.shape[0], w0 / self.array.shape[1])
+        s, tr = tuple(float(v) for v in scale[-2:]), tuple(float(v) for v in translate[-2:])
+        self.he_scale, self.he_translate = s, tr
+        self.out_scale = (s[0] * self.downsample[0], s[1] * self.downsample[1])
+        self.out_translate = (tr[0] + s[0] * (self.downsample[0] - 1) / 2,
+                              tr[1] + s[1] * (self.downsample[1] - 1) / 2)
+        self.on_warning = on_warning or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
+        self.computed = 0
+        self.cache_hits = 0
+        self._lock = threading.Lock()
+
+    # -- geometry helpers ----------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Output shape (H, W) at the generation level."""
+        return self.grid.height, self.grid.width
+
+    def key(self, idx: TileIndex) -> tuple:
+        return (self.image_id, self.model_key, self.level, self.grid.tile, self.grid.halo, int(idx[0]), int(idx[1]))
+
+    def world_to_pixel(self, y: float, x: float) -> tuple[float, float]:
+        """World (y, x) -> generation-level pixel coordinates (continuous, pixel centres at .0)."""
+        return ((y - self.out_translate[0]) / self.out_scale[0], (x - self.out_translate[1]) / self.out_scale[1])
+
+    def tiles_in_world_box(self, box: Sequence[float], max_tiles: int | None = None) -> list[TileIndex]:
+        """Tiles visible in the world box ``(y0, y1, x0, x1)``, centre first (at most ``max_tiles``)."""
+        y0, y1, x0, x1 = box
+        py0, px0 = self.world_to_pixel(y0, x0)
+        py1, px1 = self.world_to_pixel(y1, x1)
+        idx = self.grid.in_box(py0 + 0.5, py1 + 0.5, px0 + 0.5, px1 + 0.5)
+        idx = self.grid.centre_first(idx, ((py0 + py1) / 2 + 0.5, (px0 + px1) / 2 + 0.5))
+        return idx[:max_tiles] if max_tiles else idx
+
+    def is_cached(self, idx: TileIndex) -> bool:
+        return self.key(idx) in self.cache
+
+    def cached(self, idx: TileIndex) -> np.ndarray | None:
+        return self.cache.get(self.key(idx))
+
+    def tile_input(self, idx: TileIndex) -> np.ndarray:
+        """The generator input of a tile: full ``tile + 2 halo`` window (padded to the model's multiple)."""
+        g = self.grid
+        ty, tx = idx
+        y0, x0 = ty * g.tile - g.halo, tx * g.tile - g.halo
+        size = g.tile + 2 * g.halo
+        size += (-size) % self.multiple
+        return read_window(self.array, y0, y0 + size, x0, x0 + size)
+
+    # -- generation ------------------------------------------------------------------------------
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Run the generator on a batch with the OOM policy: halve the batch, then go to CPU."""
+        from .device import empty_cache, is_oom
+
+        out: list[np.ndarray] = []
+        i = 0
+        while i < len(batch):
+            n = min(self.batch_size, len(batch) - i)
+            try:
+                res = self.generator(batch[i:i + n])
+            except Exception as e:
+                if not is_oom(e):
+                    if isinstance(e, (ModelError, Cancelled)):
+                        raise
+                    raise ModelError(f"generator '{self.generator.name}' failed: {type(e).__name__}: {e}") from e
+                dev = getattr(self.generator, "device", "cpu")
+                empty_cache(dev)
+                if self.batch_size > 1:
+                    self.batch_size = max(1, self.batch_size // 2)
+                    self.on_warning(f"out of memory on {dev}: batch size reduced to {self.batch_size}")
+                    continue
+                if dev != "cpu":
+                    self.on_warning(f"out of memory on {dev} even with batch size 1: falling back to CPU")
+                    self.generator.to("cpu")
+                    continue
+                raise ModelError(f"generator '{self.generator.name}' ran out of memory on CPU") from e
+            res = check_tiles(res)
+            if res.shape[:3] != batch[i:i + n].shape[:3]:
+                raise ModelError(f"generator '{self.generator.name}' returned shape {res.shape} "
+                                 f"for input {batch[i:i + n].shape}")
+            out.append(res)
+            i += n
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+    def _crop(self, idx: TileIndex, out: np.ndarray) -> np.ndarray:
+        y0, y1, x0, x1 = self.grid.core(idx)
+        h = self.grid.halo
+        return np.ascontiguousarray(out[h:h + (y1 - y0), h:h + (x1 - x0)])
+
+    def generate(self, indices: Iterable[TileIndex], *, cancel: Any = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 use_cache: bool = True) -> Iterator[tuple[TileIndex, np.ndarray]]:
+        """Yield ``(index, tile)`` for ``indices`` in order of availability: cached tiles first,
+        then computed ones batch by batch in the given order. ``cancel`` (an Event or a callable
+        returning True) is checked between batches; when set, the iterator stops.
+        ``progress(done, total)`` is called after each batch."""
+        indices = list(dict.fromkeys((int(a), int(b)) for a, b in indices))
+        ny, nx = self.grid.shape
+        for ty, tx in indices:
+            if not (0 <= ty < ny and 0 <= tx < nx):
+                raise InputError(None, f"tile ({ty}, {tx}) outside the {ny}x{nx} grid")
+        total, done = len(indices), 0
+        todo = []
+        for idx in indices:
+            hit = self.cache.get(self.key(idx)) if use_cache else None
+            if hit is not None:
+                self.cache_hits += 1
+                done += 1
+                yield idx, hit
+            else:
+                todo.append(idx)
+        if progress and done:
+            progress(done, total)
+        step = max(self.batch_size, 1)
+        i = 0
+        while i < len(todo):
+            if _is_set(cancel):
+                return
+            chunk = todo[i:i + step]
+            batch = np.stack([self.tile_input(idx) for idx in chunk])
+            if _is_set(cancel):
+                return
+            out = self._run(batch)
+            for idx, o in zip(chunk, out):
+                tile = self._crop(idx, o)
+                self.cache.put(self.key(idx), tile)
+                with self._lock:
+                    self.computed += 1
+                done += 1
+                yield idx, tile
+            if progress:
+                progress(done, total)
+            i += len(chunk)
+            step = max(self.batch_size, 1)
+
+    def compute(self, indices: Iterable[TileIndex], *, cancel: Any = None,
+                progress: Callable[[int, int], None] | None = None) -> dict[TileIndex, np.ndarray]:
+        """All requested tiles as a dict; raises :class:`Cancelled` if cancelled first."""
+        indices = list(indices)
+        res = dict(self.generate(indices, cancel=cancel, progress=progress))
+        if len(res) < len(set(map(tuple, indices))):
+            raise Cancelled("generation cancelled")
+        return res
+
+    def region(self, y0: int, y1: int, x0: int, x1: int, *, cancel: Any = None,
+               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Generated pixels ``[y0:y1, x0:x1]`` of the generation level (centre tiles first)."""
+        y0, x0 = max(0, int(y0)), max(0, int(x0))
+        y1, x1 = min(self.grid.height, int(y1)), min(self.grid.width, int(x1))
+        if y1 <= y0 or x1 <= x0:
+            raise InputError(None, f"empty region [{y0}:{y1}, {x0}:{x1}]")
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        idx = self.grid.centre_first(self.grid.in_box(y0, y1, x0, x1))
+        for (ty, tx), tile in self.compute(idx, cancel=cancel, progress=progress).items():
+            cy0, cy1, cx0, cx1 = self.grid.core((ty, tx))
+            sy0, sy1, sx0, sx1 = max(cy0, y0), min(cy1, y1), max(cx0, x0), min(cx1, x1)
+            out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0 - cy0:sy1 - cy0, sx0 - cx0:sx1 - cx0]
+        return out
+
+    def compute_all(self, **kw: Any) -> np.ndarray:
+        """The whole generation level (for images that fit in memory; slides stream instead)."""
+        return self.region(0, self.grid.height, 0, self.grid.width, **kw)
+
+    def stats(self) -> dict:
+        return {"computed": self.computed, "cache_hits": self.cache_hits, "batch_size": self.batch_size,
+                "level": self.level, "tile": self.grid.tile, "halo": self.grid.halo,
+                "device": getattr(self.generator, "device", "cpu"), "cache": self.cache.stats()}
+
+
+def _is_set(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+# -- output pyramid (viewer side, headless) ------------------------------------------------------------
+class OutputPyramid:
+    """Multiscale RGB output that fills in tile by tile: level 0 is the generation level, each
+    further level halves it (area mean) down to about ``min_size`` px. Levels above
+    ``memory_bytes`` are chunked zarr arrays in a temporary folder (only written chunks take
+    space; resident memory stays bounded), small ones numpy. Unwritten pixels are white."""
+
+    def __init__(self, shape: tuple[int, int], tile: int, *, min_size: int = 512,
+                 memory_bytes: int = 64 * 2**20, fill: int = 255):
+        import tempfile
+
+        self.tile = int(tile)
+        self.levels: list[Any] = []
+        self._tmp: Any = None
+        h, w = int(shape[0]), int(shape[1])
+        k = 0
+        while True:
+            if h * w * 3 > memory_bytes:
+                import zarr
+                from zarr.storage import LocalStore
+
+                if self._tmp is None:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="napari-bci-ihc-")
+                chunk = max(64, min(1024, self.tile >> k if self.tile >> k >= 64 else 256))
+                arr = zarr.create_array(store=LocalStore(f"{self._tmp.name}/{k}"), shape=(h, w, 3),
+                                        chunks=(chunk, chunk, 3), dtype="uint8", fill_value=fill,
+                                        compressors=None)
+            else:
+                arr = np.full((h, w, 3), fill, np.uint8)
+            self.levels.append(arr)
+            k += 1
+            if max(h, w) <= min_size or self.tile >> k < 1 or min(h, w) < 2:
+                break
+            h, w = (h + 1) // 2, (w + 1) // 2
+
+    def write(self, y0: int, x0: int, tile: np.ndarray) -> None:
+        """Write a generated block at level-0 pixel ``(y0, x0)`` and its downsampled copies
+        (exact when blocks start at multiples of 2**level, as tiles do)."""
+        tile = np.asarray(tile)
+        self.levels[0][y0:y0 + tile.shape[0], x0:x0 + tile.shape[1]] = tile
+        cur = tile.astype(np.float32)
+        for k in range(1, len(self.levels)):
+            if y0 % 2 or x0 % 2:
+                break
+            h2, w2 = (cur.shape[0] + 1) // 2, (cur.shape[1] + 1) // 2
+            pad = ((0, h2 * 2 - cur.shape[0]), (0, w2 * 2 - cur.shape[1]), (0, 0))
+            cur = np.pad(cur, pad, mode="edge").reshape(h2, 2, w2, 2, 3).mean(axis=(1, 3))
+            y0, x0 = y0 // 2, x0 // 2
+            lv = self.levels[k]
+            hh, ww = min(h2, lv.shape[0] - y0), min(w2, lv.shape[1] - x0)
+            lv[y0:y0 + hh, x0:x0 + ww] = np.rint(cur[:hh, :ww]).astype(np.uint8)
+
+    def close(self) -> None:
+        self.levels = []
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
