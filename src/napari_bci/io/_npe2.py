@@ -1,0 +1,129 @@
+"""npe2 hooks: the reader (slides, patches, BCI folders) and the pyramidal OME-TIFF writer.
+
+Errors: the reader function raises :class:`~napari_bci.errors.InputError` ("<file>: <problem>");
+napari wraps it in ``ReaderPluginError`` whose message ends with that line, and its GUI shows
+it in the reader dialog / a notification while the viewer keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from .layers import HE, IHC_TRUTH, image_layer
+from .patches import IMAGE_SUFFIXES, sniff
+
+_SLIDE_SUFFIXES = IMAGE_SUFFIXES + (".mrxs", ".vms", ".vmu", ".svslide", ".isyntax", ".czi", ".vsi")
+
+
+def _is_ihc_name(p: Path) -> bool:
+    parts = [s.lower() for s in p.parts[-3:-1]]
+    if "ihc" in parts:
+        return True
+    if "he" in parts:
+        return False
+    stem = p.name.lower()
+    return any(k in stem for k in ("ihc", "her2", "dab"))
+
+
+def _supported_file(p: Path) -> bool:
+    if p.name.lower().endswith(_SLIDE_SUFFIXES):
+        return True
+    try:
+        return p.is_file() and sniff(p) is not None
+    except OSError:
+        return False
+
+
+def get_reader(path: str | list[str]) -> Callable | None:
+    """npe2 reader hook: a reader function for slides, patches and BCI folders, else None."""
+    from .bci import _locate
+
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        return None
+    for p in map(Path, paths):
+        if p.is_dir():
+            try:
+                _locate(p)
+            except Exception:
+                return None
+        elif not _supported_file(p):
+            return None
+    return read_paths
+
+
+def read_paths(path: str | list[str]) -> list[tuple]:
+    """Layer data for each path (a BCI patch or folder brings its partner)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    out: list[tuple] = []
+    for p in map(Path, paths):
+        out.extend(read_bci_folder(p) if p.is_dir() else read_file(p))
+    return out
+
+
+def slide_layer(slide, name: str, role: str, her2: str | None = None, **extra: Any) -> tuple:
+    """One image LayerDataTuple for a :class:`Slide` (a single small level becomes numpy)."""
+    levels = slide.levels if len(slide.levels) > 1 else [slide.levels[0].compute()]
+    return image_layer(levels, name, mpp=slide.mpp, role=role, path=str(slide.path), fmt=slide.format,
+                       her2=her2, extra_metadata={"downsamples": slide.downsamples, **extra})
+
+
+def read_file(p: Path) -> list[tuple]:
+    """A slide or patch; a BCI patch also yields its partner (H&E first)."""
+    from .bci import find_ihc_partner, parse_bci_name
+    from .slide import open_slide
+
+    bci = parse_bci_name(p.name)
+    partner = find_ihc_partner(p) if bci else None
+    is_ihc = _is_ihc_name(p)
+    her2 = bci.her2 if bci else None
+    main = slide_layer(open_slide(p), IHC_TRUTH if is_ihc else HE, "ihc" if is_ihc else "he", her2)
+    if partner is None:
+        return [main]
+    other = slide_layer(open_slide(partner), HE if is_ihc else IHC_TRUTH, "he" if is_ihc else "ihc", her2)
+    return [other, main] if is_ihc else [main, other]
+
+
+def read_bci_folder(p: Path, index: int = 0) -> list[tuple]:
+    """The pair ``index`` of a BCI folder as "H&E" and "IHC (ground truth)" layers.
+
+    One pair, not a stack: the other widgets work on 2-D images; the Slides widget steps through
+    the pairs. Metadata ``bci`` holds the dataset root, the pair index and the pair count.
+    """
+    from .bci import open_bci_folder
+    from .slide import open_slide
+
+    ds = open_bci_folder(p)
+    pair = ds[index]
+    info = {"bci": {"root": str(ds.root), "index": index, "count": len(ds), "name": pair.name,
+                    "split": pair.split}}
+    layers = [slide_layer(open_slide(pair.he_path), HE, "he", pair.her2, **info)]
+    if pair.ihc_path is not None:
+        layers.append(slide_layer(open_slide(pair.ihc_path), IHC_TRUTH, "ihc", pair.her2, **info))
+    return layers
+
+
+def write_ome_tiff(path: str, data: Any, attributes: dict) -> list[str]:
+    """npe2 single-layer writer: an RGB image layer (one array or its levels) as pyramidal OME-TIFF."""
+    import numpy as np
+
+    from .patches import to_rgb8
+    from .writers import write_pyramid
+
+    meta = attributes.get("metadata") or {}
+    mpp = meta.get("mpp")
+    if mpp is None:
+        units = [str(u) for u in (attributes.get("units") or ())]
+        scale = attributes.get("scale") or (1.0, 1.0)
+        if units and all(u in ("µm", "um", "micrometer", "micron") for u in units[-2:]):
+            mpp = float(scale[-1])
+    levels = list(data) if isinstance(data, (list, tuple)) else [data]
+    fixed = []
+    for a in levels:
+        if not (a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8):
+            a = to_rgb8(a if hasattr(a, "map_blocks") else np.asarray(a), attributes.get("name", path))
+        fixed.append(a)
+    write_pyramid(path, fixed if len(fixed) > 1 else fixed[0], mpp=mpp, name=attributes.get("name"))
+    return [str(path)]
