@@ -430,9 +430,9 @@ class Frame:
         return np.stack([(px - p0) / eps, (py - p0) / eps], axis=2)
 
 
-def _field_nodes(scene, frame, wy0, wx0, wh, ww, d, keys):
+def _field_nodes(scene, frame, wy0, wx0, wh, ww, d, keys, g=None):
     """Scene fields at nodes every ``g`` pixels of the window, upsampled to the window."""
-    g = max(1, 4 // d)
+    g = g or max(1, 4 // d)
     ny0, nx0 = wy0 // g, wx0 // g
     ny1 = -(-(wy0 + wh) // g) + 1
     nx1 = -(-(wx0 + ww) // g) + 1
@@ -466,7 +466,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
                   d: int = 1, margin: int = 24, with_truth: bool = False, jpeg: bool = True):
     """Render ``section`` ("he" or "ihc") pixels [y0:y0+h, x0:x0+w] of the pyramid level with
     downsample ``d`` of ``frame``; returns RGB uint8 (and, when asked, a truth dict)."""
-    if d >= 8:
+    if d >= 4:
         return _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg)
     mpp0 = scene.mpp
     is_ihc = section == "ihc"
@@ -611,7 +611,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     for c in range(3):
         conc[..., c] = ndi.gaussian_filter(conc[..., c], sig, truncate=3.0)
     conc[..., 0] += scene.bg_od * 0.3 + 0.006 * grain
-    conc[..., 1] += scene.bg_od * (0.5 if not is_ihc else 0.2)
+    conc[..., 1] += scene.bg_od * 0.15
     rgb = stain.render(conc, matrix)
     if jpeg:
         rgb = jpeg_roundtrip(rgb)
@@ -624,5 +624,113 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     return rgb, truth
 
 
+def _splat(img, x, y, mass):
+    """Add ``mass`` at fractional pixel positions by bilinear splatting."""
+    hh, ww = img.shape
+    x0 = np.floor(x).astype(np.int64)
+    y0 = np.floor(y).astype(np.int64)
+    fx = x - x0
+    fy = y - y0
+    flat = np.zeros(hh * ww, np.float64)
+    for oy, ox, wgt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+        yy, xx = y0 + oy, x0 + ox
+        ok = (yy >= 0) & (yy < hh) & (xx >= 0) & (xx < ww)
+        flat += np.bincount(yy[ok] * ww + xx[ok], weights=(mass * wgt)[ok], minlength=hh * ww)
+    img += flat.reshape(hh, ww).astype(np.float32)
+
+
 def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
-    raise NotImplementedError  # filled in by the whole-slide renderer
+    """Coarse pyramid levels (downsample ``d`` >= 4), rendered at their own resolution: the
+    continuous tissue fields plus cells splatted as blurred dots (``d`` <= 8) or, coarser, the
+    expected cell density of each region."""
+    is_ihc = section == "ihc"
+    mpp0 = scene.mpp
+    m = 8
+    wy0, wx0 = y0 - m, x0 - m
+    wh, ww = h + 2 * m, w + 2 * m
+    up = _field_nodes(scene, frame, wy0, wx0, wh, ww, d,
+                      ("tissue", "nest", "fat", "lumen", "lymph", "het", "stainvar", "fibre_phase", "crack"),
+                      g=4 if d <= 8 else 2)
+    scale_px = 1.0 / (mpp0 * d)
+    tissue = up["tissue"]
+    nest = up["nest"]
+    tumour = ((nest > 0) & (up["lumen"] < 0)).astype(np.float32)
+    fat = ((up["fat"] > 0) & (nest < -0.05)).astype(np.float32) * (1 - tumour)
+    other = 1 - np.maximum(tumour, fat)
+    retraction = other * ((nest > -0.03) & (nest <= 0))
+    lumen = other * (nest > 0)
+    stroma = other - retraction - lumen
+    att = float(np.exp(-((d / 4.0) ** 2)))  # fibres fade out when they are below a pixel
+    ph = up["fibre_phase"]
+    fib = 0.25 + att * ((0.5 + 0.5 * np.cos(6.2832 * ph)) ** 2 - 0.25)
+    crack = smoothstep(0.18, 0.3, up["crack"]) * (0.3 + 0.7 * att)
+    sv = up["stainvar"]
+    salt = scene.salt + (11 if is_ihc else 0) + 97 * d
+    grain = noise_window(salt + 2, 0.0, wy0, wx0, wh, ww)
+    tex = noise_window(salt + 5, 0.7, wy0, wx0, wh, ww)
+    nucH = np.zeros((wh, ww), np.float32)
+    memD = np.zeros((wh, ww), np.float32)
+    sp = scene.spacing
+    nuc_gain = 0.5 if is_ihc else 1.0
+    pm = np.asarray(scene.p.mclass_p)
+    # expected membrane DAB per tumour-cell area: ring band fraction x class-weighted OD x completeness
+    ring = 2 * np.pi * 0.45 * sp * 1.6 / (sp * sp)
+    exp_mod = pm[1] * 0.15 * 0.5 + pm[2] * 0.39 * 0.95 + pm[3] * 0.97 * 1.0
+    if d <= 4:
+        corners = np.array([[wx0, wy0], [wx0 + ww, wy0], [wx0, wy0 + wh], [wx0 + ww, wy0 + wh]], float) * d
+        bb = frame.to_he(corners) * mpp0
+        box = (bb[:, 0].min() - 20, bb[:, 1].min() - 20, bb[:, 0].max() + 20, bb[:, 1].max() + 20)
+        C = scene.cells(box)
+        present = C["in_ihc"] if is_ihc else C["in_he"]
+        he_px = np.stack([C["x"], C["y"]], 1) / mpp0
+        if frame.t is not None and len(he_px):
+            fr = apply_forward(frame.t, he_px)
+        else:
+            fr = he_px
+        cx = (fr[:, 0] + 0.5) / d - 0.5 - wx0
+        cy = (fr[:, 1] + 0.5) / d - 0.5 - wy0
+        area = np.pi * C["a"] * C["b"] * scale_px ** 2
+        mass = C["od"] * nuc_gain * area * 0.8 * present
+        for sel, sig in ((C["kind"] == K_TUMOUR, 5.0), (C["kind"] != K_TUMOUR, 2.5)):
+            tmp = np.zeros((wh, ww), np.float32)
+            _splat(tmp, cx[sel], cy[sel], mass[sel])
+            nucH += ndi.gaussian_filter(tmp, max(0.5, 0.6 * sig * scale_px))
+        if is_ihc:
+            tsel = C["kind"] == K_TUMOUR
+            dmass = C["mod"] * C["comp"] * ring * (sp * scale_px) ** 2
+            tmp = np.zeros((wh, ww), np.float32)
+            _splat(tmp, cx[tsel], cy[tsel], dmass[tsel])
+            memD = ndi.gaussian_filter(tmp, max(0.6, 0.4 * sp * scale_px))
+        nucH *= 1.0 + 0.15 * tex
+    else:
+        tum_nuc = np.pi * 5.0 ** 2 * scene.nuc_scale ** 2 / sp ** 2 * scene.nuc_od * 0.8 * nuc_gain
+        lym = np.clip(up["lymph"] * 2.5, 0.01, 0.85) * np.pi * 3.3 ** 2 / 49.0 * 0.95 * 0.8 * nuc_gain
+        fibro = 0.32 * np.pi * 6.0 * 1.4 / 121.0 * 0.7 * 0.8 * nuc_gain
+        nucH = (tumour * tum_nuc + stroma * (lym + fibro)) * (1.0 + 0.25 * tex)
+        if is_ihc:
+            memD = tumour * np.clip((1 - pm[0]) * up["het"], 0, 1) / max(1 - pm[0], 1e-9) * exp_mod * ring
+            memD = memD * (1.0 + 0.2 * tex)
+    if not is_ihc:
+        gH, gE = scene.he_gain
+        E = stroma * (0.20 + 0.20 * fib + 0.04) * (1 - 0.9 * crack) + tumour * scene.cyto_e
+        E += 0.03 * fat + 0.05 * lumen + 0.10 * nucH
+        H = stroma * (0.03 + 0.025 * fib) + tumour * 0.085 + 0.004 * fat + nucH
+        conc = np.stack([H * tissue * (gH * sv), E * tissue * (gE * sv), np.zeros_like(H)], -1)
+        matrix = scene.he_matrix
+    else:
+        gH, gD = scene.ihc_gain
+        H = stroma * (0.02 + 0.02 * fib) + tumour * 0.04 + 0.003 * fat + 0.01 * lumen + nucH
+        D = memD + tumour * scene.p.cyto_dab * (1 - pm[0]) + 0.01 * stroma * fib
+        conc = np.stack([H * tissue * (gH * sv), 0.015 * tissue, D * tissue * (gD * sv)], -1)
+        matrix = scene.ihc_matrix
+    conc[..., 0] += scene.bg_od * 0.3 + 0.006 * grain
+    conc[..., 1] += scene.bg_od * 0.15
+    rgb = stain.render(conc, matrix)
+    if jpeg:
+        rgb = jpeg_roundtrip(rgb)
+    return np.ascontiguousarray(rgb[m : m + h, m : m + w])
+
+
+def apply_forward(t: Transform, pts: np.ndarray) -> np.ndarray:
+    """H&E -> IHC points with a few fixed-point iterations (enough for a smooth few-px field)."""
+    return t.forward(pts, iterations=6)
