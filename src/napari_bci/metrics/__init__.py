@@ -1,0 +1,21 @@
+"""Comparison of generated and real IHC: BCI-exact PSNR/SSIM, local SSIM maps (torch),
+misalignment-tolerant DAB and colour metrics, and folder evaluation."""
+
+from .bci import mean_over_images, psnr, ssim
+from .pair import METRIC_HELP, METRIC_KEYS, compare_pair
+from .ssim import ssim_map, ssim_mean
+from .tolerant import dab_metrics, delta_e, tolerant_metrics
+
+__all__ = [
+    "METRIC_HELP",
+    "METRIC_KEYS",
+    "compare_pair",
+    "dab_metrics",
+    "delta_e",
+    "mean_over_images",
+    "psnr",
+    "ssim",
+    "ssim_map",
+    "ssim_mean",
+    "tolerant_metrics",
+]

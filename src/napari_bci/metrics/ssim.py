@@ -1,0 +1,156 @@
+"""Local SSIM maps in torch, numerically matching ``skimage.metrics.structural_similarity``.
+
+Two windows, as in scikit-image:
+
+* ``"uniform"``: 7x7 box, sample covariance (``NP / (NP - 1)``), skimage's default and the
+  BCI challenge's setting;
+* ``"gaussian"``: 11-tap Gaussian, sigma 1.5, truncate 3.5, population covariance
+  (``gaussian_weights=True, sigma=1.5, use_sample_covariance=False``), Wang et al. 2004.
+
+Borders use ndimage's ``reflect`` (half-sample symmetric) extension, so the full map equals
+skimage's, not only the interior. Filters are separable 1-D convolutions on all channels and
+moments at once; statistics are computed on mean-centred data to keep float32 accurate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+K1 = 0.01
+K2 = 0.03
+
+
+@dataclass(frozen=True)
+class Window:
+    name: str
+    taps: np.ndarray  # 1-D weights, sum 1
+    cov_norm: float
+
+    @property
+    def size(self) -> int:
+        return len(self.taps)
+
+    @property
+    def pad(self) -> int:
+        """Border width that skimage crops before averaging."""
+        return (self.size - 1) // 2
+
+
+def window(kind: str = "uniform", *, win_size: int = 7, sigma: float = 1.5) -> Window:
+    """The 1-D filter and covariance normalisation skimage uses for ``kind``."""
+    if kind == "uniform":
+        if win_size % 2 != 1 or win_size < 1:
+            raise ValueError("win_size must be odd")
+        taps = np.full(win_size, 1.0 / win_size)
+        npix = win_size**2
+        return Window("uniform", taps, npix / (npix - 1))
+    if kind == "gaussian":
+        r = int(3.5 * sigma + 0.5)
+        x = np.arange(-r, r + 1, dtype=np.float64)
+        taps = np.exp(-0.5 * (x / sigma) ** 2)
+        return Window("gaussian", taps / taps.sum(), 1.0)
+    raise ValueError(f"unknown SSIM window {kind!r} (use 'uniform' or 'gaussian')")
+
+
+def _padded(img, r: int) -> np.ndarray:
+    """(H, W[, C]) -> (H + 2r, W + 2r, C), symmetric-padded by ``r`` (ndimage's ``reflect``;
+    padding the 2-D image once equals padding each axis before each 1-D pass)."""
+    import torch
+
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu().numpy()
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = img[..., None]
+    return np.pad(img, ((r, r), (r, r), (0, 0)), mode="symmetric")
+
+
+def _filter(x: "torch.Tensor", taps: "torch.Tensor") -> "torch.Tensor":
+    """Separable 'valid' filter of ``x`` (1, N, H, W), channels-last (fast depthwise path)."""
+    import torch.nn.functional as F
+
+    n = x.shape[1]
+    k = taps.numel()
+    x = F.conv2d(x, taps.view(1, 1, 1, k).expand(n, 1, 1, k), groups=n)
+    return F.conv2d(x, taps.view(1, 1, k, 1).expand(n, 1, k, 1), groups=n)
+
+
+def ssim_map(
+    a,
+    b,
+    *,
+    kind: str = "uniform",
+    data_range: float | None = None,
+    device: str | None = None,
+    dtype=None,
+    reduce_channels: bool = True,
+):
+    """Local SSIM of two images ``(H, W[, C])`` as a float32 numpy array.
+
+    Equals ``skimage.metrics.structural_similarity(a, b, full=True, channel_axis=-1,
+    data_range=...)[1]`` (with ``gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False`` for ``kind="gaussian"``). ``data_range`` defaults to 255
+    for uint8 input. With ``reduce_channels`` the map is averaged over channels to ``(H, W)``.
+    ``device``: ``"cpu"``, ``"cuda"``, ... (default: CPU); ``dtype`` defaults to float32.
+    """
+    import torch
+
+    a_shape = np.shape(a)
+    if a_shape != np.shape(b):
+        raise ValueError(f"images differ in shape: {a_shape} vs {np.shape(b)}")
+    if data_range is None:
+        if getattr(a, "dtype", None) == np.uint8 or (
+            isinstance(a, torch.Tensor) and a.dtype == torch.uint8
+        ):
+            data_range = 255.0
+        else:
+            raise ValueError("data_range is required for non-uint8 images")
+    win = window(kind)
+    if min(a_shape[:2]) < win.size:
+        raise ValueError(f"images smaller than the {win.size}x{win.size} SSIM window: {a_shape}")
+    dev = torch.device(device or "cpu")
+    dt = dtype or torch.float32
+    r = win.pad
+    pa = torch.from_numpy(_padded(a, r)).to(dev)
+    pb = torch.from_numpy(_padded(b, r)).to(dev)
+    nc = pa.shape[-1]
+    # Planar (contiguous) tensors for elementwise work; the depthwise convolution runs in the
+    # channels-last layout, which is several times faster on CPU.
+    st = torch.empty((5 * nc,) + pa.shape[:2], dtype=dt, device=dev)
+    x, y = st[:nc], st[nc : 2 * nc]
+    x.copy_(pa.permute(2, 0, 1))
+    y.copy_(pb.permute(2, 0, 1))
+    # Centre both on one per-channel constant: variances are shift invariant and the means
+    # get it back, which keeps float32 within ~1e-5 of skimage's float64.
+    c = 0.5 * (x.mean(dim=(1, 2)) + y.mean(dim=(1, 2)))[:, None, None]
+    x.sub_(c)
+    y.sub_(c)
+    torch.mul(x, x, out=st[2 * nc : 3 * nc])
+    torch.mul(y, y, out=st[3 * nc : 4 * nc])
+    torch.mul(x, y, out=st[4 * nc :])
+    taps = torch.as_tensor(win.taps, dtype=dt, device=dev)
+    st4 = st[None].contiguous(memory_format=torch.channels_last)
+    f = _filter(st4, taps)[0].contiguous()
+    ux, uy, uxx, uyy, uxy = f.split(nc, dim=0)
+    # uxx, uyy, uxy become the (co)variances in place.
+    uxx.addcmul_(ux, ux, value=-1).mul_(win.cov_norm)
+    uyy.addcmul_(uy, uy, value=-1).mul_(win.cov_norm)
+    uxy.addcmul_(ux, uy, value=-1).mul_(win.cov_norm)
+    ux.add_(c)
+    uy.add_(c)
+    c1 = (K1 * data_range) ** 2
+    c2 = (K2 * data_range) ** 2
+    num = (2 * ux * uy + c1).mul_(uxy.mul_(2).add_(c2))
+    den = (ux * ux).addcmul_(uy, uy).add_(c1).mul_(uxx.add_(uyy).add_(c2))
+    s = num.div_(den)  # C, H, W
+    s = s.mean(dim=0) if reduce_channels else s.permute(1, 2, 0)
+    return s.float().cpu().numpy()
+
+
+def ssim_mean(smap: np.ndarray, kind: str = "uniform") -> float:
+    """skimage's scalar SSIM from a map: the mean after cropping the window radius."""
+    r = window(kind).pad
+    inner = smap[r : smap.shape[0] - r, r : smap.shape[1] - r]
+    return float(inner.mean(dtype=np.float64))
