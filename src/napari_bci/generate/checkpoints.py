@@ -132,7 +132,7 @@ def load_checkpoint(path: str | Path, device: str | None = None, *, name: str | 
     if path.is_dir():
         for cand in ("latest_net_G.pth", "latest_net_G.pt", "model.safetensors", "model.json"):
             if (path / cand).is_file():
-                return load_checkpoint(path / cand, device, name=name or path.name, tile=tile, halo=halo,
+                return load_checkpoint(path / cand, device, name=name, tile=tile, halo=halo,
                                        mpp=mpp, config=config)
         found = sorted(path.glob("*.safetensors")) + sorted(path.glob("*net_G*.pth"))
         if not found:
