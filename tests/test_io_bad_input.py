@@ -1,0 +1,216 @@
+"""Bad input: every case names the file and the problem (InputError) or converts with a warning."""
+
+from __future__ import annotations
+
+import shutil
+import zlib
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+from napari_bci.errors import InputError
+from napari_bci.io import slide as slide_mod
+from napari_bci.io.patches import read_patch
+from napari_bci.io.slide import open_slide
+
+
+def _raises(path, *words):
+    with pytest.raises(InputError) as ei:
+        open_slide(path)
+    msg = str(ei.value)
+    assert str(path) in msg
+    for w in words:
+        assert w in msg.lower(), msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    _raises(tmp_path / "nope.svs", "no such file")
+
+
+def test_empty_file(tmp_path):
+    p = tmp_path / "empty.png"
+    p.write_bytes(b"")
+    _raises(p, "empty")
+
+
+def test_directory_is_not_a_slide(tmp_path):
+    _raises(tmp_path, "directory")
+
+
+def test_truncated_tiff(data_dir, tmp_path):
+    for name in ("CMU-1-Small-Region.pyramid.ome.tif", "CMU-1-Small-Region.svs"):
+        p = tmp_path / name
+        data = (data_dir / name).read_bytes()
+        p.write_bytes(data[: int(len(data) * 0.6)])
+        _raises(p, "truncated")
+
+
+def test_corrupt_tiff_header(data_dir, tmp_path):
+    p = tmp_path / "bad.tif"
+    data = bytearray((data_dir / "CMU-1-Small-Region.pyramid.tif").read_bytes()[:4096])
+    data[4:8] = b"\xff\xff\xff\x7f"  # first IFD offset far beyond the end
+    p.write_bytes(bytes(data))
+    _raises(p, "tiff")
+
+
+def test_corrupt_tile_data(data_dir, tmp_path):
+    p = tmp_path / "garbled.ome.tif"
+    shutil.copy(data_dir / "CMU-1-Small-Region.pyramid.ome.tif", p)
+    with tifffile.TiffFile(p) as tf:
+        page = tf.series[0].levels[-1].pages[0]
+        off, n = page.dataoffsets[0], page.databytecounts[0]
+    raw = bytearray(p.read_bytes())
+    raw[off:off + n] = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+    p.write_bytes(bytes(raw))
+    _raises(p, "corrupt")
+
+
+def test_truncated_and_corrupt_png(data_dir, tmp_path):
+    data = (data_dir / "he_tile_240.png").read_bytes()
+    t = tmp_path / "trunc.png"
+    t.write_bytes(data[: len(data) // 2])
+    _raises(t, "png")
+    c = tmp_path / "corrupt.png"
+    c.write_bytes(data[:8] + bytes(200) + data[208:])
+    _raises(c, "png")
+
+
+def test_truncated_jpeg(data_dir, tmp_path):
+    data = (data_dir / "he_tumour_nuclei_500x300.jpg").read_bytes()
+    t = tmp_path / "trunc.jpg"
+    t.write_bytes(data[: len(data) // 2])
+    _raises(t, "truncated jpeg")
+
+
+@pytest.mark.parametrize("name", ["notes.png", "notes.jpg", "slide.svs", "slide.tif"])
+def test_non_image_with_image_extension(tmp_path, name):
+    p = tmp_path / name
+    p.write_text("patient,her2\n1,2+\n")
+    _raises(p, "not")
+
+
+def test_unknown_extension_without_openslide(tmp_path):
+    p = tmp_path / "data.csv"
+    p.write_text("a,b\n")
+    if slide_mod._openslide_available():
+        pytest.skip("OpenSlide installed: it gets to try")
+    _raises(p, "unsupported")
+
+
+def test_mrxs_needs_openslide(tmp_path):
+    p = tmp_path / "slide.mrxs"
+    p.write_text("[GENERAL]\n")
+    if slide_mod._openslide_available():
+        _raises(p, "corrupt")
+    else:
+        _raises(p, "openslide")
+
+
+def test_grayscale_rgba_16bit_png_convert_with_warning(data_dir, tmp_path):
+    rgb = read_patch(data_dir / "he_tile_240.png")
+    gray = rgb[..., 1]
+    cases = {
+        "gray.png": (gray, "grayscale", np.dstack([gray] * 3)),
+        "rgba.png": (np.dstack([rgb, np.full(gray.shape, 255, np.uint8)]), "alpha", rgb),
+        "rgb16.png": (rgb.astype(np.uint16) * 257, "16-bit", rgb),
+    }
+    for name, (arr, word, expect) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(imagecodecs.png_encode(np.ascontiguousarray(arr)))
+        with pytest.warns(UserWarning, match=word) as rec:
+            out = read_patch(p)
+        assert str(p) in str(rec[0].message)
+        assert out.shape == rgb.shape and out.dtype == np.uint8
+        np.testing.assert_array_equal(out, expect)
+
+
+def test_semi_transparent_rgba_is_composited_over_white(tmp_path):
+    a = np.zeros((8, 8, 4), np.uint8)
+    a[..., 0] = 200
+    a[..., 3] = 0
+    a[:4, ..., 3] = 255
+    p = tmp_path / "alpha.png"
+    p.write_bytes(imagecodecs.png_encode(a))
+    with pytest.warns(UserWarning):
+        out = read_patch(p)
+    assert (out[:4] == [200, 0, 0]).all() and (out[4:] == 255).all()
+
+
+def test_grayscale_and_16bit_tiff_convert_lazily(tmp_path):
+    g = np.arange(600 * 400, dtype=np.uint32).reshape(600, 400) % 65536
+    p = tmp_path / "gray16.tif"
+    tifffile.imwrite(p, g.astype(np.uint16), tile=(256, 256))
+    with pytest.warns(UserWarning, match="16-bit.*grayscale"):
+        s = open_slide(p)
+    assert s.shape == (600, 400, 3)
+    out = s.read_region(0, 0, 0, 600, 400)
+    np.testing.assert_array_equal(out[..., 0], np.rint(g * (255 / 65535)).astype(np.uint8))
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+
+
+@pytest.fixture(scope="module")
+def huge_strip_tiff(tmp_path_factory):
+    """A 20000 x 20000 RGB TIFF in zlib strips of 64 rows (1.2 GB of pixels, ~15 MB on disk)."""
+    H = W = 20000
+    rps = 64
+    p = tmp_path_factory.mktemp("huge") / "huge_strips.tif"
+    cols = (np.arange(W) // 500).astype(np.uint8)
+
+    def strips():
+        for y in range(0, H, rps):
+            n = min(rps, H - y)
+            block = np.empty((n, W, 3), np.uint8)
+            block[..., 0] = (np.arange(y, y + n) % 251)[:, None].astype(np.uint8)
+            block[..., 1] = cols
+            block[..., 2] = 200
+            yield zlib.compress(block.tobytes(), 1)
+
+    tifffile.imwrite(p, strips(), shape=(H, W, 3), dtype=np.uint8, rowsperstrip=rps,
+                     compression="zlib", photometric="rgb")
+    return p
+
+
+def test_untiled_huge_tiff_reads_lazily_by_strips(huge_strip_tiff):
+    s = open_slide(huge_strip_tiff)
+    assert s.shape == (20000, 20000, 3)
+    assert s.metadata["tiled"] is False
+    assert s.levels[0].chunksize[:2] == (64, 20000)
+    assert len(s.levels) > 1  # synthesised overview levels
+    y, x = 12345, 17000
+    r = s.read_region(0, y, x, 100, 80)
+    expect_r = (np.arange(y, y + 100) % 251).astype(np.uint8)
+    np.testing.assert_array_equal(r[:, 0, 0], expect_r)
+    np.testing.assert_array_equal(r[0, :, 1], (np.arange(x, x + 80) // 500).astype(np.uint8))
+    # only the strips covering the rows are read (2-3 of 313), not the 1.2 GB image
+    with open("/proc/self/io") as f:
+        before = int(next(line for line in f if line.startswith("rchar")).split()[1])
+    s.read_region(0, 5000, 100, 100, 80)
+    with open("/proc/self/io") as f:
+        read = int(next(line for line in f if line.startswith("rchar")).split()[1]) - before
+    assert read < 0.03 * huge_strip_tiff.stat().st_size, read
+    s.close()
+
+
+def test_untiled_single_strip_too_large_is_refused(tmp_path):
+    H, W = 12000, 12000  # one zlib strip of 432 MB raw: never decoded
+    p = tmp_path / "one_strip.tif"
+    comp = zlib.compressobj(1)
+    row = np.full((500, W, 3), 180, np.uint8).tobytes()
+    body = b"".join(comp.compress(row) for _ in range(H // 500)) + comp.flush()
+    tifffile.imwrite(p, iter([body]), shape=(H, W, 3), dtype=np.uint8, rowsperstrip=H,
+                     compression="zlib", photometric="rgb")
+    msg = _raises(p, "too large", "tiled")
+    assert "12000x12000" in msg
+
+
+def test_uncompressed_single_strip_is_memory_mapped(tmp_path, monkeypatch):
+    a = np.random.default_rng(1).integers(0, 256, (1500, 1300, 3), dtype=np.uint8)
+    p = tmp_path / "contig.tif"
+    tifffile.imwrite(p, a, rowsperstrip=1500, photometric="rgb")
+    monkeypatch.setattr(slide_mod, "MAX_CHUNK_BYTES", 2**20)  # 1 MiB: the 5.8 MB strip is "huge"
+    with open_slide(p) as s:
+        assert s.levels[0].chunksize[:2] == (1024, 1024)
+        np.testing.assert_array_equal(s.read_region(0, 700, 900, 300, 400), a[700:1000, 900:1300])
