@@ -135,10 +135,10 @@ class LevelParams:
 
 
 LEVELS = {
-    "0": LevelParams((0.95, 0.05, 0.0, 0.0), 1.00, 0.10, 0.50, -0.04, 0.20, 0.00, 15.0),
-    "1+": LevelParams((0.38, 0.58, 0.04, 0.0), 1.05, 0.13, 0.53, 0.00, 0.22, 0.01, 15.5),
-    "2+": LevelParams((0.14, 0.24, 0.57, 0.05), 1.11, 0.16, 0.57, 0.04, 0.25, 0.02, 16.0),
-    "3+": LevelParams((0.03, 0.05, 0.14, 0.78), 1.18, 0.20, 0.62, 0.08, 0.28, 0.04, 16.5),
+    "0": LevelParams((0.95, 0.05, 0.0, 0.0), 1.00, 0.10, 0.50, -0.04, 0.20, 0.00, 15.5),
+    "1+": LevelParams((0.38, 0.58, 0.04, 0.0), 1.05, 0.13, 0.54, 0.00, 0.22, 0.01, 15.5),
+    "2+": LevelParams((0.14, 0.24, 0.57, 0.05), 1.12, 0.16, 0.60, 0.04, 0.25, 0.02, 15.5),
+    "3+": LevelParams((0.03, 0.05, 0.14, 0.78), 1.20, 0.20, 0.66, 0.08, 0.28, 0.04, 15.5),
 }
 
 
@@ -182,8 +182,8 @@ class Scene:
         # stain appearance of this case (H&E and IHC stained separately)
         self.he_matrix = self._perturbed_matrix(rng, 0.06)
         self.ihc_matrix = self._perturbed_matrix(rng, 0.05)
-        self.he_gain = rng.uniform(0.85, 1.15, size=2)  # H, E intensity
-        self.ihc_gain = rng.uniform(0.85, 1.15, size=2)  # H, DAB
+        self.he_gain = rng.uniform(0.92, 1.08, size=2)  # H, E intensity
+        self.ihc_gain = rng.uniform(0.9, 1.1, size=2)  # H, DAB
         self.bg_od = rng.uniform(0.015, 0.04)
         self.salt = (self.seed * 1000003) & 0xFFFFFFFF
 
@@ -603,7 +603,9 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
             on = rel < 2 * np.pi * C["comp"][cid]
             gr = np.clip(0.8 + 0.25 * cytotex[sel] + 0.25 * grain[sel], 0.2, 2.0)
             D[sel] = mem[sel] * C["mod"][cid] * on * gr
-        D += (cyto * scene.p.cyto_dab) * (C["mclass"][tid] > 0) + 0.01 * stroma * fib
+        if n:
+            D += (cyto * scene.p.cyto_dab) * (C["mclass"][tid] > 0)
+        D += 0.01 * stroma * fib
         D *= tissue * (gD * sv)
         conc = np.stack([H, 0.015 * tissue, D], -1)
         matrix = scene.ihc_matrix
