@@ -233,10 +233,9 @@ def _normalise_axes(arr, axes: str, src: Path, photometric: int | None, colormap
                           UserWarning, stacklevel=4)
         arr = arr[index]
         axes = "".join(a for i, a in enumerate(axes) if i not in extra)
-    if "C" in axes:  # planar RGB (axes CYX): move channels last
-        arr = arr.transpose([axes.index("Y"), axes.index("X"), axes.index("C")])
-    elif "S" in axes:
-        arr = arr.transpose([axes.index("Y"), axes.index("X"), axes.index("S")])
+    order = [axes.index(a) for a in ("Y", "X", "C" if "C" in axes else "S") if a in axes]
+    if order != list(range(len(order))):  # e.g. planar RGB (axes CYX): move channels last
+        arr = arr.transpose(order)
     if photometric == 3 and colormap is not None:  # palette
         lut = np.asarray(colormap)
         lut = (lut >> 8).astype(np.uint8).T if lut.max() > 255 else lut.astype(np.uint8).T
