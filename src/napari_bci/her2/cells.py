@@ -25,16 +25,20 @@ class CellParams:
     #: Nucleus area range kept (um^2).
     min_area_um2: float = 10.0
     max_area_um2: float = 300.0
+    #: Gaussian sigma of the seed (one maximum per nucleus) image.
+    seed_sigma_um: float = 1.5
     #: Minimum distance between two nucleus seeds (split touching nuclei).
     seed_distance_um: float = 3.0
     #: Cytoplasm: nucleus labels expanded by this distance (touching cells meet half-way).
-    expand_um: float = 4.0
+    expand_um: float = 5.5
     #: The membrane ring excludes the nucleus dilated by this distance.
     ring_inner_um: float = 1.0
     #: Angular sectors per ring (completeness resolution).
     sectors: int = 16
     #: DAB smoothing before taking each sector's maximum.
-    dab_smooth_um: float = 0.5
+    dab_smooth_um: float = 0.25
+    #: Half-width of the maximum filter applied to DAB before sampling the ring.
+    membrane_reach_um: float = 0.5
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Cells:
     centroid: np.ndarray  # (N, 2) float, (x, y) pixels
     area_um2: np.ndarray  # (N,) nucleus area
     minor_um: np.ndarray  # (N,) nucleus minor axis (from second moments)
+    major_um: np.ndarray  # (N,) nucleus major axis
     h_mean: np.ndarray  # (N,) mean hematoxylin OD in the nucleus
     sector_dab: np.ndarray  # (N, sectors) max DAB OD per ring sector (nan: empty sector)
 
@@ -73,10 +78,11 @@ def detect_nuclei(h: np.ndarray, mpp: float, params: CellParams = CellParams(), 
     fg = ndi.binary_fill_holes(fg)
     if not fg.any():
         return np.zeros(h.shape, np.int32)
+    # seeds: maxima of the hematoxylin blurred at about a nucleus radius (one blob per nucleus)
+    # plus a little distance transform, which favours the middle of flat, saturated nuclei
     dist = ndi.distance_transform_edt(fg).astype(np.float32)
-    # blend shape (distance) and stain (intensity) cues so both round and elongated nuclei get one seed
-    r0 = max(np.sqrt(params.min_area_um2 / np.pi) / mpp, 1.0)
-    score = ndi.gaussian_filter(np.minimum(dist, 3 * r0) / r0, 1.0) + hs / (thr * 4)
+    blob = ndi.gaussian_filter(h.astype(np.float32), params.seed_sigma_um / mpp)
+    score = blob / max(float(blob[fg].mean()), 1e-6) + 0.05 * np.minimum(dist * mpp, 3.0)
     md = max(int(round(params.seed_distance_um / mpp)), 1)
     comp, _ = ndi.label(fg)
     peaks = peak_local_max(score, min_distance=md, labels=comp, exclude_border=False)
@@ -94,8 +100,7 @@ def detect_nuclei(h: np.ndarray, mpp: float, params: CellParams = CellParams(), 
 
 
 def _moments(labels: np.ndarray, n: int):
-    """Per-label pixel count, centroid (x, y) and minor axis length (pixels)."""
-    idx = np.arange(1, n + 1)
+    """Per-label pixel count, centroid (x, y), minor and major axis lengths (pixels)."""
     yy, xx = np.nonzero(labels)
     lab = labels[yy, xx]
     cnt = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
@@ -108,10 +113,10 @@ def _moments(labels: np.ndarray, n: int):
     cyy = np.bincount(lab, dy * dy, minlength=n + 1)[1:] / cnt_safe + 1 / 12
     cxy = np.bincount(lab, dx * dy, minlength=n + 1)[1:] / cnt_safe
     tr, det = cxx + cyy, cxx * cyy - cxy * cxy
-    lam_min = tr / 2 - np.sqrt(np.maximum(tr * tr / 4 - det, 0))
-    minor = 4 * np.sqrt(np.maximum(lam_min, 0))
-    del idx
-    return cnt, np.stack([sx, sy], axis=1), minor
+    disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0))
+    minor = 4 * np.sqrt(np.maximum(tr / 2 - disc, 0))
+    major = 4 * np.sqrt(np.maximum(tr / 2 + disc, 0))
+    return cnt, np.stack([sx, sy], axis=1), minor, major
 
 
 def measure_cells(
@@ -125,12 +130,19 @@ def measure_cells(
     s = params.sectors
     if n == 0:
         z = np.zeros((0,))
-        return Cells(nuclei, nuclei.copy(), np.zeros((0, 2)), z, z, z, np.zeros((0, s)))
+        return Cells(nuclei, nuclei.copy(), np.zeros((0, 2)), z, z, z, z, np.zeros((0, s)))
     cells = expand_labels(nuclei, params.expand_um / mpp).astype(np.int32)
     inner = expand_labels(nuclei, params.ring_inner_um / mpp) > 0
-    cnt, cen, minor = _moments(nuclei, n)
+    cnt, cen, minor, major = _moments(nuclei, n)
     h_mean = np.bincount(nuclei.ravel(), h.ravel(), minlength=n + 1)[1:] / np.maximum(cnt, 1)
-    ds = ndi.gaussian_filter(dab.astype(np.float32), params.dab_smooth_um / mpp) if params.dab_smooth_um else dab
+    ds = dab.astype(np.float32)
+    if params.dab_smooth_um:
+        ds = ndi.gaussian_filter(ds, params.dab_smooth_um / mpp)
+    if params.membrane_reach_um:
+        # a membrane within this distance of the ring still counts (cell borders from expanded
+        # nuclei are only approximately where the membranes are)
+        k = 2 * int(round(params.membrane_reach_um / mpp)) + 1
+        ds = ndi.maximum_filter(ds, size=k)
     ring = (cells > 0) & ~inner
     yy, xx = np.nonzero(ring)
     lab = cells[yy, xx]
@@ -146,6 +158,7 @@ def measure_cells(
         centroid=cen,
         area_um2=cnt * mpp * mpp,
         minor_um=minor * mpp,
+        major_um=major * mpp,
         h_mean=h_mean,
         sector_dab=out.reshape(n, s),
     )

@@ -26,19 +26,26 @@ class ScoreParams:
     """Membrane classification thresholds (base-10 DAB OD) and tumour-cell selection."""
 
     #: A ring sector counts as stained when its maximum DAB OD reaches ``faint``.
-    faint: float = 0.12
-    #: Cell membrane intensity (mean over stained sectors) at which staining is weak-moderate.
-    weak: float = 0.30
+    faint: float = 0.04
+    #: Cell membrane intensity (mean over stained sectors) at which staining is weak-moderate ...
+    weak: float = 0.14
     #: ... and intense.
-    intense: float = 0.70
+    intense: float = 0.40
     #: Completeness (fraction of stained sectors) from which a membrane counts as complete.
-    complete: float = 0.75
-    #: Completeness below which a cell counts as unstained (isolated specks).
-    min_completeness: float = 0.15
-    #: Tumour cells: nucleus area (um^2) and minor axis (um) at least these ...
-    tumour_min_area_um2: float = 18.0
-    tumour_min_minor_um: float = 3.0
-    #: ... and at least this many other nuclei within ``density_radius_um`` (cells in nests).
+    complete: float = 0.70
+    #: Completeness below which a cell counts as unstained: short stained arcs are mostly a
+    #: neighbour's membrane or granular background, not the cell's own membrane.
+    min_completeness: float = 0.40
+    #: Tumour cells: nucleus area (um^2) at least this, not spindle-shaped (minor/major axis
+    #: ratio below ``spindle_aspect`` with a minor axis below ``spindle_minor_um``) ...
+    tumour_min_area_um2: float = 40.0
+    spindle_aspect: float = 0.5
+    spindle_minor_um: float = 6.0
+    #: ... not darker than ``lymph_darkness`` x the plump nuclei's median hematoxylin while
+    #: smaller than ``lymph_max_area_um2`` (lymphocytes) ...
+    lymph_darkness: float = 1.2
+    lymph_max_area_um2: float = 70.0
+    #: ... and at least ``density_min`` other nuclei within ``density_radius_um`` (nests).
     density_radius_um: float = 25.0
     density_min: int = 3
 
@@ -127,17 +134,24 @@ def classify_cells(sector_dab: np.ndarray, params: ScoreParams = ScoreParams()):
 
 
 def select_tumour(cells: Cells, mpp: float, params: ScoreParams = ScoreParams()) -> np.ndarray:
-    """Tumour-cell flag: nuclei large and plump enough (not lymphocytes, not spindle-shaped
-    stromal cells) and lying in a nest (enough neighbours within ``density_radius_um``)."""
+    """Tumour-cell flag. Excluded: small nuclei (lymphocytes, debris), spindle-shaped nuclei
+    (fibroblasts, endothelium: low minor/major axis ratio), small hyperchromatic nuclei
+    (lymphocytes: mean hematoxylin well above that of the plump nuclei of the image) and
+    isolated cells (fewer than ``density_min`` neighbours within ``density_radius_um``:
+    tumour cells grow in nests)."""
     from scipy.spatial import cKDTree
 
     n = len(cells)
     if n == 0:
         return np.zeros(0, bool)
-    shape_ok = (cells.area_um2 >= params.tumour_min_area_um2) & (cells.minor_um >= params.tumour_min_minor_um)
+    aspect = cells.minor_um / np.maximum(cells.major_um, 1e-6)
+    spindle = (aspect < params.spindle_aspect) & (cells.minor_um < params.spindle_minor_um)
+    plump = (cells.area_um2 >= params.tumour_min_area_um2) & ~spindle
+    ref = float(np.median(cells.h_mean[plump])) if plump.sum() >= 5 else float(np.median(cells.h_mean))
+    dark_small = (cells.h_mean > params.lymph_darkness * ref) & (cells.area_um2 < params.lymph_max_area_um2)
     tree = cKDTree(cells.centroid)
     counts = np.asarray([len(x) - 1 for x in tree.query_ball_point(cells.centroid, params.density_radius_um / mpp)])
-    return shape_ok & (counts >= params.density_min)
+    return plump & ~dark_small & (counts >= params.density_min)
 
 
 def level_from_fractions(fr: dict) -> tuple[str, str]:

@@ -75,6 +75,7 @@ class ScoreMap:
     mpp: float | None  # level-0 mpp
     analysis_mpp: float
     tiles: list[TileScore] = field(default_factory=list)
+    origin: tuple[int, int] = (0, 0)  # level-0 (x, y) of labels[0, 0]'s corner
 
     @property
     def overall(self) -> HER2Result:
@@ -139,6 +140,25 @@ def iter_tiles(
             yield TileScore(r, c, (x, y, x1, y1), res)
 
 
+def iter_score_map(image, mpp: float = 0.5, *, tile_um: float = 256.0, max_mpp: float = 1.0, **kw):
+    """Generator form of :func:`score_map`: yields ``(done, total)`` per tile and returns the
+    :class:`ScoreMap` (``StopIteration.value``; use ``yield from``)."""
+    levels = as_levels(image)
+    H0, W0 = levels[0].shape[:2]
+    tile0 = max(int(round(tile_um / mpp)), 16)
+    bx0, by0, bx1, by1 = kw.get("bbox") or (0, 0, W0, H0)
+    ny, nx = -(-(by1 - by0) // tile0), -(-(bx1 - bx0) // tile0)
+    labels = np.zeros((ny, nx), np.uint8)
+    tiles = []
+    _, _, amp = choose_level(levels, mpp, max_mpp)
+    for i, t in enumerate(iter_tiles(levels, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw)):
+        tiles.append(t)
+        if t.result is not None and t.result.cells > 0:
+            labels[t.row, t.col] = 1 + LEVELS.index(t.result.her2)
+        yield i + 1, ny * nx
+    return ScoreMap(labels, tile0, mpp, amp, tiles, (bx0, by0))
+
+
 def score_map(
     image,
     mpp: float = 0.5,
@@ -149,25 +169,22 @@ def score_map(
     cancelled: Callable[[], bool] | None = None,
     **kw,
 ) -> ScoreMap:
-    """Per-tile HER2 score map of a whole image or pyramid (see :func:`iter_tiles`)."""
+    """Per-tile HER2 score map of a whole image or pyramid (see :func:`iter_tiles`; ``bbox``
+    limits it to a level-0 box, the map's origin). ``labels[r, c]`` is 0 where no tumour cell
+    was found, else 1 + the level index; ``overall`` pools all tiles' cells."""
     from ..errors import Cancelled
 
-    levels = as_levels(image)
-    H0, W0 = levels[0].shape[:2]
-    tile0 = max(int(round(tile_um / mpp)), 16)
-    ny, nx = -(-H0 // tile0), -(-W0 // tile0)
-    labels = np.zeros((ny, nx), np.uint8)
-    tiles = []
-    _, _, amp = choose_level(levels, mpp, max_mpp)
-    for i, t in enumerate(iter_tiles(levels, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw)):
+    gen = iter_score_map(image, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw)
+    while True:
         if cancelled is not None and cancelled():
+            gen.close()
             raise Cancelled("HER2 scoring cancelled")
-        tiles.append(t)
-        if t.result is not None and t.result.cells > 0:
-            labels[t.row, t.col] = 1 + LEVELS.index(t.result.her2)
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return stop.value
         if progress is not None:
-            progress(i + 1, ny * nx)
-    return ScoreMap(labels, tile0, mpp, amp, tiles)
+            progress(done, total)
 
 
 def polygon_mask(polygon_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

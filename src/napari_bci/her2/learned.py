@@ -1,0 +1,169 @@
+"""The learned HER2 level from H&E: the built-in level-aware generator's classification head.
+
+Everything here degrades gracefully: when no generator with a HER2 head is installed,
+:func:`level_model` returns ``None`` and the rule-based scorer works on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .scoring import LEVELS, HER2Result
+from .tiles import _tissue_fraction, as_levels, read_rgb
+
+
+def level_model(name: str = "builtin", device: str | None = None):
+    """The generator ``name`` if it predicts a HER2 level, else ``None`` (absent, broken or no head)."""
+    try:
+        from ..generate.registry import load_generator
+
+        gen = load_generator(name, device=device)
+    except Exception:  # weights not installed, torch missing, bad checkpoint: no learned level
+        return None
+    return gen if getattr(gen, "predicts_her2", False) else None
+
+
+def predict_tiles(tiles: np.ndarray, model) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 H&E tiles -> ``(N, 4)`` probabilities of "0", "1+", "2+", "3+"."""
+    p = np.asarray(model.predict_her2(np.asarray(tiles, np.uint8)), np.float64)
+    p = np.clip(p, 0, None)
+    return p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+
+
+def _level_for(levels, mpp: float | None, target: float | None) -> tuple[int, float]:
+    if not mpp or not target:
+        return 0, 1.0
+    h0 = levels[0].shape[0]
+    best, ds_best = 0, 1.0
+    for i, lv in enumerate(levels):
+        ds = h0 / lv.shape[0]
+        if mpp * ds <= target * 1.05:
+            best, ds_best = i, ds
+    return best, ds_best
+
+
+def _probs_of_window(rgb: np.ndarray, model, scale: float) -> np.ndarray:
+    """Mean head probabilities over the model-sized sub-tiles of one window."""
+    if abs(scale - 1.0) > 0.05:
+        from skimage.transform import resize
+
+        shape = (max(int(round(rgb.shape[0] * scale)), 8), max(int(round(rgb.shape[1] * scale)), 8))
+        rgb = (resize(rgb, shape, anti_aliasing=scale < 1, preserve_range=True)).astype(np.uint8)
+    t = int(getattr(model, "tile", 256) or 256)
+    h, w = rgb.shape[:2]
+    if h < t or w < t:  # pad small windows with background white
+        pad = np.full((max(h, t), max(w, t), 3), 240, np.uint8)
+        pad[:h, :w] = rgb
+        rgb, h, w = pad, pad.shape[0], pad.shape[1]
+    tiles = [rgb[y:y + t, x:x + t] for y in range(0, h - t + 1, t) for x in range(0, w - t + 1, t)]
+    return predict_tiles(np.stack(tiles), model).mean(0)
+
+
+def predict_polygon(he, polygon_xy, mpp: float | None = 0.5, model=None, *, max_tiles: int = 64) -> np.ndarray | None:
+    """Mean learned probabilities over the bounding box of a polygon ((x, y) level-0 pixels) of
+    an H&E image or pyramid; large boxes are sampled with at most ``max_tiles`` model tiles."""
+    model = model if model is not None else level_model()
+    if model is None:
+        return None
+    levels = as_levels(he)
+    mpp0 = mpp or 0.5
+    li, ds = _level_for(levels, mpp0, getattr(model, "mpp", None))
+    scale = (mpp0 * ds / model.mpp) if getattr(model, "mpp", None) else 1.0
+    p = np.asarray(polygon_xy, float) / ds
+    x0, y0 = np.maximum(np.floor(p.min(0)).astype(int), 0)
+    x1, y1 = np.ceil(p.max(0)).astype(int)
+    t = int(round(int(getattr(model, "tile", 256) or 256) / scale))  # model tile at this level
+    nx, ny = max((x1 - x0) // t, 1), max((y1 - y0) // t, 1)
+    step = max(int(np.ceil(np.sqrt(nx * ny / max_tiles))), 1)
+    probs = []
+    for j in range(0, ny, step):
+        for i in range(0, nx, step):
+            win = read_rgb(levels[li], x0 + i * t, y0 + j * t, min(x0 + (i + 1) * t, x1), min(y0 + (j + 1) * t, y1))
+            if win.size and min(win.shape[:2]) >= 16 and _tissue_fraction(win) >= 0.05:
+                probs.append(_probs_of_window(win, model, scale))
+    return np.mean(probs, 0) if probs else None
+
+
+@dataclass
+class LevelMap:
+    """Per-tile learned probabilities ``probs[r, c, 4]`` (nan: background) and
+    ``labels[r, c]`` = 0 (not predicted) or 1 + argmax level, on the same grid as the rule map."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    tile: int  # level-0 pixels
+
+    def region(self, mask_lowres: np.ndarray | None = None) -> np.ndarray | None:
+        """Mean probabilities over the tiles in ``mask_lowres`` (all tiles when None)."""
+        ok = np.isfinite(self.probs[..., 0])
+        if mask_lowres is not None:
+            ok &= np.asarray(mask_lowres, bool)
+        return self.probs[ok].mean(0) if ok.any() else None
+
+
+def predict_map(
+    he,
+    mpp: float | None = 0.5,
+    model=None,
+    *,
+    tile_um: float = 256.0,
+    min_tissue: float = 0.05,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> LevelMap | None:
+    """Learned HER2 probabilities per tile of an H&E image or pyramid (``None`` without a model).
+    The grid matches :func:`napari_bci.her2.tiles.score_map` with the same ``tile_um``."""
+    from ..errors import Cancelled
+
+    model = model if model is not None else level_model()
+    if model is None:
+        return None
+    levels = as_levels(he)
+    mpp0 = mpp or 0.5
+    li, ds = _level_for(levels, mpp0, getattr(model, "mpp", None))
+    lv = levels[li]
+    scale = (mpp0 * ds / model.mpp) if getattr(model, "mpp", None) else 1.0
+    H0, W0 = levels[0].shape[:2]
+    tile0 = max(int(round(tile_um / mpp0)), 16)
+    ny, nx = -(-H0 // tile0), -(-W0 // tile0)
+    probs = np.full((ny, nx, 4), np.nan)
+    for r in range(ny):
+        for c in range(nx):
+            if cancelled is not None and cancelled():
+                raise Cancelled("HER2 prediction cancelled")
+            x, y = c * tile0, r * tile0
+            win = read_rgb(lv, int(x / ds), int(y / ds), int(np.ceil((x + tile0) / ds)), int(np.ceil((y + tile0) / ds)))
+            if win.size and _tissue_fraction(win) >= min_tissue:
+                probs[r, c] = _probs_of_window(win, model, scale)
+            if progress is not None:
+                progress(r * nx + c + 1, ny * nx)
+    labels = np.where(np.isfinite(probs[..., 0]), 1 + np.nan_to_num(probs).argmax(-1), 0).astype(np.uint8)
+    return LevelMap(probs, labels, tile0)
+
+
+def compare(rule: HER2Result | str | None, probs: np.ndarray | None) -> dict:
+    """Rule-based score (of the IHC) next to the learned probabilities (from the H&E)."""
+    r = rule.her2 if isinstance(rule, HER2Result) else rule
+    out = {"rule": r, "learned": None, "probabilities": None, "agree": None}
+    if probs is not None and np.all(np.isfinite(probs)):
+        k = int(np.argmax(probs))
+        out.update(learned=LEVELS[k], probabilities={lv: round(float(p), 4) for lv, p in zip(LEVELS, probs)})
+        if r is not None:
+            out["agree"] = LEVELS[k] == r
+    if out["learned"] is None:
+        out["text"] = f"rule-based {r}; no learned prediction (no model with a HER2 head)"
+    elif r is None:
+        out["text"] = f"learned {out['learned']} (p={max(probs):.2f})"
+    else:
+        verdict = "agree" if out["agree"] else "DISAGREE"
+        out["text"] = f"rule-based {r} vs learned {out['learned']} (p={max(probs):.2f}): {verdict}"
+    return out
+
+
+def disagreement(rule_labels: np.ndarray, learned_labels: np.ndarray) -> np.ndarray:
+    """Tiles where both maps have a level and the levels differ (bool, same grid)."""
+    a, b = np.asarray(rule_labels), np.asarray(learned_labels)
+    return (a > 0) & (b > 0) & (a != b)
