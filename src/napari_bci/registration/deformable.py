@@ -1,0 +1,172 @@
+"""Deformable refinement: a dense, smooth displacement field on top of a projective transform.
+
+Two engines estimate the residual flow between the fixed hematoxylin channel and the moving one
+already warped by the current transform:
+
+* ``"flow"`` (default, core dependencies only): scikit-image's iterative Lucas-Kanade
+  (``optical_flow_ilk``), then a confidence-weighted Gaussian smoothing that keeps the field
+  smooth (no folding) and fills stain-free areas from their surroundings;
+* ``"elastix"`` (optional extra ``napari-bci[elastix]``): itk-elastix affine + B-spline, composed
+  with the projective step (elastix has no projective transform).
+
+The residual field is composed with the current one and stored at low resolution in the
+:class:`~napari_bci.transform.Transform` (``field`` with ``spacing``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..errors import InputError
+from ..transform import Transform
+from .images import as_pyramid, od_channel, tissue_mask
+from .warp import warp
+
+ENGINES = ("flow", "elastix")
+
+
+def smooth_flow(v: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Normalised (confidence-weighted) Gaussian smoothing of a ``(2, H, W)`` flow; where there
+    is little confidence nearby, a 4x wider kernel fills in."""
+    w = weight.astype(np.float32)
+    out = np.empty_like(v, dtype=np.float32)
+    ws = ndi.gaussian_filter(w, sigma)
+    wl = ndi.gaussian_filter(w, 4 * sigma)
+    floor = 0.05 * float(w.mean() + 1e-12)
+    for k in range(v.shape[0]):
+        a = ndi.gaussian_filter(w * v[k], sigma) / np.maximum(ws, 1e-12)
+        b = ndi.gaussian_filter(w * v[k], 4 * sigma) / np.maximum(wl, 1e-12)
+        t = np.clip(ws / floor, 0, 1)
+        out[k] = t * a + (1 - t) * b
+    return out
+
+
+def flow_ilk(fixed_od: np.ndarray, moving_od: np.ndarray, radius: int = 15, sigma: float = 4.0,
+             num_warp: int = 5) -> np.ndarray:
+    """Residual flow ``(2, H, W)`` (rows, cols) such that ``fixed(p) ~ moving(p + v(p))``."""
+    from skimage.registration import optical_flow_ilk
+
+    v = optical_flow_ilk(fixed_od, moving_od, radius=radius, num_warp=num_warp, prefilter=False)
+    gy, gx = np.gradient(ndi.gaussian_filter(fixed_od, 1.0))
+    g2 = gy * gy + gx * gx
+    # confidence: local gradient energy of both images (flow is undetermined in flat areas)
+    gy2, gx2 = np.gradient(ndi.gaussian_filter(moving_od, 1.0))
+    conf = ndi.uniform_filter(np.minimum(g2, gy2 * gy2 + gx2 * gx2), 2 * radius + 1)
+    return smooth_flow(v, conf, sigma)
+
+
+def elastix_available() -> bool:
+    try:
+        import itk  # noqa: F401
+
+        return hasattr(itk, "elastix_registration_method")
+    except ImportError:
+        return False
+
+
+def flow_elastix(fixed_od: np.ndarray, moving_od: np.ndarray, grid_spacing: float = 48.0,
+                 seed: int = 0, resolutions: int = 4, iterations: int = 500) -> np.ndarray:
+    """Residual flow ``(2, H, W)`` from itk-elastix affine + B-spline (advanced Mattes MI).
+
+    The elastix log goes to a file in a temporary directory, which also receives transformix's
+    deformation field (it would otherwise write into the current directory)."""
+    try:
+        import itk
+    except ImportError:
+        raise InputError("elastix", "itk-elastix is not installed; pip install 'napari-bci[elastix]'") from None
+    fixed = itk.GetImageFromArray(np.ascontiguousarray(fixed_od, dtype=np.float32))
+    moving = itk.GetImageFromArray(np.ascontiguousarray(moving_od, dtype=np.float32))
+    po = itk.ParameterObject.New()
+    for kind in ("affine", "bspline"):
+        p = po.GetDefaultParameterMap(kind, resolutions)
+        p["MaximumNumberOfIterations"] = [str(iterations)]
+        p["RandomSeed"] = [str(int(seed))]  # repeatable random sampler
+        p["NumberOfSpatialSamples"] = ["4096"]
+        if kind == "bspline":
+            p["FinalGridSpacingInPhysicalUnits"] = [str(float(grid_spacing))]
+        p["WriteResultImage"] = ["false"]
+        po.AddParameterMap(p)
+    with tempfile.TemporaryDirectory(prefix="napari-bci-elastix-") as tmp:
+        _, params = itk.elastix_registration_method(
+            fixed, moving, parameter_object=po, log_to_console=False, log_to_file=True,
+            log_file_name="elastix.log", output_directory=tmp,
+        )
+        field = itk.transformix_deformation_field(moving, params, output_directory=tmp, log_to_console=False)
+        d = np.asarray(itk.GetArrayFromImage(field), dtype=np.float32)  # (H, W, 2) as (dx, dy)
+    # elastix maps fixed p to moving p + d(p): exactly the flow convention here
+    return np.stack([d[..., 1], d[..., 0]], 0)
+
+
+def residual_flow(fixed_od, moving_od, engine: str = "flow", **kw) -> np.ndarray:
+    if engine == "flow":
+        return flow_ilk(fixed_od, moving_od, **kw)
+    if engine == "elastix":
+        return flow_elastix(fixed_od, moving_od, **kw)
+    raise InputError("engine", f"unknown deformable engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+def field_grid(fixed_shape0: tuple[int, int], spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 ``(x, y)`` positions of a field covering the fixed level 0: ``(gh, gw)`` arrays."""
+    gh = int(np.ceil((fixed_shape0[0] - 1) / spacing)) + 1
+    gw = int(np.ceil((fixed_shape0[1] - 1) / spacing)) + 1
+    ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float64) * spacing
+    return xs, ys
+
+
+def sample_flow(v: np.ndarray, xs0: np.ndarray, ys0: np.ndarray, ds: float, origin=(0, 0)) -> np.ndarray:
+    """Level-0 displacement ``(..., 2)`` (dx, dy) at level-0 points from a level-``ds`` flow
+    ``(2, h, w)`` whose pixel (0, 0) is level-``ds`` pixel ``origin`` (row, col)."""
+    r = (ys0 + 0.5) / ds - 0.5 - origin[0]
+    c = (xs0 + 0.5) / ds - 0.5 - origin[1]
+    out = [ndi.map_coordinates(v[k], [r, c], order=1, mode="nearest") * ds for k in (1, 0)]
+    return np.stack(out, -1)
+
+
+def compose_field(transform: Transform, residual0: np.ndarray, spacing: float, meta: dict | None = None) -> Transform:
+    """New transform whose backward map is ``old.backward(p + V(p))`` for the residual level-0
+    field ``V`` sampled on the grid with ``spacing`` (shape ``(gh, gw, 2)``)."""
+    gh, gw = residual0.shape[:2]
+    ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float64) * spacing
+    p = np.stack([xs.ravel(), ys.ravel()], 1)
+    v = residual0.reshape(-1, 2).astype(np.float64)
+    u = v + transform.displacement(p + v)
+    m = dict(transform.meta)
+    m.update(meta or {})
+    return Transform(transform.matrix.copy(), u.reshape(gh, gw, 2).astype(np.float32), float(spacing), m)
+
+
+def register_deformable(
+    fixed: Any,
+    moving: Any,
+    initial: Transform,
+    engine: str = "flow",
+    max_side: int = 1024,
+    spacing: float | None = None,
+    progress: Callable[[str, float], None] | None = None,
+    **engine_kw,
+) -> Transform:
+    """Refine ``initial`` (moving -> fixed) with a dense field estimated at the level whose longer
+    side is <= ``max_side`` (for larger images use :func:`napari_bci.registration.wholeslide.register_slide`,
+    which works in parts). The field is stored every ``spacing`` level-0 px (default: 4 px of
+    the working level)."""
+    pf, pm = as_pyramid(fixed), as_pyramid(moving)
+    say = progress or (lambda msg, frac: None)
+    fimg, dsf = pf.image_at(max_side)
+    # the moving level closest to the fixed working level
+    mlevel = min(range(len(pm.levels)), key=lambda i: abs(np.log(pm.downsamples[i] / dsf)))
+    say("warp", 0.1)
+    warped = warp(pm.levels[mlevel], initial, fimg.shape[:2], dsf, pm.downsamples[mlevel], fill="mirror")
+    say(engine, 0.3)
+    v = residual_flow(od_channel(fimg), od_channel(warped), engine, **engine_kw)
+    spacing = float(spacing or 4 * dsf)
+    xs, ys = field_grid(pf.shape, spacing)
+    say("compose", 0.9)
+    v0 = sample_flow(v, xs, ys, dsf)
+    out = compose_field(initial, v0, spacing, {"deformable": engine, "deformable_downsample": dsf})
+    say("done", 1.0)
+    return out

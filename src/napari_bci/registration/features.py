@@ -1,0 +1,226 @@
+"""Automatic registration: SIFT/ORB features on the hematoxylin channel at a low level, RANSAC,
+both orientations of the moving image (flips), then a dense refinement at a finer level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import BCIError
+from ..transform import Transform, apply_matrix
+from .images import as_pyramid, matrix_to_level, matrix_to_level0, od_channel, tissue_mask
+from .warp import warp
+
+
+class RegistrationFailed(BCIError):
+    """The images could not be aligned automatically (too few consistent matches)."""
+
+
+@dataclass
+class AutoResult:
+    transform: Transform
+    inliers: int
+    matches: int
+    flipped: bool
+    info: dict = field(default_factory=dict)
+
+
+def detect(img: np.ndarray, detector: str = "sift", n_keypoints: int = 3000):
+    """Keypoints ``(N, 2)`` as (x, y) and descriptors of a 2-D float image."""
+    from skimage.feature import ORB, SIFT
+
+    if detector == "sift":
+        d = SIFT(upsampling=1, n_octaves=5)
+    elif detector == "orb":
+        d = ORB(n_keypoints=n_keypoints, fast_threshold=0.05, downscale=1.3, n_scales=10)
+    else:
+        raise ValueError(f"unknown detector {detector!r} (sift, orb)")
+    try:
+        d.detect_and_extract(img)
+    except RuntimeError:  # ORB raises on images without corners
+        return np.zeros((0, 2)), np.zeros((0, 1))
+    kp = np.asarray(d.keypoints, dtype=np.float64)[:, ::-1]
+    return kp, d.descriptors
+
+
+def match(kp_m, de_m, kp_f, de_f, detector: str, threshold: float, seed: int = 0):
+    """Match descriptors and fit a moving->fixed projective by RANSAC (similarity first, which
+    needs fewer samples and is robust, then projective on its inliers). Returns
+    ``(matrix, n_inliers, n_matches)``; ``matrix`` is None without a consistent model."""
+    from skimage.feature import match_descriptors
+    from skimage.measure import ransac
+    from skimage.transform import ProjectiveTransform, SimilarityTransform
+
+    if len(kp_m) < 4 or len(kp_f) < 4:
+        return None, 0, 0
+    metric = "hamming" if detector == "orb" else "euclidean"
+    pairs = match_descriptors(de_m, de_f, metric=metric, cross_check=True, max_ratio=0.85)
+    if len(pairs) < 4:
+        return None, 0, len(pairs)
+    src, dst = kp_m[pairs[:, 0]], kp_f[pairs[:, 1]]
+    sim, inl = ransac((src, dst), SimilarityTransform, min_samples=3, residual_threshold=threshold,
+                      max_trials=3000, rng=seed)
+    if not sim or inl is None or inl.sum() < 6:
+        return None, 0 if inl is None else int(inl.sum()), len(pairs)
+    matrix = np.asarray(sim.params)
+    if inl.sum() >= 12:
+        proj = ProjectiveTransform.from_estimate(src[inl], dst[inl])
+        if proj:
+            res = np.linalg.norm(apply_matrix(proj.params, src[inl]) - dst[inl], axis=1)
+            if np.median(res) <= threshold:
+                matrix = np.asarray(proj.params)
+    matrix = matrix / matrix[2, 2]
+    res = np.linalg.norm(apply_matrix(matrix, src) - dst, axis=1)
+    return matrix, int((res < threshold).sum()), len(pairs)
+
+
+def flip_matrix(width: int) -> np.ndarray:
+    """Moving pixels -> pixels of the horizontally flipped moving image (its own inverse)."""
+    return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def coarse_features(fixed_img: np.ndarray, moving_img: np.ndarray, detector: str = "sift",
+                    flips: bool = True, threshold: float = 2.5, seed: int = 0):
+    """Best moving->fixed matrix between two in-memory RGB images (their own pixel units), trying
+    the moving image as is and flipped. Returns ``(matrix, inliers, matches, flipped)``."""
+    a = od_channel(fixed_img)
+    b = od_channel(moving_img)
+    kp_f, de_f = detect(a, detector)
+    best = (None, 0, 0, False)
+    for flipped in ((False, True) if flips else (False,)):
+        img = b[:, ::-1] if flipped else b
+        kp_m, de_m = detect(np.ascontiguousarray(img), detector)
+        m, ninl, nmatch = match(kp_m, de_m, kp_f, de_f, detector, threshold, seed)
+        if m is None:
+            continue
+        if flipped:
+            m = m @ flip_matrix(b.shape[1])
+        if ninl > best[1]:
+            best = (m, ninl, nmatch, flipped)
+    return best
+
+
+def refine_projective(fixed_img: np.ndarray, moving_img: np.ndarray, matrix: np.ndarray,
+                      radius: int = 15, step: int = 4, threshold: float = 1.5, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Refine a moving->fixed matrix (pixels of these images) with dense optical flow on the
+    hematoxylin channel: the flow gives one correspondence per tissue pixel, and a projective is
+    re-fitted to them by RANSAC. Returns ``(matrix, median residual px)``."""
+    from skimage.registration import optical_flow_ilk
+
+    t = Transform(matrix)
+    warped = warp(moving_img, t, fixed_img.shape[:2], fill="constant")
+    a, b = od_channel(fixed_img), od_channel(warped)
+    v = optical_flow_ilk(a, b, radius=radius, num_warp=3)
+    ys, xs = np.mgrid[0 : a.shape[0] : step, 0 : a.shape[1] : step]
+    tissue = tissue_mask(fixed_img)[ys, xs] & tissue_mask(warped)[ys, xs]
+    inside = t.backward(np.stack([xs.ravel(), ys.ravel()], 1).astype(float))
+    h, w = moving_img.shape[:2]
+    ok = tissue.ravel() & (inside[:, 0] > radius) & (inside[:, 1] > radius) & (inside[:, 0] < w - radius) & (
+        inside[:, 1] < h - radius)
+    if ok.sum() < 50:
+        return matrix, float("nan")
+    pf = np.stack([xs.ravel(), ys.ravel()], 1)[ok].astype(float)
+    vv = np.stack([v[1][ys, xs].ravel(), v[0][ys, xs].ravel()], 1)[ok]
+    pm = t.backward(pf + vv)
+    m = robust_projective(pm, pf, threshold, seed)
+    if m is None:
+        return matrix, float("nan")
+    res = np.linalg.norm(apply_matrix(m, pm) - pf, axis=1)
+    return m, float(np.median(res))
+
+
+def _normaliser(p: np.ndarray) -> np.ndarray:
+    c = p.mean(0)
+    s = np.sqrt(2) / max(np.mean(np.linalg.norm(p - c, axis=1)), 1e-12)
+    return np.array([[s, 0, -s * c[0]], [0, s, -s * c[1]], [0, 0, 1.0]])
+
+
+def dlt_projective(src: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+    """Least-squares projective matrix (normalised DLT) for many point pairs; None if degenerate.
+    (skimage's estimator takes a full SVD of a 2N x 9 matrix, which is slow for thousands of pairs.)"""
+    ns, nd = _normaliser(src), _normaliser(dst)
+    a = apply_matrix(ns, src)
+    b = apply_matrix(nd, dst)
+    x, y, u, v = a[:, 0], a[:, 1], b[:, 0], b[:, 1]
+    o, z = np.ones_like(x), np.zeros_like(x)
+    rows = np.concatenate([
+        np.stack([x, y, o, z, z, z, -u * x, -u * y, -u], 1),
+        np.stack([z, z, z, x, y, o, -v * x, -v * y, -v], 1),
+    ])
+    _, sv, vt = np.linalg.svd(rows.T @ rows)
+    h = vt[-1].reshape(3, 3)
+    m = np.linalg.inv(nd) @ h @ ns
+    if not np.isfinite(m).all() or abs(m[2, 2]) < 1e-12:
+        return None
+    m = m / m[2, 2]
+    if abs(np.linalg.det(m)) < 1e-12:
+        return None
+    return m
+
+
+def robust_projective(src: np.ndarray, dst: np.ndarray, threshold: float = 1.5, seed: int = 0,
+                      max_points: int = 3000) -> np.ndarray | None:
+    """Projective fit to many, mostly correct correspondences: least squares, then refits without
+    the pairs whose residual exceeds ``max(threshold, 3 x median)``."""
+    if len(src) > max_points:
+        sel = np.random.default_rng(seed).choice(len(src), max_points, replace=False)
+        src, dst = src[sel], dst[sel]
+    keep = np.ones(len(src), bool)
+    m = None
+    for _ in range(4):
+        if keep.sum() < 20:
+            return m
+        est = dlt_projective(src[keep], dst[keep])
+        if est is None:
+            return m
+        m = est
+        res = np.linalg.norm(apply_matrix(m, src) - dst, axis=1)
+        keep = res <= max(threshold, 3 * float(np.median(res[keep])))
+    return m
+
+
+def register_auto(
+    fixed: Any,
+    moving: Any,
+    detector: str = "sift",
+    coarse_side: int = 512,
+    refine_side: int = 1024,
+    flips: bool = True,
+    seed: int = 0,
+    progress: Callable[[str, float], None] | None = None,
+) -> AutoResult:
+    """Align ``moving`` (H&E) onto ``fixed`` (IHC) with no user input; any rotation and flips.
+
+    ``fixed``/``moving``: an RGB array, a list of pyramid levels (level 0 first), or an object with
+    ``.levels``. Features are matched at a level with longer side <= ``coarse_side``; the result is
+    refined by dense flow at a level with longer side <= ``refine_side``. Raises
+    :class:`RegistrationFailed` when no consistent match is found.
+    """
+    pf, pm = as_pyramid(fixed), as_pyramid(moving)
+    say = progress or (lambda msg, frac: None)
+    say("features", 0.0)
+    fimg, dsf = pf.image_at(coarse_side)
+    mimg, dsm = pm.image_at(coarse_side)
+    m, ninl, nmatch, flipped = coarse_features(fimg, mimg, detector, flips, seed=seed)
+    if m is None and detector == "sift":
+        m, ninl, nmatch, flipped = coarse_features(fimg, mimg, "orb", flips, seed=seed)
+    if m is None:
+        raise RegistrationFailed(f"no consistent feature matches between the images ({nmatch} matches); "
+                                 "place landmarks instead")
+    m0 = matrix_to_level0(m, dsm, dsf)
+    info = {"coarse_downsample": dsf}
+    say("refine", 0.5)
+    fimg2, dsf2 = pf.image_at(refine_side)
+    mimg2, dsm2 = pm.image_at(refine_side)
+    for it in range(2):
+        mk = matrix_to_level(m0, dsm2, dsf2)
+        mk2, res = refine_projective(fimg2, mimg2, mk, seed=seed)
+        if not np.isfinite(res):
+            break
+        m0 = matrix_to_level0(mk2, dsm2, dsf2)
+        info[f"refine_residual_px_{it}"] = res * dsf2
+    say("done", 1.0)
+    meta = {"method": "auto", "detector": detector, "inliers": ninl, "matches": nmatch, "flipped": bool(flipped)}
+    return AutoResult(Transform(m0 / m0[2, 2], meta=meta), ninl, nmatch, bool(flipped), info)

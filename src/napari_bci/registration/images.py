@@ -1,0 +1,171 @@
+"""Image helpers for registration: the stain-independent channel, pyramid levels, reading files.
+
+All functions take RGB ``(H, W, 3)`` uint8 arrays (numpy or dask) and never hold more than the
+level they are asked for in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def od_channel(rgb: Any, lo: float = 1.0, hi: float = 99.5) -> np.ndarray:
+    """Hematoxylin optical density of ``rgb``, percentile-normalised to about ``[0, 1]`` (float32).
+
+    Hematoxylin stains nuclei in both H&E and HER2 IHC, so it is the channel that stays comparable
+    across the two stains (grey level or total OD do not: eosin and DAB dominate them).
+    """
+    from ..stain import hematoxylin
+
+    h = hematoxylin(np.asarray(rgb)[..., :3])
+    a, b = np.percentile(h, [lo, hi])
+    if b - a < 1e-6:
+        return np.zeros(h.shape, np.float32)
+    return np.clip((h - a) / (b - a), 0.0, 1.5).astype(np.float32)
+
+
+def tissue_mask(rgb: Any, threshold: float = 0.08) -> np.ndarray:
+    """Pixels with visible stain (total OD above ``threshold``)."""
+    from ..stain import rgb_to_od
+
+    return rgb_to_od(np.asarray(rgb)[..., :3]).sum(-1) > threshold
+
+
+def level_matrix(downsample: float) -> np.ndarray:
+    """3x3 matrix taking level-k pixel ``(x, y)`` to level-0 pixels (pixel-centre convention of
+    :meth:`napari_bci.transform.Transform.backward_grid`)."""
+    d = float(downsample)
+    o = (d - 1.0) / 2.0
+    return np.array([[d, 0.0, o], [0.0, d, o], [0.0, 0.0, 1.0]])
+
+
+def matrix_to_level0(matrix_k: np.ndarray, ds_moving: float, ds_fixed: float) -> np.ndarray:
+    """A moving->fixed matrix estimated between level-k pixels -> the same map in level-0 pixels."""
+    return level_matrix(ds_fixed) @ np.asarray(matrix_k) @ np.linalg.inv(level_matrix(ds_moving))
+
+
+def matrix_to_level(matrix0: np.ndarray, ds_moving: float, ds_fixed: float) -> np.ndarray:
+    """Inverse of :func:`matrix_to_level0`."""
+    return np.linalg.inv(level_matrix(ds_fixed)) @ np.asarray(matrix0) @ level_matrix(ds_moving)
+
+
+def downscale(rgb: Any, factor: int) -> np.ndarray:
+    """Block-mean downscale of an RGB (or 2-D) array by an integer ``factor`` (dask-aware)."""
+    if factor <= 1:
+        return np.asarray(rgb)
+    h, w = rgb.shape[:2]
+    h2, w2 = h // factor, w // factor
+    a = rgb[: h2 * factor, : w2 * factor]
+    shape = (h2, factor, w2, factor) + tuple(a.shape[2:])
+    if hasattr(a, "map_blocks"):  # dask: reduce per chunk, then gather the small result
+        import dask.array as da
+
+        out = da.coarsen(np.mean, a.astype(np.float32), {0: factor, 1: factor}, trim_excess=True)
+        out = np.asarray(out.compute())
+    else:
+        out = np.asarray(a, dtype=np.float32).reshape(shape).mean(axis=(1, 3))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8) if np.asarray(rgb[:1, :1]).dtype == np.uint8 else out
+
+
+@dataclass
+class Pyramid:
+    """Levels of one image, level 0 first, with their downsample factors."""
+
+    levels: list
+    downsamples: list[float]
+    mpp: float | None = None
+    path: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.levels[0].shape[:2])
+
+    def level_for(self, max_side: int) -> int:
+        """Finest level whose longer side is at most ``max_side`` (the coarsest if none is)."""
+        for i, lv in enumerate(self.levels):
+            if max(lv.shape[:2]) <= max_side:
+                return i
+        return len(self.levels) - 1
+
+    def image_at(self, max_side: int) -> tuple[np.ndarray, float]:
+        """An in-memory image with longer side <= ``max_side`` (a level, further block-averaged if
+        needed) and its downsample factor relative to level 0."""
+        i = self.level_for(max_side)
+        lv, d = self.levels[i], self.downsamples[i]
+        f = int(np.ceil(max(lv.shape[:2]) / max_side))
+        if f > 1:
+            return downscale(lv, f), d * f
+        return np.asarray(lv), d
+
+
+def as_pyramid(image: Any, mpp: float | None = None) -> Pyramid:
+    """A :class:`Pyramid` from one array, a list of levels, or an object with ``.levels``."""
+    if isinstance(image, Pyramid):
+        return image
+    path = None
+    if hasattr(image, "levels"):
+        mpp = getattr(image, "mpp", mpp)
+        path = getattr(image, "path", None)
+        levels = list(image.levels)
+    elif isinstance(image, (list, tuple)):
+        levels = list(image)
+    else:
+        levels = [image]
+    levels = [lv if lv.ndim == 3 else lv[..., None].repeat(3, -1) for lv in levels]
+    h0, w0 = levels[0].shape[:2]
+    ds = [float(np.mean([h0 / lv.shape[0], w0 / lv.shape[1]])) for lv in levels]
+    return Pyramid(levels, ds, mpp, None if path is None else str(path))
+
+
+def read_pyramid(path: str | os.PathLike) -> Pyramid:
+    """Open an image or slide: :func:`napari_bci.io.slide.open_slide` when available, else
+    tifffile / scikit-image for single images. Raises :class:`InputError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file")
+    try:
+        from ..io.slide import open_slide  # the IO package's reader (lazy levels, mpp)
+    except ImportError:
+        open_slide = None
+    if open_slide is not None:
+        s = open_slide(path)
+        p = as_pyramid(s)
+        p.path = str(path)
+        return p
+    try:  # pragma: no cover - used only before the IO reader exists
+        if path.suffix.lower() in (".tif", ".tiff", ".svs"):
+            import tifffile
+
+            img = tifffile.imread(path, level=0)
+        else:
+            from skimage.io import imread
+
+            img = imread(path)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is bad input
+        raise InputError(path, f"cannot read image ({type(e).__name__}: {e})") from None
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, -1)
+    if img.ndim != 3 or img.shape[2] < 3:
+        raise InputError(path, f"expected an RGB image, got shape {img.shape}")
+    return Pyramid([img[..., :3]], [1.0], None, str(path))
+
+
+def ensure_rgb(img: Any, name: str = "image") -> Any:
+    """Check an ``(H, W, 3)`` RGB array (or a list of them) and raise :class:`InputError` if not."""
+    levels = img if isinstance(img, (list, tuple)) else [img]
+    for lv in levels:
+        if lv.ndim != 3 or lv.shape[2] < 3:
+            raise InputError(name, f"expected an RGB image (H, W, 3), got shape {tuple(lv.shape)}")
+    return img
+
+
+def levels_of(image: Any) -> Sequence:
+    return as_pyramid(image).levels
