@@ -459,16 +459,16 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
                 if on_error == "stop":
                     save_progress("failed")
                     raise InputError(plan.source, f"corrupt input: {fail.describe(plan.source)}")
-                yield _white(shape)
-            else:
-                if idx not in done:
-                    store.put(idx, t)
-                    computed += 1
-                yield t
+                t = _white(shape)
+            elif idx not in done:
+                store.put(idx, t)
+                computed += 1
+            # count before yielding: the writer stops pulling after the last tile
             bar.update()
             if time.monotonic() - last_save[0] > 2.0:
                 save_progress("running")
                 last_save[0] = time.monotonic()
+            yield t
 
     try:
         write_pyramid(out, tiles(), shape=plan.engine.shape, mpp=plan.out_mpp, tile=grid.tile,
@@ -536,7 +536,8 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
                    compression: str | None = "jpeg", quality: int = 90, layout: str = "subifd",
                    progress: Callable[[int, int], Any] | None = None, show_progress: bool | None = None,
                    cancel: Any = None, keep_parts: bool = False, window: int | None = None,
-                   generator=None, prefilled: dict | None = None, tiles_per_task: int = 1) -> dict:
+                   generator=None, prefilled: dict | None = None, tiles_per_task: int = 1,
+                   client=None) -> dict:
     """Virtual IHC of a whole slide as a pyramidal OME-TIFF at ``out``; returns a report dict.
 
     ``model``: a registry name, a checkpoint path or a :class:`Generator`. ``workers``/
@@ -544,13 +545,13 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     identical to a single-process run. ``on_error``: ``"stop"`` raises on a tile whose input
     cannot be read, ``"skip"`` fills it white and lists it under ``"skipped"``. ``cancel``: an
     Event or callable; when set the run stops with :class:`Cancelled`, keeping finished tiles
-    for the next run (``resume``).
+    for the next run (``resume``). ``client``: an existing ``distributed.Client`` to compute on.
     """
     from .registry import load_generator
 
     out = Path(out)
     check_output_path(out)
-    distributed = bool(workers) or bool(scheduler)
+    distributed = bool(workers) or bool(scheduler) or client is not None
     if generator is None:
         generator = load_generator(model, device="cpu" if distributed else device)
     plan = plan_slide(source, generator, model=model, level=level, tile=tile, halo=halo, batch_size=batch_size,
@@ -562,7 +563,7 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
         from .distributed import DaskTiles
 
         ctx = DaskTiles(plan, model if model is not None else generator, workers=workers, scheduler=scheduler,
-                        device=device, window=window, tiles_per_task=tiles_per_task)
+                        device=device, window=window, tiles_per_task=tiles_per_task, client=client)
         results = ctx.results
     try:
         if ctx is not None:

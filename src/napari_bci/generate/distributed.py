@@ -123,18 +123,25 @@ def _plugin(name: str) -> GeneratorPlugin:
 def tiles_task(indices: Sequence[tuple[int, int]], plugin_name: str, spec: dict) -> list:
     """A dask task: the tiles ``indices`` of ``spec``'s slide, computed on this worker with its
     plugin's generator. Returns ``[(index, tile | None, TileFailure | None), ...]``."""
+    import dask
+
     from .batch import compute_tiles
 
-    eng = _plugin(plugin_name).engine(spec)
-    return list(compute_tiles(eng, [tuple(i) for i in indices]))
+    with dask.config.set(scheduler="synchronous"):  # slide reads stay in this worker
+        eng = _plugin(plugin_name).engine(spec)
+        return list(compute_tiles(eng, [tuple(i) for i in indices]))
 
 
 def patch_task(path: str, plugin_name: str, tile: int | None, batch_size: int | None):
     """A dask task: the virtual IHC of one patch file (or the :class:`InputError` reading it)."""
-    from .batch import _patch
     from pathlib import Path
 
-    return _patch(_plugin(plugin_name).generator, Path(path), tile, batch_size)
+    import dask
+
+    from .batch import _patch
+
+    with dask.config.set(scheduler="synchronous"):
+        return _patch(_plugin(plugin_name).generator, Path(path), tile, batch_size)
 
 
 class Cluster:
@@ -166,13 +173,13 @@ class Cluster:
         if self.client is None:
             if self.scheduler:
                 try:
-                    self.client = Client(self.scheduler, timeout="30s")
+                    self.client = Client(self.scheduler, timeout="30s", set_as_default=False)
                 except OSError as e:
                     raise InputError(None, f"--scheduler {self.scheduler}: cannot connect ({e})") from None
             else:
                 self.cluster = LocalCluster(n_workers=self.workers or 1, threads_per_worker=1, processes=True,
                                             dashboard_address=None, silence_logs=logging.ERROR)
-                self.client = Client(self.cluster)
+                self.client = Client(self.cluster, set_as_default=False)
         n = len(self.client.scheduler_info(n_workers=-1).get("workers", {})) or (self.workers or 1)
         threads = max(1, (os.cpu_count() or 1) // n) if self.cluster is not None else 1
         self.plugin = GeneratorPlugin(self.model, device=self.device, threads=threads)
@@ -190,7 +197,7 @@ class Cluster:
         are taken with ``as_completed`` and released in order."""
         from distributed import as_completed
 
-        ac = as_completed()
+        ac = as_completed(loop=self.client.loop)
         key_of: dict[str, int] = {}
         futures: dict[int, Any] = {}
         ready: dict[int, Any] = {}
