@@ -21,6 +21,7 @@ from ..transform import Transform
 
 HER2_LEVELS = ("0", "1+", "2+", "3+")
 
+_NEUTRAL = np.full(3, 1 / np.sqrt(3), np.float32)
 #: Eosin OD direction measured on pink stroma of the reference H&E scans (tests/data).
 _EOSIN_SCANNED = np.array([0.15, 0.85, 0.50]) / np.linalg.norm([0.15, 0.85, 0.50])
 
@@ -76,15 +77,21 @@ def vnoise(x, y, salt: int) -> np.ndarray:
     return 2.0 * (a + (b - a) * fy) - 1.0
 
 
+_ROT = [(np.cos(a), np.sin(a)) for a in (0.0, 0.61, 1.27, 2.03, 2.71, 0.37)]
+
+
 def fbm(x, y, scale: float, salt: int, octaves: int = 3, gain: float = 0.5) -> np.ndarray:
-    """Fractal value noise (std about 0.3) with feature size ``scale`` (same units as x, y)."""
+    """Fractal value noise (std about 0.3) with feature size ``scale`` (same units as x, y);
+    each octave's lattice is rotated so no axis-aligned grain shows."""
     out = 0.0
     amp = 1.0
     norm = 0.0
     f = 1.0 / scale
     for o in range(octaves):
-        # a per-octave offset keeps lattice lines of different octaves apart
-        out = out + amp * vnoise(x * f + 17.3 * o, y * f - 9.1 * o, salt * 131 + o)
+        c, s = _ROT[o % len(_ROT)]
+        xr = (x * c - y * s) * f
+        yr = (x * s + y * c) * f
+        out = out + amp * vnoise(xr + 17.3 * o, yr - 9.1 * o, salt * 131 + o)
         norm += amp
         amp *= gain
         f *= 2.03
@@ -180,11 +187,16 @@ class Scene:
         self.spacing = p.spacing * rng.uniform(0.95, 1.05)
         self.fat_bias = rng.uniform(-0.12, 0.0) if kind == "patch" else 0.0
         # stain appearance of this case (H&E and IHC stained separately)
-        self.he_matrix = self._perturbed_matrix(rng, 0.06)
-        self.ihc_matrix = self._perturbed_matrix(rng, 0.05)
+        m = self._perturbed_matrix(rng, 0.06)
+        self.he_matrix = np.stack([m[0], m[1], _NEUTRAL])  # H, E, neutral (scanner desaturation)
+        m = self._perturbed_matrix(rng, 0.05)
+        self.ihc_matrix = np.stack([m[0], _NEUTRAL, m[2]])  # H, neutral, DAB
+        self.neutral = rng.uniform(0.15, 0.3)
         self.he_gain = rng.uniform(0.92, 1.08, size=2)  # H, E intensity
         self.ihc_gain = rng.uniform(0.9, 1.1, size=2)  # H, DAB
-        self.bg_od = rng.uniform(0.015, 0.04)
+        self.bg_od = rng.uniform(0.008, 0.025)
+        # slide-scale features shrink with a small slide so it still shows several regions
+        self.macro = float(np.clip(min(extent_um) / 8192.0, 0.3, 2.0)) if extent_um else 1.0
         self.salt = (self.seed * 1000003) & 0xFFFFFFFF
 
     @staticmethod
@@ -211,11 +223,12 @@ class Scene:
         if slide:
             w, h = self.extent_um
         need_region = slide and want & {"nest", "fat", "lumen", "lymph"}
-        region = fbm(x, y, 1800.0, s + 3, 3) if need_region else 0.0
+        M = self.macro
+        region = fbm(x, y, 1800.0 * M, s + 3, 3) if need_region else 0.0
         if "tissue" in want:
             if slide:
                 r = np.maximum(np.abs(x - w / 2) / (0.42 * w), np.abs(y - h / 2) / (0.42 * h))
-                t = fbm(x, y, 1400.0, s + 1, 4) + 0.3 - 2.7 * np.maximum(r - 0.55, 0) ** 1.5
+                t = fbm(x, y, 1400.0 * M, s + 1, 4) + 0.3 - 2.7 * np.maximum(r - 0.55, 0) ** 1.5
                 t = t + 0.04 * fbm(x, y, 60.0, s + 2, 2)  # ragged edges
             else:
                 t = fbm(x, y, 220.0, s + 1, 3) + 0.45
@@ -224,26 +237,26 @@ class Scene:
         if want & {"nest", "lumen", "lymph"}:
             nest = fbm(x, y, 140.0, s + 7, 3) + self.nest_bias
             if slide:
-                nest = nest + np.minimum(0.0, (region + 0.02) * 1.5)
+                nest = nest + np.minimum(0.0, (region - 0.06) * 2.0)
             f["nest"] = nest
         if "fat" in want:
             if slide:
-                f["fat"] = fbm(x, y, 900.0, s + 4, 3) - 0.12 - 0.6 * np.maximum(region + 0.05, 0)
+                f["fat"] = fbm(x, y, 900.0 * M, s + 4, 3) - 0.12 - 0.6 * np.maximum(region + 0.05, 0)
             else:
                 f["fat"] = fbm(x, y, 260.0, s + 4, 2) - 0.22 + self.fat_bias
         if "het" in want:
             # regional HER2 heterogeneity (scales the fraction of stained cells)
             if slide:
-                f["het"] = np.clip(1.0 + 0.9 * fbm(x, y, 1200.0, s + 5, 2), 0.3, 1.4)
+                f["het"] = np.clip(1.0 + 0.9 * fbm(x, y, 1200.0 * M, s + 5, 2), 0.3, 1.4)
             else:
                 f["het"] = np.clip(1.0 + 0.25 * fbm(x, y, 400.0, s + 5, 2), 0.7, 1.3)
         if "stainvar" in want:
             amp = 0.25 if slide else 0.08
-            f["stainvar"] = 1.0 + amp * fbm(x, y, 2500.0 if slide else 600.0, s + 6, 2)
+            f["stainvar"] = 1.0 + amp * fbm(x, y, 2500.0 * M if slide else 600.0, s + 6, 2)
         if "lumen" in want:
             f["lumen"] = fbm(x, y, 35.0, s + 8, 2) - 0.45 + 1.6 * np.minimum(nest - 0.05, 0)
         if "lymph" in want:
-            f["lymph"] = fbm(x, y, 160.0, s + 9, 2) + 0.2 * smoothstep(-0.15, 0.0, nest) - 0.1
+            f["lymph"] = fbm(x, y, 160.0, s + 9, 2) + 0.2 * smoothstep(-0.15, 0.0, nest) - 0.17
         if want & {"fibre_phase", "crack"}:
             # collagen: iso-lines of an anisotropic noise whose direction wanders (wavy bundles)
             ang = np.pi * 2.5 * fbm(x, y, 400.0, s + 10, 2)
@@ -251,7 +264,8 @@ class Scene:
             u = x * ca + y * sa
             v = -x * sa + y * ca
             if "fibre_phase" in want:
-                f["fibre_phase"] = fbm(u, v * 0.3, 80.0, s + 11, 3) * 7.0 + 0.25 * fbm(x, y, 9.0, s + 12, 1)
+                f["fibre_phase"] = (fbm(u, v * 0.3, 80.0, s + 11, 3) * 7.0 + 0.8 * fbm(x, y, 30.0, s + 14, 2)
+                                    + 0.3 * fbm(x, y, 9.0, s + 12, 1))
             if "crack" in want:
                 f["crack"] = fbm(u * 0.6, v * 0.15, 40.0, s + 13, 2)
         return f
@@ -275,15 +289,15 @@ class Scene:
         out = []
         # tumour cells (membranes form a Voronoi tessellation)
         sp = self.spacing
-        JX, JY, px, py = self._lattice(box, sp, s + 100, 0.75)
+        JX, JY, px, py = self._lattice(box, sp, s + 100, 0.85)
         f = self.fields(px, py, ("nest", "lumen", "tissue", "het"))
         keep = (f["nest"] > 0) & (f["lumen"] < 0) & (f["tissue"] > 0.5)
         JX, JY, px, py = JX[keep], JY[keep], px[keep], py[keep]
         het = f["het"][keep]
         n = len(px)
         h = lambda k: hash01(JX, JY, s + 200 + k)  # noqa: E731
-        size = self.nuc_scale * 5.0 * np.exp(self.pleo * _gauss(h(0), h(1)))
-        aspect = 0.68 + 0.3 * h(2)
+        size = self.nuc_scale * 5.6 * np.exp(1.3 * self.pleo * _gauss(h(0), h(1)))
+        aspect = 0.6 + 0.38 * h(2)
         a = size / np.sqrt(aspect)
         b = size * np.sqrt(aspect)
         od = self.nuc_od * np.exp(0.12 * _gauss(h(3), h(4)))
@@ -314,7 +328,7 @@ class Scene:
             dict(
                 x=px, y=py, kind=np.full(n, K_TUMOUR, np.int8), a=a, b=b, theta=np.pi * h(8), od=od,
                 tex=np.full(n, 0.45), nucleoli=(h(9) < 0.3 + 0.5 * (self.nuc_scale - 1) * 4).astype(np.int8),
-                mclass=cls, comp=comp, mod=mod, arc0=2 * np.pi * h(10),
+                mclass=cls, comp=comp, mod=mod, arc0=2 * np.pi * h(10), cyto=0.7 + 0.55 * h(14),
                 in_he=h(11) > 0.03, in_ihc=h(12) > 0.03, ihc_scale=0.88 + 0.2 * h(13),
                 site=_site(JX, JY, 0),
             )
@@ -337,7 +351,7 @@ class Scene:
                 x=px[k], y=py[k], kind=np.full(n, K_FIBRO, np.int8), a=(4.5 + 3.0 * h(2))[k],
                 b=(1.1 + 0.6 * h(3))[k], theta=theta[k], od=(0.62 + 0.2 * h(4))[k], tex=np.full(n, 0.2),
                 nucleoli=np.zeros(n, np.int8), mclass=np.zeros(n, np.int8), comp=np.zeros(n), mod=np.zeros(n),
-                arc0=np.zeros(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03, ihc_scale=(0.88 + 0.2 * h(7))[k],
+                arc0=np.zeros(n), cyto=np.ones(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03, ihc_scale=(0.88 + 0.2 * h(7))[k],
                 site=_site(JX[k], JY[k], 1),
             )
         )
@@ -355,7 +369,7 @@ class Scene:
                 x=px[k], y=py[k], kind=np.full(n, K_LYMPH, np.int8), a=r / np.sqrt(asp), b=r * np.sqrt(asp),
                 theta=(np.pi * h(3))[k], od=(0.85 + 0.2 * h(4))[k], tex=np.full(n, 0.15),
                 nucleoli=np.zeros(n, np.int8), mclass=np.zeros(n, np.int8), comp=np.zeros(n), mod=np.zeros(n),
-                arc0=np.zeros(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03, ihc_scale=(0.9 + 0.15 * h(7))[k],
+                arc0=np.zeros(n), cyto=np.ones(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03, ihc_scale=(0.9 + 0.15 * h(7))[k],
                 site=_site(JX[k], JY[k], 2),
             )
         )
@@ -499,7 +513,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     inv = np.stack([E0[:, 1, 1], -E0[:, 0, 1], -E0[:, 1, 0], E0[:, 0, 0]], 1) / det[:, None] if n else np.zeros((0, 4))
 
     salt = scene.salt + (11 if is_ihc else 0)
-    chrom = noise_window(salt + 1, 0.9, wy0, wx0, wh, ww)
+    chrom = noise_window(salt + 1, 1.3, wy0, wx0, wh, ww)
     grain = noise_window(salt + 2, 0.0, wy0, wx0, wh, ww)
     cytotex = noise_window(salt + 3, 2.5, wy0, wx0, wh, ww)
 
@@ -508,7 +522,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     d1 = np.full((wh, ww), 1e6, np.float32)
     d2 = np.full((wh, ww), 1e6, np.float32)
     id1 = np.zeros((wh, ww), np.int32)
-    rmax = 0.8 * scene.spacing * scale_px  # no tumour cell reaches beyond this from its centre
+    rmax = 0.95 * scene.spacing * scale_px  # no tumour cell reaches beyond this from its centre
     rstamp = int(np.ceil(rmax)) + 2
     kind = C["kind"]
     nuc_gain = 0.5 if is_ihc else 1.0
@@ -528,10 +542,10 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         u = q[0] * dx + q[1] * dy
         v = q[2] * dx + q[3] * dy
         ch = chrom[ya:yb, xa:xb]
-        rho = np.sqrt(u * u + v * v) + 0.06 * ch
+        rho = np.sqrt(u * u + v * v) + 0.05 * ch + 0.09 * cytotex[ya:yb, xa:xb]
         aa = float(np.sqrt(abs(det[i])))
         edge = np.clip((1.0 - rho) * (0.5 * aa + 0.5), 0.0, 1.0)
-        val = (0.6 + C["tex"][i] * tex_gain * 0.55 * ch) + 0.35 * np.exp(-(((rho - 0.88) * 8.0) ** 2))
+        val = (0.45 + C["tex"][i] * tex_gain * 0.55 * ch) + 0.5 * np.exp(-(((rho - 0.88) * 7.0) ** 2))
         if C["nucleoli"][i] and not is_ihc:
             val = val + 0.5 * np.exp(-((u - 0.3) ** 2 + (v + 0.1) ** 2) * 40.0)
         val = np.maximum(val, 0.0) * (edge * (C["od"][i] * nuc_gain))
@@ -542,7 +556,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         if nucid is not None:
             nucid[ya:yb, xa:xb][edge > 0.5] = i
 
-    tumour = d1 < rmax
+    tumour = (d1 < rmax) & (up["nest"] > -0.03)
     tid = np.where(tumour, id1, 0)
     mem_w = 0.8 * scale_px + 0.4  # half-width of a membrane, px
     gap = np.minimum(d2 - d1, 2.0 * np.abs(rmax - d1))
@@ -562,8 +576,8 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         for cx, cy in zip(apx, apy):
             _voronoi_stamp(cx, cy, int(ra * 1.4) + 2, a1, a2, None, 0, wh, ww)
         fat = (a1 < ra) & ~tumour
-        agap = np.minimum(a2 - a1, 2.0 * np.abs(ra - a1))
-        fat_mem = np.clip(1.0 - agap / (1.6 * scale_px + 0.8), 0.0, 1.0) * ((a1 < ra + 2) & ~tumour)
+        agap = np.minimum(a2 - a1, 2.0 * np.abs(ra - a1)) + 1.2 * cytotex
+        fat_mem = np.clip(1.0 - agap / (1.0 * scale_px + 0.8), 0.0, 1.0) * ((a1 < ra + 2) & ~tumour)
     tissue = up["tissue"]
     nest = up["nest"]
     other = ~(tumour | fat)
@@ -576,17 +590,19 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     crack = smoothstep(0.18, 0.3, up["crack"]) * (fib < 0.3)
     sv = up["stainvar"]
     cyto = tumour * (1.0 + 0.18 * cytotex)
+    if n:
+        cyto = cyto * C["cyto"][tid].astype(np.float32)
     tumf = tumour.astype(np.float32)
     if not is_ihc:
         gH, gE = scene.he_gain
-        E = stroma * (0.20 + 0.20 * fib + 0.08 * fib2) * (1 - 0.9 * crack)
-        E += cyto * scene.cyto_e + 0.06 * mem + 0.3 * fat_mem + 0.05 * lumen
-        E += 0.10 * nucH
-        H = stroma * (0.03 + 0.025 * fib) + tumf * 0.075 + 0.05 * mem + 0.04 * fat_mem
+        E = stroma * (0.3 + (0.12 * fib + 0.06 * fib2) * (1 + 0.4 * cytotex)) * (1 - 0.9 * crack)
+        E += cyto * (scene.cyto_e * 1.15) + 0.05 * mem + 0.3 * fat_mem + 0.05 * lumen
+        E += 0.12 * nucH
+        H = stroma * (0.06 + 0.02 * fib) + (0.09 * cyto + 0.04 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
         H += nucH
         H *= tissue * (gH * sv)
         E *= tissue * (gE * sv)
-        conc = np.stack([H, E, np.zeros_like(H)], -1)
+        conc = np.stack([H, E, scene.neutral * (H + E)], -1)
         matrix = scene.he_matrix
     else:
         gH, gD = scene.ihc_gain
@@ -607,9 +623,9 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
             D += (cyto * scene.p.cyto_dab) * (C["mclass"][tid] > 0)
         D += 0.01 * stroma * fib
         D *= tissue * (gD * sv)
-        conc = np.stack([H, 0.015 * tissue, D], -1)
+        conc = np.stack([H, 0.015 * tissue + 0.5 * scene.neutral * H, D], -1)
         matrix = scene.ihc_matrix
-    sig = 0.65 / d ** 0.5
+    sig = 0.85 / d ** 0.5
     for c in range(3):
         conc[..., c] = ndi.gaussian_filter(conc[..., c], sig, truncate=3.0)
     conc[..., 0] += scene.bg_od * 0.3 + 0.006 * grain
@@ -705,7 +721,7 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
             memD = ndi.gaussian_filter(tmp, max(0.6, 0.4 * sp * scale_px))
         nucH *= 1.0 + 0.15 * tex
     else:
-        tum_nuc = np.pi * 5.0 ** 2 * scene.nuc_scale ** 2 / sp ** 2 * scene.nuc_od * 0.8 * nuc_gain
+        tum_nuc = np.pi * 5.6 ** 2 * scene.nuc_scale ** 2 / sp ** 2 * scene.nuc_od * 0.8 * nuc_gain
         lym = np.clip(up["lymph"] * 2.5, 0.01, 0.85) * np.pi * 3.3 ** 2 / 49.0 * 0.95 * 0.8 * nuc_gain
         fibro = 0.32 * np.pi * 6.0 * 1.4 / 121.0 * 0.7 * 0.8 * nuc_gain
         nucH = (tumour * tum_nuc + stroma * (lym + fibro)) * (1.0 + 0.25 * tex)
@@ -714,16 +730,19 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
             memD = memD * (1.0 + 0.2 * tex)
     if not is_ihc:
         gH, gE = scene.he_gain
-        E = stroma * (0.20 + 0.20 * fib + 0.04) * (1 - 0.9 * crack) + tumour * scene.cyto_e
+        E = stroma * (0.3 + 0.12 * fib + 0.05) * (1 - 0.9 * crack) + tumour * (scene.cyto_e * 1.15)
         E += 0.03 * fat + 0.05 * lumen + 0.10 * nucH
-        H = stroma * (0.03 + 0.025 * fib) + tumour * 0.085 + 0.004 * fat + nucH
-        conc = np.stack([H * tissue * (gH * sv), E * tissue * (gE * sv), np.zeros_like(H)], -1)
+        H = stroma * (0.06 + 0.02 * fib) + tumour * 0.1 + 0.004 * fat + nucH
+        H = H * tissue * (gH * sv)
+        E = E * tissue * (gE * sv)
+        conc = np.stack([H, E, scene.neutral * (H + E)], -1)
         matrix = scene.he_matrix
     else:
         gH, gD = scene.ihc_gain
         H = stroma * (0.02 + 0.02 * fib) + tumour * 0.04 + 0.003 * fat + 0.01 * lumen + nucH
         D = memD + tumour * scene.p.cyto_dab * (1 - pm[0]) + 0.01 * stroma * fib
-        conc = np.stack([H * tissue * (gH * sv), 0.015 * tissue, D * tissue * (gD * sv)], -1)
+        H = H * tissue * (gH * sv)
+        conc = np.stack([H, 0.015 * tissue + 0.5 * scene.neutral * H, D * tissue * (gD * sv)], -1)
         matrix = scene.ihc_matrix
     conc[..., 0] += scene.bg_od * 0.3 + 0.006 * grain
     conc[..., 1] += scene.bg_od * 0.15
