@@ -19,9 +19,9 @@ def dock_widgets(viewer, names: Iterable[str] = WIDGETS) -> dict:
 
 def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> list[tuple]:
     """The embedded default data: the synthetic whole-slide H&E / IHC pair as layer tuples."""
-    from ..samples._npe2 import wsi_layers
+    from ..samples._npe2 import wsi_pair
 
-    return wsi_layers(size=size, seed=seed, her2=her2)
+    return wsi_pair(size=size, seed=seed, her2=her2)
 
 
 def _finish(viewer, screenshot: str | None, wait_s: float, ready=None) -> None:
