@@ -169,9 +169,9 @@ class SlidesWidget(QWidget):
 
         self._gen += 1
         gen = self._gen
-        worker = create_worker(func, *args, _start_thread=False)
-        worker.returned.connect(lambda result: gen == self._gen and on_done(result))
-        worker.errored.connect(lambda e: gen == self._gen and self._error(e))
+        # Errors come back as values: napari 0.9.2's task-status hook on ``errored`` itself raises.
+        worker = create_worker(_catching, func, *args, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda r: gen == self._gen and (self._error(r[1]) if r[0] else on_done(r[1])))
         self.worker = worker
         worker.start()
 
@@ -233,6 +233,14 @@ def _row(*widgets) -> QWidget:
 
 
 # ---------------------------------------------------------------------- worker bodies (no Qt)
+
+
+def _catching(func, *args):
+    """``(False, result)`` or ``(True, exception)``."""
+    try:
+        return False, func(*args)
+    except Exception as e:  # reported to the user as a notification
+        return True, e
 
 
 def _load_files(he: str, ihc: str | None) -> list[tuple]:
