@@ -43,10 +43,16 @@ def run_view(args):
     from pathlib import Path
 
     from ..errors import InputError
+    from ..io._npe2 import get_reader
 
+    layers = []  # read before napari starts, so bad input fails fast with one line
     for p in args.paths:
         if not Path(p).exists():
             raise InputError(p, "no such file or directory")
+        reader = get_reader(str(p))
+        if reader is None:
+            raise InputError(p, "not a supported slide, image or BCI dataset folder")
+        layers.extend(reader(str(p)))
     from .app import launch_view
 
-    launch_view(args.paths, samples=args.sample, model=args.model, screenshot=args.screenshot)
+    launch_view(layers, samples=args.sample, model=args.model, screenshot=args.screenshot)

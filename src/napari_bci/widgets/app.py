@@ -81,13 +81,14 @@ def launch_demo(
     return viewer
 
 
-def launch_view(paths, samples=(), model: str | None = None, screenshot: str | None = None):
+def launch_view(layers, samples=(), model: str | None = None, screenshot: str | None = None):
+    """Open napari with ``layers`` (layer-data tuples from the reader) and ``samples``."""
     import napari
 
     viewer = napari.Viewer(title="napari-bci")
     viewer.window.resize(1600, 1000)
-    for p in paths:
-        viewer.open(p, plugin="napari-bci")
+    for data, attrs, kind in layers:
+        getattr(viewer, f"add_{kind}")(data, **attrs)
     for s in samples:
         viewer.open_sample("napari-bci", s)
     widgets = dock_widgets(viewer)
