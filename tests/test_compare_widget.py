@@ -1,0 +1,163 @@
+"""The Compare widget in a real napari viewer: layer defaults, heatmap placement, region table,
+exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from napari_bci.io import layers as L
+from napari_bci.metrics import compare_pair
+
+MPP = 0.5
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from napari_bci.samples.synthetic import make_pair
+
+    p = make_pair(her2="3+", size=320, seed=5, mpp=MPP)
+    rng = np.random.default_rng(0)
+    gen = np.clip(np.roll(p.ihc, 3, axis=1).astype(np.int16) + rng.normal(0, 8, p.ihc.shape), 0, 255)
+    return p.he, p.ihc, gen.astype(np.uint8)
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer, pair):
+    from napari_bci.widgets.compare import CompareWidget
+
+    he, ihc, gen = pair
+    viewer = make_napari_viewer()
+    for data, attrs, _ in (
+        L.image_layer(he, L.HE, mpp=MPP, role="he"),
+        L.image_layer(ihc, L.IHC_TRUTH, mpp=MPP, role="ihc", her2="3+"),
+        L.image_layer(gen, L.generated_name("test"), mpp=MPP, role="generated"),
+    ):
+        viewer.add_image(data, **attrs)
+    w = CompareWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    yield viewer, w
+    w.close()
+
+
+def test_defaults_modes(viewer_widget):
+    viewer, w = viewer_widget
+    assert w.gen_combo.currentText() == L.generated_name("test")
+    assert w.truth_combo.currentText() == L.IHC_TRUTH
+    w.opacity.setValue(30)
+    g = viewer.layers[L.generated_name("test")]
+    assert g.opacity == pytest.approx(0.3)
+    assert viewer.layers.index(g) > viewer.layers.index(viewer.layers[L.IHC_TRUTH])
+    w.side_radio.setChecked(True)
+    assert viewer.canvas.grid.enabled and not viewer.layers[L.HE].visible
+    w.blend_radio.setChecked(True)
+    assert not viewer.canvas.grid.enabled and viewer.layers[L.HE].visible
+
+
+def test_heatmap_layer_extent_and_mean(viewer_widget, qtbot, pair):
+    from skimage.metrics import structural_similarity
+
+    from napari_bci.widgets.compare import visible_world_box
+
+    viewer, w = viewer_widget
+    _, ihc, gen = pair
+    viewer.scene.camera.center = (60.0, 70.0)  # um
+    viewer.scene.camera.zoom = 8.0  # screen px per um: a zoomed-in view inside the image
+    w.update_heatmap()
+    qtbot.waitUntil(lambda: L.SSIM in viewer.layers and w.heatmap_mean is not None, timeout=30000)
+    ly = viewer.layers[L.SSIM]
+    vb = viewer.canvas.viewbox_size(viewer.layers)
+    y0, y1, x0, x1 = visible_world_box(viewer.scene.camera.center, viewer.scene.camera.zoom, vb)
+    # pixels whose centres are in view, clipped to the image
+    r0, r1 = max(int(np.ceil(y0 / MPP)), 0), min(int(np.floor(y1 / MPP)) + 1, 320)
+    c0, c1 = max(int(np.ceil(x0 / MPP)), 0), min(int(np.floor(x1 / MPP)) + 1, 320)
+    assert ly.data.shape == (r1 - r0, c1 - c0)
+    np.testing.assert_allclose(ly.scale, (MPP, MPP))
+    np.testing.assert_allclose(ly.translate, (r0 * MPP, c0 * MPP))
+    ext = ly.extent.world  # pixel centres of the first and last heatmap pixels
+    np.testing.assert_allclose(ext[0], (r0 * MPP, c0 * MPP))
+    np.testing.assert_allclose(ext[1], ((r1 - 1) * MPP, (c1 - 1) * MPP))
+    # and they coincide with the truth layer's pixel centres
+    np.testing.assert_allclose(viewer.layers[L.IHC_TRUTH].data_to_world((r0, c0)), ext[0])
+    ref, full = structural_similarity(gen[r0:r1, c0:c1], ihc[r0:r1, c0:c1], channel_axis=-1,
+                                      data_range=255, full=True)
+    assert w.heatmap_mean == pytest.approx(ref, abs=1e-5)
+    np.testing.assert_allclose(ly.data, full.mean(-1), atol=1e-4)
+    assert f"{ref:.3f}" in w.mean_label.text()
+    # pan: the debounced update follows and replaces the data in place
+    viewer.scene.camera.center = (100.0, 90.0)
+    qtbot.waitUntil(lambda: not np.allclose(viewer.layers[L.SSIM].translate, (r0 * MPP, c0 * MPP)), timeout=30000)
+    assert len([x for x in viewer.layers if x.name == L.SSIM]) == 1
+
+
+def test_region_table_from_drawn_shapes(viewer_widget, qtbot, pair, tmp_path):
+    viewer, w = viewer_widget
+    _, ihc, gen = pair
+    regions = w.regions_layer()
+    assert regions.name == L.REGIONS and tuple(regions.scale) == (MPP, MPP)
+    # as drawn by a user: a rectangle over pixel rows 20..99, cols 30..149 (napari data coords),
+    # and a triangle
+    regions.add_rectangles(np.array([[19.5, 29.5], [99.5, 149.5]]))
+    regions.add_polygons([np.array([[150.0, 150.0], [300.0, 160.0], [220.0, 300.0]])])
+    w.measure_regions()
+    qtbot.waitUntil(lambda: w._region_worker is None and len(w.scores) == 2, timeout=60000)
+    assert w.table.rowCount() == 2
+    headers = [w.table.horizontalHeaderItem(i).text() for i in range(w.table.columnCount())]
+    assert headers[:5] == ["Region", "Level", "Area", "PSNR", "SSIM"]
+    rect = w.scores[0]
+    assert rect.level == 0 and rect.error is None
+    assert rect.area_px == pytest.approx(80 * 120)
+    assert rect.area_um2 == pytest.approx(80 * 120 * MPP**2)
+    expect = compare_pair(gen[20:100, 30:150], ihc[20:100, 30:150], mpp=MPP)
+    for k in ("psnr", "ssim", "dab_mae", "delta_e"):
+        assert rect.metrics[k] == pytest.approx(expect[k], rel=1e-6, abs=1e-9)
+    assert w.table.item(0, headers.index("PSNR")).text() == f"{expect['psnr']:.4g}"
+    tri = w.scores[1]
+    (ay, ax), (by, bx), (cy, cx) = (150, 150), (300, 160), (220, 300)
+    assert tri.area_px == pytest.approx(0.5 * abs(ax * (by - cy) + bx * (cy - ay) + cx * (ay - by)))
+    assert tri.her2_truth == "3+"
+    assert w.table.item(1, headers.index("HER2 truth")).text() == "3+"
+    # a predicted level comes from the HER2 scorer on the generated pixels
+    assert tri.her2_pred in ("0", "1+", "2+", "3+")
+    # clicking a row centres the view on the region
+    w.centre_on_row(0)
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], (59.5 * MPP, 89.5 * MPP))
+
+    # exports
+    w.export_csv(tmp_path / "regions.csv")
+    rows = list(csv.DictReader(open(tmp_path / "regions.csv")))
+    assert len(rows) == 2 and float(rows[0]["psnr"]) == pytest.approx(expect["psnr"], rel=1e-5)
+    w.export_geojson(tmp_path / "regions.geojson")
+    fc = json.loads((tmp_path / "regions.geojson").read_text())
+    f0 = fc["features"][0]
+    assert f0["properties"]["objectType"] == "annotation"
+    assert f0["geometry"]["type"] == "Polygon"
+    assert f0["geometry"]["coordinates"][0][0] == [30.0, 20.0]  # GeoJSON x, y of the pixel corner
+    meas = f0["properties"]["measurements"]
+    assert meas["Compare: psnr"] == pytest.approx(expect["psnr"], rel=1e-6)
+    assert meas["Area µm^2"] == pytest.approx(80 * 120 * MPP**2)
+    assert meas["HER2 ground truth (0-3)"] == 3
+
+
+def test_geojson_import_into_regions(viewer_widget, qtbot, tmp_path):
+    viewer, w = viewer_widget
+    fc = {"type": "FeatureCollection", "features": [{
+        "type": "Feature", "id": "abc",
+        "geometry": {"type": "Polygon", "coordinates": [[[10, 10], [110, 10], [110, 60], [10, 60], [10, 10]]]},
+        "properties": {"objectType": "annotation", "name": "ROI 1",
+                       "classification": {"name": "Tumor", "color": [255, 0, 0]}},
+    }]}
+    p = tmp_path / "in.geojson"
+    p.write_text(json.dumps(fc))
+    assert w.import_geojson(p) == 1
+    ly = viewer.layers[L.REGIONS]
+    assert list(ly.shape_type) == ["rectangle"]
+    assert ly.features["name"][0] == "ROI 1" and ly.features["region_id"][0] == "abc"
+    np.testing.assert_allclose(ly.edge_color[0], [1, 0, 0, 1])
+    w.measure_regions()
+    qtbot.waitUntil(lambda: w._region_worker is None and len(w.scores) == 1, timeout=60000)
+    assert w.scores[0].region.label == "ROI 1" and w.scores[0].area_px == pytest.approx(5000)
+    assert w.table.item(0, 0).text() == "ROI 1"
