@@ -139,7 +139,9 @@ def test_openslide_backend_reads_svs(data_dir):
     from napari_bci.io.slide import _open_openslide
 
     s = _open_openslide(data_dir / "CMU-1-Small-Region.svs", reason="test")
-    assert s.metadata["backend"] == "openslide" and s.mpp == pytest.approx(0.499)
+    assert s.metadata["backend"] == "openslide" and s.mpp == pytest.approx(0.499) and s.format == "svs"
+    assert sorted(s.metadata["associated"]) == ["label", "macro", "thumbnail"]
+    assert s.level_shapes[0] == [2967, 2220] and s.native_levels == 1
     ref = tifffile.imread(data_dir / "CMU-1-Small-Region.svs", key=0)
     np.testing.assert_array_equal(s.read_region(0, 300, 200, 100, 120), ref[300:400, 200:320])
     s.close()

@@ -164,3 +164,16 @@ def test_memory_does_not_grow_with_slide_height(tmp_path):
     small, big = peak(2048), peak(8192)  # 12.6 MB and 50 MB of pixels
     assert big < 1.25 * small + 2**20, (small, big)
     assert big < 8192 * W * 3 / 3, big  # a few tile rows, never the level
+
+
+def test_openslide_reads_written_pyramids(cmu, tmp_path):
+    openslide = pytest.importorskip("openslide")
+    pages = write_pyramid(tmp_path / "os.tif", cmu[:1000, :1200], tile=256, layout="pages", mpp=0.5)
+    ome = write_pyramid(tmp_path / "os.ome.tif", cmu[:1000, :1200], tile=256, mpp=0.5)
+    with openslide.OpenSlide(str(pages)) as o:
+        assert o.level_count == 4 and o.level_dimensions[1] == (600, 500)
+        assert float(o.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+        region = np.asarray(o.read_region((256, 512), 0, (300, 200)))[..., :3]
+    assert np.abs(region.astype(int) - cmu[512:712, 256:556]).mean() < 4
+    with openslide.OpenSlide(str(ome)) as o:  # SubIFD levels are invisible to OpenSlide: level 0 only
+        assert o.level_count == 1 and o.level_dimensions[0] == (1200, 1000)

@@ -121,10 +121,10 @@ def open_slide(path: str | os.PathLike) -> Slide:
         return _patch_slide(p, arr, kind)
     if kind == "tiff":
         return _open_tiff(p)
+    if suffix in IMAGE_SUFFIXES:  # all TIFF-based or PNG/JPEG: OpenSlide could not read it either
+        raise InputError(p, f"not a {suffix[1:].upper()} image: the content is not PNG, JPEG or TIFF")
     if _openslide_available():
         return _open_openslide(p, reason="this file")
-    if suffix in IMAGE_SUFFIXES:
-        raise InputError(p, f"not a {suffix[1:].upper()} image: the content is not PNG, JPEG or TIFF")
     raise InputError(p, "unsupported file type (napari-bci reads SVS, NDPI, OME-TIFF, TIFF, PNG, JPEG; "
                         "install napari-bci[openslide] for other slide formats)")
 
@@ -429,6 +429,11 @@ class _OpenSlideLevel:
         return rgb[(slice(None), slice(None)) + tuple(key[2:])]
 
 
+_OPENSLIDE_FORMATS = {"aperio": "svs", "hamamatsu": "ndpi", "mirax": "mrxs", "generic-tiff": "tiff", "leica": "scn",
+                      "ventana": "bif", "philips": "philips-tiff", "dicom": "dicom", "sakura": "svslide",
+                      "trestle": "tif", "zeiss": "czi"}
+
+
 def _open_openslide(p: Path, reason: str) -> Slide:
     if not _openslide_available():
         raise InputError(p, f"{reason} need the OpenSlide backend: pip install 'napari-bci[openslide]'")
@@ -449,7 +454,8 @@ def _open_openslide(p: Path, reason: str) -> Slide:
     native = len(levels)
     levels = _with_synthesised_levels(levels)
     meta["synthesised_levels"] = len(levels) - native
-    fmt = props.get(openslide.PROPERTY_NAME_VENDOR) or p.suffix.lstrip(".").lower()
+    vendor = props.get(openslide.PROPERTY_NAME_VENDOR) or ""
+    fmt = _OPENSLIDE_FORMATS.get(vendor, vendor or p.suffix.lstrip(".").lower())
     return Slide(p, fmt, levels, float(mpp) if mpp else None, meta, closer=osr.close, native_levels=native)
 
 
