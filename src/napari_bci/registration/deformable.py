@@ -24,8 +24,8 @@ from scipy import ndimage as ndi
 
 from ..errors import InputError
 from ..transform import Transform
-from .images import as_pyramid, od_channel, tissue_mask
-from .warp import warp
+from .images import as_pyramid, od_channel, od_range
+from .warp import warp_region
 
 ENGINES = ("flow", "elastix")
 
@@ -140,33 +140,104 @@ def compose_field(transform: Transform, residual0: np.ndarray, spacing: float, m
     return Transform(transform.matrix.copy(), u.reshape(gh, gw, 2).astype(np.float32), float(spacing), m)
 
 
+def unfold(transform: Transform, max_iter: int = 50) -> Transform:
+    """Remove folds (Jacobian determinant <= 0) by smoothing the field locally around them."""
+    from .quality import jacobian_determinant
+
+    if transform.field is None:
+        return transform
+    u = transform.field.astype(np.float64)
+    for _ in range(max_iter):
+        j = jacobian_determinant(Transform(transform.matrix, u, transform.spacing))
+        bad = j <= 0.05
+        if not bad.any():
+            break
+        near = ndi.binary_dilation(bad, iterations=2)
+        sm = np.stack([ndi.gaussian_filter(u[..., k], 1.0, mode="nearest") for k in (0, 1)], -1)
+        u[near] = sm[near]
+    transform.field = u.astype(np.float32)
+    return transform
+
+
+def _parts(n: int, part: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """(window start, window end, core start, core end) along one axis."""
+    out = []
+    for c0 in range(0, n, part):
+        c1 = min(c0 + part, n)
+        if out and c1 - c0 < part // 4:  # merge a thin remainder into the previous part
+            w0, _, k0, _ = out.pop()
+            out.append((w0, n, k0, n))
+            break
+        out.append((max(c0 - overlap, 0), min(c1 + overlap, n), c0, c1))
+    return out
+
+
+def _ramp(x: np.ndarray, w0: int, w1: int, n: int, overlap: int) -> np.ndarray:
+    """Feathering weight in a part window along one axis (flat at the image borders)."""
+    if overlap <= 0:
+        return np.ones_like(x)
+    lo = np.ones_like(x) if w0 == 0 else np.clip((x - w0 + 0.5) / (2 * overlap), 0, 1)
+    hi = np.ones_like(x) if w1 == n else np.clip((w1 - 0.5 - x) / (2 * overlap), 0, 1)
+    return np.minimum(lo, hi) + 1e-6
+
+
 def register_deformable(
     fixed: Any,
     moving: Any,
     initial: Transform,
     engine: str = "flow",
-    max_side: int = 1024,
+    max_side: int = 4096,
+    part: int = 1024,
+    overlap: int = 128,
     spacing: float | None = None,
     progress: Callable[[str, float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
     **engine_kw,
 ) -> Transform:
-    """Refine ``initial`` (moving -> fixed) with a dense field estimated at the level whose longer
-    side is <= ``max_side`` (for larger images use :func:`napari_bci.registration.wholeslide.register_slide`,
-    which works in parts). The field is stored every ``spacing`` level-0 px (default: 4 px of
-    the working level)."""
+    """Refine ``initial`` (moving -> fixed) with a dense smooth field.
+
+    Works at the finest fixed pyramid level whose longer side is <= ``max_side`` (smaller images:
+    level 0), in parts of ``part`` px with ``overlap`` (as BCI did for whole slides, in 16 parts);
+    each part reads only its fixed window and the moving region that maps into it. The per-part
+    residual flows are feather-blended into one low-resolution field (every ``spacing`` level-0
+    px, default 4 px of the working level) and composed with ``initial``."""
+    from ..errors import Cancelled
+
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     say = progress or (lambda msg, frac: None)
-    fimg, dsf = pf.image_at(max_side)
-    # the moving level closest to the fixed working level
-    mlevel = min(range(len(pm.levels)), key=lambda i: abs(np.log(pm.downsamples[i] / dsf)))
-    say("warp", 0.1)
-    warped = warp(pm.levels[mlevel], initial, fimg.shape[:2], dsf, pm.downsamples[mlevel], fill="mirror")
-    say(engine, 0.3)
-    v = residual_flow(od_channel(fimg), od_channel(warped), engine, **engine_kw)
+    li = pf.level_for(max_side)
+    flevel, dsf = pf.levels[li], pf.downsamples[li]
+    mi = min(range(len(pm.levels)), key=lambda i: abs(np.log(pm.downsamples[i] / dsf)))
+    mlevel, dsm = pm.levels[mi], pm.downsamples[mi]
+    # one OD normalisation for all parts, from low-resolution copies
+    fr = od_range(pf.image_at(1024)[0])
+    mr = od_range(pm.image_at(1024)[0])
     spacing = float(spacing or 4 * dsf)
     xs, ys = field_grid(pf.shape, spacing)
-    say("compose", 0.9)
-    v0 = sample_flow(v, xs, ys, dsf)
-    out = compose_field(initial, v0, spacing, {"deformable": engine, "deformable_downsample": dsf})
+    rr = (ys + 0.5) / dsf - 0.5  # grid positions in working-level pixels
+    cc = (xs + 0.5) / dsf - 0.5
+    num = np.zeros(xs.shape + (2,), np.float64)
+    den = np.zeros(xs.shape, np.float64)
+    H, W = int(flevel.shape[0]), int(flevel.shape[1])
+    rows, cols = _parts(H, part, overlap), _parts(W, part, overlap)
+    n_parts, k = len(rows) * len(cols), 0
+    for r0, r1, _, _ in rows:
+        for c0, c1, _, _ in cols:
+            if cancelled is not None and cancelled():
+                raise Cancelled("registration cancelled")
+            say(f"{engine}: part {k + 1}/{n_parts}", k / n_parts)
+            fimg = np.asarray(flevel[r0:r1, c0:c1])
+            warped = warp_region(mlevel, initial, (r0, c0), (r1 - r0, c1 - c0), dsf, dsm, fill="mirror")
+            v = residual_flow(od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr), engine, **engine_kw)
+            sel = (rr >= r0 - 0.5) & (rr <= r1 - 0.5) & (cc >= c0 - 0.5) & (cc <= c1 - 0.5)
+            if sel.any():
+                w = _ramp(rr[sel], r0, r1, H, overlap) * _ramp(cc[sel], c0, c1, W, overlap)
+                num[sel] += w[:, None] * sample_flow(v, xs[sel], ys[sel], dsf, origin=(r0, c0))
+                den[sel] += w
+            k += 1
+    v0 = np.where(den[..., None] > 0, num / np.maximum(den, 1e-12)[..., None], 0.0)
+    say("compose", 0.99)
+    out = unfold(compose_field(initial, v0, spacing, {"deformable": engine, "deformable_downsample": dsf,
+                                                      "parts": n_parts}))
     say("done", 1.0)
     return out

@@ -16,8 +16,17 @@ import numpy as np
 from ..errors import InputError
 
 
-def od_channel(rgb: Any, lo: float = 1.0, hi: float = 99.5) -> np.ndarray:
-    """Hematoxylin optical density of ``rgb``, percentile-normalised to about ``[0, 1]`` (float32).
+def od_range(rgb: Any, lo: float = 1.0, hi: float = 99.5) -> tuple[float, float]:
+    """Percentiles of the hematoxylin OD of ``rgb``: a normalisation shared by all parts of a slide."""
+    from ..stain import hematoxylin
+
+    a, b = np.percentile(hematoxylin(np.asarray(rgb)[..., :3]), [lo, hi])
+    return float(a), float(b)
+
+
+def od_channel(rgb: Any, lo: float = 1.0, hi: float = 99.5, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Hematoxylin optical density of ``rgb``, percentile-normalised to about ``[0, 1]`` (float32)
+    (or by ``value_range`` = (low, high) OD, e.g. from :func:`od_range` on a whole slide).
 
     Hematoxylin stains nuclei in both H&E and HER2 IHC, so it is the channel that stays comparable
     across the two stains (grey level or total OD do not: eosin and DAB dominate them).
@@ -25,7 +34,7 @@ def od_channel(rgb: Any, lo: float = 1.0, hi: float = 99.5) -> np.ndarray:
     from ..stain import hematoxylin
 
     h = hematoxylin(np.asarray(rgb)[..., :3])
-    a, b = np.percentile(h, [lo, hi])
+    a, b = value_range if value_range is not None else np.percentile(h, [lo, hi])
     if b - a < 1e-6:
         return np.zeros(h.shape, np.float32)
     return np.clip((h - a) / (b - a), 0.0, 1.5).astype(np.float32)
@@ -119,6 +128,11 @@ def as_pyramid(image: Any, mpp: float | None = None) -> Pyramid:
     else:
         levels = [image]
     levels = [lv if lv.ndim == 3 else lv[..., None].repeat(3, -1) for lv in levels]
+    if len(levels) == 1 and isinstance(levels[0], np.ndarray):
+        # an in-memory image: add 2x block-mean levels down to ~256 px, so that work meant for a
+        # coarse level does not run at full resolution
+        while max(levels[-1].shape[:2]) > 512:
+            levels.append(downscale(levels[-1], 2))
     h0, w0 = levels[0].shape[:2]
     ds = [float(np.mean([h0 / lv.shape[0], w0 / lv.shape[1]])) for lv in levels]
     return Pyramid(levels, ds, mpp, None if path is None else str(path))

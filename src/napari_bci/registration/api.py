@@ -1,0 +1,87 @@
+"""One entry point for all methods, used by the CLI and the widget: :func:`register`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..transform import Transform
+from .deformable import register_deformable
+from .features import register_auto
+from .images import as_pyramid
+from .landmarks import fit_landmarks
+from .quality import quality_report
+
+METHODS = ("landmarks", "auto", "deformable")
+
+
+@dataclass
+class RegistrationResult:
+    transform: Transform
+    report: dict = field(default_factory=dict)
+
+
+def register(
+    fixed: Any,
+    moving: Any,
+    method: str = "deformable",
+    landmarks: tuple[np.ndarray, np.ndarray] | None = None,
+    model: str = "projective",
+    ransac: bool = False,
+    engine: str = "flow",
+    coarse_side: int = 384,
+    refine_side: int = 1024,
+    deform_side: int = 4096,
+    part: int = 1024,
+    overlap: int = 128,
+    quality: bool = True,
+    seed: int = 0,
+    progress: Callable[[str, float], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` (H&E) onto ``fixed`` (IHC); both an RGB array, a list of pyramid levels
+    or a slide with ``.levels``.
+
+    ``method``: ``"landmarks"`` (needs ``landmarks`` = (moving (N,2), fixed (N,2)) level-0 px),
+    ``"auto"`` (features, any rotation and flips), ``"deformable"`` (landmarks when given, else
+    auto, then the dense field with ``engine`` ``"flow"`` or ``"elastix"``). Landmarks given with
+    ``"auto"`` are used for the quality report only.
+    """
+    from ..errors import Cancelled
+
+    if method not in METHODS:
+        raise InputError("method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    pf, pm = as_pyramid(fixed), as_pyramid(moving)
+    say = progress or (lambda msg, frac: None)
+    report: dict = {"method": method}
+    if method == "landmarks" and landmarks is None:
+        raise InputError("landmarks", "the landmarks method needs at least 4 landmark pairs")
+    if landmarks is not None and method in ("landmarks", "deformable"):
+        fit = fit_landmarks(*landmarks, model=model, ransac=ransac, seed=seed)
+        t = fit.transform
+        report["landmark_residuals"] = [float(r) for r in fit.residuals]
+        report["landmark_inliers"] = [bool(b) for b in fit.inliers]
+    else:
+        def sub(msg, frac):
+            say(f"auto: {msg}", 0.4 * frac if method == "deformable" else frac)
+
+        res = register_auto(pf, pm, coarse_side=coarse_side, refine_side=refine_side, seed=seed, progress=sub)
+        t = res.transform
+        report.update({"feature_inliers": res.inliers, "feature_matches": res.matches, "flipped": res.flipped})
+    if cancelled is not None and cancelled():
+        raise Cancelled("registration cancelled")
+    if method == "deformable":
+        def sub2(msg, frac):
+            say(msg, 0.4 + 0.55 * frac)
+
+        t = register_deformable(pf, pm, t, engine=engine, max_side=deform_side, part=part, overlap=overlap,
+                                progress=sub2, cancelled=cancelled)
+    t.meta["method"] = method
+    if quality:
+        say("quality", 0.97)
+        report.update(quality_report(pf, pm, t, landmarks))
+    say("done", 1.0)
+    return RegistrationResult(t, report)
