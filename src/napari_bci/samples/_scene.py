@@ -244,8 +244,8 @@ class Scene:
                 t = fbm(x, y, 1400.0 * M, s + 1, 4) + 0.3 - 2.7 * np.maximum(r - 0.55, 0) ** 1.5
                 t = t + 0.04 * fbm(x, y, 60.0, s + 2, 2)  # ragged edges
             else:
-                t = fbm(x, y, 220.0, s + 1, 3) + 0.45
-            f["tissue"] = smoothstep(0.0, 0.03, t)
+                t = fbm(x, y, 220.0, s + 1, 3) + 0.45 + 0.03 * fbm(x, y, 15.0, s + 2, 2)
+            f["tissue"] = smoothstep(0.0, 0.001 if slide else 0.004, t)
         nest = None
         if want & {"nest", "lumen", "lymph"}:
             nest = fbm(x, y, 140.0, s + 7, 3) + self.nest_bias
@@ -272,15 +272,15 @@ class Scene:
             f["lymph"] = fbm(x, y, 160.0, s + 9, 2) + 0.2 * smoothstep(-0.15, 0.0, nest) - 0.17
         if want & {"fibre_phase", "crack"}:
             # collagen: iso-lines of an anisotropic noise whose direction wanders (wavy bundles)
-            ang = np.pi * 2.5 * fbm(x, y, 400.0, s + 10, 2)
+            ang = np.pi * 1.2 * fbm(x, y, 500.0, s + 10, 2)
             ca, sa = np.cos(ang), np.sin(ang)
             u = x * ca + y * sa
             v = -x * sa + y * ca
             if "fibre_phase" in want:
-                f["fibre_phase"] = (fbm(u, v * 0.3, 80.0, s + 11, 3) * 7.0 + 0.8 * fbm(x, y, 30.0, s + 14, 2)
+                f["fibre_phase"] = (fbm(u * 0.5, v * 0.08, 50.0, s + 11, 2) * 6.0 + 0.5 * fbm(u * 0.3, v, 20.0, s + 14, 2)
                                     + 0.3 * fbm(x, y, 9.0, s + 12, 1))
             if "crack" in want:
-                f["crack"] = fbm(u * 0.6, v * 0.15, 40.0, s + 13, 2)
+                f["crack"] = fbm(u * 0.3, v * 0.12, 25.0, s + 13, 2)
         return f
 
     # -- cells -----------------------------------------------------------------------------
@@ -336,7 +336,7 @@ class Scene:
         w = h(7)
         mod[c1] = 0.10 + 0.10 * w[c1]
         mod[c2] = 0.28 + 0.22 * w[c2]
-        mod[c3] = 0.75 + 0.45 * w[c3]
+        mod[c3] = 0.9 + 0.5 * w[c3]
         out.append(
             dict(
                 x=px, y=py, kind=np.full(n, K_TUMOUR, np.int8), a=a, b=b, theta=np.pi * h(8), od=od,
@@ -555,7 +555,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         u = q[0] * dx + q[1] * dy
         v = q[2] * dx + q[3] * dy
         ch = chrom[ya:yb, xa:xb]
-        rho = np.sqrt(u * u + v * v) + 0.05 * ch + 0.09 * cytotex[ya:yb, xa:xb]
+        rho = np.sqrt(u * u + v * v) + 0.04 * ch + 0.05 * cytotex[ya:yb, xa:xb]
         aa = float(np.sqrt(abs(det[i])))
         edge = np.clip((1.0 - rho) * (0.5 * aa + 0.5), 0.0, 1.0)
         val = (0.45 + C["tex"][i] * tex_gain * 0.55 * ch) + 0.5 * np.exp(-(((rho - 0.88) * 7.0) ** 2))
@@ -571,7 +571,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
 
     tumour = (d1 < rmax) & (up["nest"] > -0.03)
     tid = np.where(tumour, id1, 0)
-    mem_w = 0.8 * scale_px + 0.4  # half-width of a membrane, px
+    mem_w = 1.0 * scale_px + 0.4  # half-width of a membrane, px
     gap = np.minimum(d2 - d1, 2.0 * np.abs(rmax - d1))
     mem = np.clip(1.0 - gap / (2 * mem_w), 0.0, 1.0)
     mem *= tumour
@@ -602,7 +602,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     fib2 = 0.5 + 0.5 * np.cos(6.2832 * 2.7 * ph + 1.3)
     crack = smoothstep(0.18, 0.3, up["crack"]) * (fib < 0.3)
     sv = up["stainvar"]
-    cyto = tumour * (1.0 + 0.18 * cytotex)
+    cyto = tumour * (1.0 + 0.1 * cytotex)
     if n:
         cyto = cyto * C["cyto"][tid].astype(np.float32)
     tumf = tumour.astype(np.float32)
@@ -611,7 +611,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         E = stroma * (0.3 + (0.12 * fib + 0.06 * fib2) * (1 + 0.4 * cytotex)) * (1 - 0.9 * crack)
         E += cyto * (scene.cyto_e * 1.15) + 0.05 * mem + 0.3 * fat_mem + 0.05 * lumen
         E += 0.12 * nucH
-        H = stroma * (0.06 + 0.02 * fib) + (0.09 * cyto + 0.04 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
+        H = stroma * (0.06 + 0.02 * fib) + (0.09 * cyto + 0.02 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
         H += nucH
         H *= tissue * (gH * sv)
         E *= tissue * (gE * sv)
@@ -619,7 +619,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         matrix = scene.he_matrix
     else:
         gH, gD = scene.ihc_gain
-        H = stroma * (0.02 + 0.02 * fib) + tumf * 0.04 + 0.03 * fat_mem + 0.01 * lumen
+        H = stroma * (0.025 + 0.012 * fib + 0.008 * cytotex) + 0.065 * cyto + 0.03 * fat_mem + 0.01 * lumen
         H += nucH
         H *= tissue * (gH * sv)
         D = np.zeros((wh, ww), np.float32)
