@@ -1,0 +1,441 @@
+"""The "Virtual IHC" dock widget: generate HER2 IHC from the H&E for what is on screen.
+
+Thin Qt layer over :class:`napari_bci.generate.engine.TileEngine`: the engine runs in one
+``thread_worker`` at a time; tiles arrive through ``yielded`` on the main thread, where they are
+written into an :class:`~napari_bci.generate.engine.OutputPyramid` behind the output layer,
+which is then refreshed (throttled). Camera changes are debounced; a new view cancels the
+running job (checked between batches) and results of an outdated job are dropped. Inference
+never runs inside an array napari reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from pathlib import Path
+
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..io import layers as L
+
+FOLLOW = "Follow the view"
+THIS_VIEW = "This view only"
+CHECKPOINT_ITEM = "Checkpoint file…"
+
+
+def _rgb_layers(viewer, exclude=()):
+    from napari.layers import Image
+
+    return [ly for ly in viewer.layers
+            if isinstance(ly, Image) and ly.rgb and (ly.metadata or {}).get("role") != "generated"
+            and ly not in exclude]
+
+
+class VirtualIHCWidget(QWidget):
+    """Pick the H&E layer, a generator, device and tile size; generate for the view."""
+
+    #: camera debounce (ms) and output refresh throttle (ms)
+    debounce_ms = 150
+    refresh_ms = 80
+
+    def __init__(self, viewer):
+        super().__init__()
+        self.viewer = viewer
+        self.engine = None
+        self.output = None  # OutputPyramid
+        self.output_layer = None
+        self.generator = None
+        self.written: set[tuple[int, int]] = set()
+        self.max_tiles = 64
+        self._gen_key = None
+        self._engine_key = None
+        self._checkpoint: str | None = None
+        self._worker = None
+        self._cancel: threading.Event | None = None
+        self._job = 0
+        self._jobs = itertools.count(1)
+        self._pending: list | None = None
+        self._following = False
+        self._dropped = 0
+        self._error: Exception | None = None
+        self.jobs_started = 0
+
+        self.he_combo = QComboBox()
+        self.model_combo = QComboBox()
+        self.device_combo = QComboBox()
+        self.tile_spin = QSpinBox()
+        self.tile_spin.setRange(0, 4096)
+        self.tile_spin.setSingleStep(64)
+        self.tile_spin.setSpecialValueText("model default")
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems([FOLLOW, THIS_VIEW])
+        self.start_btn = QPushButton("Generate")
+        self.cancel_btn = QPushButton("Stop")
+        self.cancel_btn.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.status = QLabel("Pick the H&E layer and a generator, then press Generate.")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("H&E layer", self.he_combo)
+        form.addRow("Generator", self.model_combo)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Tile (px)", self.tile_spin)
+        form.addRow("Mode", self.mode_combo)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.start_btn)
+        buttons.addWidget(self.cancel_btn)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(self.debounce_ms)
+        self._debounce.timeout.connect(self.update_view)
+        self._refresh_timer = QTimer(self)
+        self._refresh_timer.setSingleShot(True)
+        self._refresh_timer.setInterval(self.refresh_ms)
+        self._refresh_timer.timeout.connect(self._refresh_output)
+
+        self._fill_models()
+        self._fill_devices()
+        self.refresh_layers()
+        self.start_btn.clicked.connect(self.start)
+        self.cancel_btn.clicked.connect(self.stop)
+        self.model_combo.activated.connect(self._on_model_activated)
+        self.viewer.layers.events.inserted.connect(self.refresh_layers)
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
+        cam = self.viewer.scene.camera
+        cam.events.center.connect(self._on_camera)
+        cam.events.zoom.connect(self._on_camera)
+        self.viewer.canvas.events.size.connect(self._on_camera)
+
+    # -- choices --------------------------------------------------------------------------------
+    def _fill_models(self) -> None:
+        from ..generate.registry import available, default_generator_name
+
+        self.model_combo.clear()
+        for m in available():
+            if m.get("available", True):
+                self.model_combo.addItem(m["name"])
+        self.model_combo.addItem(CHECKPOINT_ITEM)
+        i = self.model_combo.findText(default_generator_name())
+        self.model_combo.setCurrentIndex(max(i, 0))
+
+    def _fill_devices(self) -> None:
+        from ..generate.device import available_devices
+
+        self.device_combo.clear()
+        self.device_combo.addItems(["auto", *available_devices()])
+
+    def refresh_layers(self, *_) -> None:
+        current = self.he_combo.currentText()
+        self.he_combo.clear()
+        names = [ly.name for ly in _rgb_layers(self.viewer)]
+        self.he_combo.addItems(names)
+        if current in names:
+            self.he_combo.setCurrentText(current)
+        elif L.HE in names:
+            self.he_combo.setCurrentText(L.HE)
+
+    def _on_model_activated(self, *_) -> None:
+        if self.model_combo.currentText() == CHECKPOINT_ITEM:
+            path, _f = QFileDialog.getOpenFileName(
+                self, "Generator checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors *.json);;All files (*)")
+            if path:
+                self.set_checkpoint(path)
+
+    def set_checkpoint(self, path: str) -> None:
+        """Use a checkpoint file as the generator (listed by its file name)."""
+        self._checkpoint = str(path)
+        label = f"file: {Path(path).name}"
+        if self.model_combo.findText(label) < 0:
+            self.model_combo.insertItem(self.model_combo.count() - 1, label)
+        self.model_combo.setCurrentText(label)
+
+    def set_model(self, model: str) -> None:
+        """Select a generator by registry name or checkpoint path."""
+        if self.model_combo.findText(str(model)) >= 0 and str(model) != CHECKPOINT_ITEM:
+            self.model_combo.setCurrentText(str(model))
+        elif Path(str(model)).expanduser().exists():
+            self.set_checkpoint(str(Path(str(model)).expanduser()))
+        else:
+            from napari.utils.notifications import show_error
+
+            show_error(f"Virtual IHC: unknown model '{model}'")
+
+    def _model_spec(self) -> str:
+        text = self.model_combo.currentText()
+        if text.startswith("file: ") and self._checkpoint:
+            return self._checkpoint
+        return text
+
+    # -- engine and output ---------------------------------------------------------------------
+    def _he_layer(self):
+        name = self.he_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _ensure_engine(self) -> bool:
+        """(Re)build generator, engine and output layer for the current choices; False on error."""
+        from napari.utils.notifications import show_error
+
+        from ..errors import BCIError
+        from ..generate.engine import OutputPyramid, TileEngine
+        from ..generate.registry import load_generator
+
+        he = self._he_layer()
+        if he is None:
+            show_error("Virtual IHC: no RGB H&E layer to generate from")
+            return False
+        spec, device = self._model_spec(), self.device_combo.currentText()
+        if spec == CHECKPOINT_ITEM:
+            show_error("Virtual IHC: choose a checkpoint file first")
+            return False
+        try:
+            if self._gen_key != (spec, device):
+                self.generator = load_generator(spec, device=device)
+                self._gen_key = (spec, device)
+            tile = self.tile_spin.value() or None
+            key = (id(he), spec, device, tile)
+            if self._engine_key != key or self.output_layer is None or self.output_layer not in self.viewer.layers:
+                levels = list(he.data) if he.multiscale else [he.data]
+                meta = he.metadata or {}
+                self.engine = TileEngine(
+                    self.generator, levels, mpp=meta.get("mpp"), tile=tile,
+                    image_id=meta.get("path") or f"layer-{id(he)}",
+                    scale=tuple(he.scale[-2:]), translate=tuple(he.translate[-2:]),
+                    on_warning=self._warn)
+                self._new_output(he)
+                self._engine_key = key
+        except (BCIError, OSError, ValueError) as e:
+            show_error(f"Virtual IHC: {e}")
+            return False
+        return True
+
+    def _new_output(self, he) -> None:
+        from ..generate.engine import OutputPyramid
+
+        self._remove_output()
+        eng = self.engine
+        self.output = OutputPyramid(eng.shape, eng.grid.tile)
+        self.written = set()
+        lv_mpp = None if eng.mpp is None else eng.mpp * eng.downsample[0]
+        data, attrs, _ = L.image_layer(
+            self.output.levels, L.generated_name(self.generator.name), mpp=lv_mpp, role="generated",
+            her2=None, extra_metadata={"model": self.generator.name, "source_layer": he.name,
+                                       "generation_level": eng.level},
+            scale=eng.out_scale, translate=eng.out_translate)
+        name = attrs["name"]
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        self.output_layer = self.viewer.add_image(data, **attrs)
+
+    def _remove_output(self) -> None:
+        layer, self.output_layer = self.output_layer, None
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+        if self.output is not None:
+            self.output.close()
+            self.output = None
+
+    # -- control ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Generate for the current view (and keep following it in follow mode)."""
+        if not self._ensure_engine():
+            return
+        self._following = self.mode_combo.currentText() == FOLLOW
+        self.cancel_btn.setEnabled(True)
+        self.update_view()
+
+    def stop(self) -> None:
+        """Stop following and cancel running work."""
+        self._following = False
+        self._debounce.stop()
+        self._pending = None
+        self._cancel_job()
+        self.cancel_btn.setEnabled(False)
+        self.status.setText("Stopped.")
+
+    def start_following(self) -> None:
+        """Switch to "follow the view" and start."""
+        self.mode_combo.setCurrentText(FOLLOW)
+        self.start()
+
+    def is_running(self) -> bool:
+        return self._worker is not None
+
+    def is_idle(self) -> bool:
+        """No work running or queued (nothing debouncing)."""
+        return self._worker is None and not self._pending and not self._debounce.isActive()
+
+    def _on_camera(self, *_) -> None:
+        if self._following:
+            try:
+                self._debounce.start()
+            except RuntimeError:  # the Qt object is already gone
+                pass
+
+    def visible_tiles(self) -> list[tuple[int, int]]:
+        """Tiles of the generation level seen by the camera, centre first."""
+        from ..generate.engine import view_box
+
+        cam = self.viewer.scene.camera
+        box = view_box(cam.center, cam.zoom, self.viewer.canvas.size)
+        return self.engine.tiles_in_world_box(box)
+
+    def update_view(self) -> None:
+        """Queue the visible tiles not yet generated (cancelling outdated work)."""
+        if self.engine is None or self.output_layer is None or self.output_layer not in self.viewer.layers:
+            return
+        tiles = self.visible_tiles()
+        todo = [t for t in tiles if t not in self.written]
+        if len(todo) > self.max_tiles:
+            self.status.setText(f"{len(todo)} tiles visible: generating the {self.max_tiles} nearest the "
+                                f"centre (zoom in for the rest).")
+            todo = todo[: self.max_tiles]
+        if not todo:
+            if self._worker is not None:
+                self._cancel_job()
+            self._set_idle(f"View complete ({len(tiles)} tiles).")
+            return
+        self._pending = todo
+        if self._worker is not None:
+            self._cancel_job()  # the finished handler starts the pending job
+        else:
+            self._start_pending()
+
+    def _cancel_job(self) -> None:
+        self._job = 0  # results still in flight are dropped
+        if self._cancel is not None:
+            self._cancel.set()
+        if self._worker is not None:
+            self._worker.quit()
+
+    def _start_pending(self) -> None:
+        from napari.qt.threading import thread_worker
+
+        todo, self._pending = self._pending, None
+        if not todo:
+            return
+        job = next(self._jobs)
+        self._job = job
+        self._error = None
+        self.jobs_started += 1
+        cancel = self._cancel = threading.Event()
+        engine = self.engine
+
+        def run():
+            # errors travel as payloads: a raising worker trips napari's task-status relay
+            try:
+                for idx, tile in engine.generate(todo, cancel=cancel):
+                    yield job, idx, tile
+            except Exception as e:  # noqa: BLE001 (reported to the user on the main thread)
+                yield job, None, e
+
+        worker = thread_worker(run, start_thread=False)()
+        worker.yielded.connect(self._on_tile)
+        worker.finished.connect(lambda w=worker: self._on_finished(w))
+        self._worker = worker
+        self._job_total, self._job_done = len(todo), 0
+        self.progress.setRange(0, len(todo))
+        self.progress.setValue(0)
+        self.status.setText(f"Generating {len(todo)} tiles with {self.generator.name} on {self.generator.device}…")
+        worker.start()
+
+    def _on_tile(self, payload) -> None:
+        job, idx, tile = payload
+        if idx is None:
+            self._on_error(tile)
+            return
+        if job != self._job or self.output is None or self.engine is None:
+            self._dropped += 1
+            return
+        y0, _, x0, _ = self.engine.grid.core(idx)
+        self.output.write(y0, x0, tile)
+        self.written.add(idx)
+        self._job_done += 1
+        self.progress.setValue(self._job_done)
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start()
+
+    def _refresh_output(self) -> None:
+        if self.output_layer is not None and self.output_layer in self.viewer.layers:
+            self.output_layer.refresh()
+
+    def _on_error(self, exc) -> None:
+        from napari.utils.notifications import show_error
+
+        self._following = False
+        self._error = exc
+        show_error(f"Virtual IHC: {exc}")
+        self.status.setText(f"Error: {exc}")
+
+    def _on_finished(self, worker) -> None:
+        if worker is not self._worker:
+            return
+        self._worker = None
+        self._cancel = None
+        self._refresh_output()
+        if self._error is not None:
+            self._pending = None
+            self.progress.setRange(0, 1)
+            self.cancel_btn.setEnabled(False)
+        elif self._pending:
+            self._start_pending()
+        else:
+            self._set_idle(f"Done: {len(self.written)} tiles generated "
+                           f"({self.engine.stats()['cache']['hits']} cache hits)." if self.engine else "Done.")
+
+    def _set_idle(self, text: str) -> None:
+        self.status.setText(text)
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        self.cancel_btn.setEnabled(self._following)
+
+    def _warn(self, msg: str) -> None:
+        from napari.utils.notifications import show_warning
+
+        # called from the worker thread; napari's notification manager is thread-safe
+        show_warning(f"Virtual IHC: {msg}")
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        if layer is self.output_layer:
+            self.stop()
+            self.output_layer = None
+            if self.output is not None:
+                self.output.close()
+                self.output = None
+            self._engine_key = None
+        elif layer is self._he_layer() or (self.engine is not None and self._engine_key
+                                           and self._engine_key[0] == id(layer)):
+            self.stop()
+            self._engine_key = None
+        self.refresh_layers()
+
+    # -- lifetime ----------------------------------------------------------------------------------
+    def hideEvent(self, event) -> None:  # noqa: N802 (Qt)
+        self.stop()
+        super().hideEvent(event)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt)
+        self.stop()
+        super().closeEvent(event)

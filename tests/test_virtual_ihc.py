@@ -1,0 +1,155 @@
+"""The Virtual IHC widget in a real napari viewer: follow the view, stale results dropped."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_bci.generate import registry
+from napari_bci.generate.base import FunctionGenerator
+from napari_bci.io import layers as L
+
+pytestmark = pytest.mark.gui
+
+
+def _slow_invert(tiles):
+    time.sleep(0.12)  # a slow model: views change faster than it computes
+    return 255 - tiles
+
+
+@pytest.fixture
+def slow_model():
+    registry.register("slow-invert", lambda device=None: FunctionGenerator(_slow_invert, name="slow-invert",
+                                                                           tile=128, halo=0),
+                      tile=128, halo=0, predicts_her2=False, replace=True)
+    yield "slow-invert"
+    registry.unregister("slow-invert")
+
+
+@pytest.fixture
+def he_viewer(make_napari_viewer, data_dir):
+    from napari_bci.io.patches import read_patch
+
+    viewer = make_napari_viewer()
+    he = read_patch(data_dir / "he_carcinoma_1000.png")
+    data, attrs, _ = L.image_layer(he, L.HE, mpp=0.5, role="he")
+    viewer.add_image(data, **attrs)
+    return viewer, he
+
+
+def _look_at(viewer, y_px, x_px, mpp=0.5, view_px=300):
+    """Centre the camera on H&E pixel (y, x) showing about ``view_px`` pixels."""
+    cam = viewer.scene.camera
+    cam.zoom = min(viewer.canvas.size) / (view_px * mpp)
+    cam.center = (0, y_px * mpp, x_px * mpp)
+
+
+def _make_widget(viewer, model, qtbot):
+    from napari_bci.widgets.virtual_ihc import VirtualIHCWidget
+
+    w = VirtualIHCWidget(viewer)
+    qtbot.addWidget(w)
+    assert w.he_combo.currentText() == L.HE
+    w.model_combo.setCurrentText(model)
+    w.tile_spin.setValue(128)
+    return w
+
+
+def test_fast_pans_write_only_final_view(he_viewer, slow_model, qtbot):
+    viewer, he = he_viewer
+    w = _make_widget(viewer, slow_model, qtbot)
+    _look_at(viewer, 150, 150)
+    w.start()
+    name = L.generated_name(slow_model)
+    assert name in viewer.layers and viewer.layers[name].metadata["role"] == "generated"
+    qtbot.waitUntil(lambda: not w.is_running(), timeout=20000)
+    first = set(w.written)
+    assert first == set(w.visible_tiles())
+
+    # pan several times quickly, each pan starting a job before the previous one finished
+    jobs = w.jobs_started
+    for y, x in ((850, 850), (150, 850), (850, 150), (560, 560)):
+        _look_at(viewer, y, x)
+        w.update_view()
+        qtbot.wait(20)
+    final = set(w.visible_tiles())
+    qtbot.waitUntil(lambda: not w.is_running(), timeout=30000)
+    assert final <= w.written
+    assert w.written - first == final - first  # nothing from the intermediate views was written
+    assert w.jobs_started - jobs >= 2  # outdated jobs really were started and then cancelled
+
+    # written tiles hold the generator's output at the right place; the rest stays white
+    out = np.asarray(viewer.layers[name].data[0])
+    mask = np.zeros(out.shape[:2], bool)
+    for idx in w.written:
+        y0, y1, x0, x1 = w.engine.grid.core(idx)
+        mask[y0:y1, x0:x1] = True
+        assert np.array_equal(out[y0:y1, x0:x1], 255 - he[y0:y1, x0:x1])
+    assert (out[~mask] == 255).all()
+    assert viewer.layers[name].scale[-1] == pytest.approx(0.5)
+
+    # revisiting an earlier view computes nothing
+    computed = w.engine.computed
+    _look_at(viewer, 150, 150)
+    w.update_view()
+    qtbot.waitUntil(lambda: not w.is_running(), timeout=5000)
+    assert w.engine.computed == computed
+
+
+def test_follow_the_view_debounced(he_viewer, slow_model, qtbot):
+    viewer, _ = he_viewer
+    w = _make_widget(viewer, slow_model, qtbot)
+    _look_at(viewer, 150, 150)
+    w.start()
+    qtbot.waitUntil(lambda: not w.is_running(), timeout=20000)
+    _look_at(viewer, 800, 800)  # camera events -> debounce -> job
+    target = set(w.visible_tiles())
+    assert not target <= w.written
+    qtbot.waitUntil(lambda: target <= w.written and not w.is_running(), timeout=20000)
+    w.stop()
+    _look_at(viewer, 150, 800)
+    qtbot.wait(w.debounce_ms + 100)
+    assert not w.is_running()  # stopped: no longer following
+
+
+def test_this_view_only_and_hide_stops(he_viewer, slow_model, qtbot):
+    from napari_bci.widgets.virtual_ihc import THIS_VIEW
+
+    viewer, _ = he_viewer
+    w = _make_widget(viewer, slow_model, qtbot)
+    w.mode_combo.setCurrentText(THIS_VIEW)
+    _look_at(viewer, 500, 500, view_px=900)
+    w.start()
+    assert w.is_running()
+    w.show()
+    w.hide()  # hiding the dock widget stops the work
+    qtbot.waitUntil(lambda: not w.is_running(), timeout=5000)
+    assert not w._following
+    n = len(w.written)
+    _look_at(viewer, 100, 100)
+    qtbot.wait(w.debounce_ms + 100)
+    assert len(w.written) == n
+
+
+def test_errors_become_notifications(he_viewer, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    def broken(tiles):
+        raise RuntimeError("weights are garbage")
+
+    registry.register("broken-test", lambda device=None: FunctionGenerator(broken, name="broken-test", tile=128),
+                      tile=128, halo=0, predicts_her2=False, replace=True)
+    try:
+        viewer, _ = he_viewer
+        w = _make_widget(viewer, "broken-test", qtbot)
+        _look_at(viewer, 300, 300)
+        before = len(notification_manager.records)
+        w.start()
+        qtbot.waitUntil(lambda: not w.is_running(), timeout=10000)
+        msgs = [str(r.message) for r in notification_manager.records[before:]]
+        assert any("weights are garbage" in m for m in msgs)
+        assert "Error" in w.status.text()
+    finally:
+        registry.unregister("broken-test")
