@@ -58,31 +58,25 @@ def _polygons_from_geojson(obj) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def load_regions(path) -> list[tuple[str, np.ndarray]]:
-    """Named polygons ``[(name, (K, 2) x,y level-0 pixels), ...]`` from a (QuPath) GeoJSON file."""
+def load_regions(path) -> list[tuple[str, object]]:
+    """Named regions ``[(name, region), ...]`` from a (QuPath) GeoJSON file; ``region`` is a
+    :class:`napari_bci.regions.Region` (or, without that module, an (x, y) polygon array)."""
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file")
     try:
-        from .. import regions as _regions  # the shared GeoJSON <-> polygons module, when present
-    except ImportError:
-        _regions = None
-    if _regions is not None and hasattr(_regions, "read_geojson"):
-        out = []
-        for i, r in enumerate(_regions.read_geojson(p)):
-            name = getattr(r, "name", None) or (r.get("name") if isinstance(r, dict) else None) or f"region {i + 1}"
-            poly = getattr(r, "polygon", None)
-            if poly is None and isinstance(r, dict):
-                poly = r.get("polygon")
-            if poly is None:
-                poly = r[1] if isinstance(r, tuple) else r
-            out.append((str(name), np.asarray(poly, float)[:, :2]))
-        return out
-    try:
-        obj = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(p, f"not a GeoJSON file ({e})") from None
-    polys = _polygons_from_geojson(obj)
-    if not polys:
+        from ..regions import read_geojson
+    except ImportError:  # minimal fallback: outer rings of Polygons / MultiPolygons
+        read_geojson = None
+    if read_geojson is not None:
+        regions = [(r.label if (r.name or r.classification) else f"region {i + 1}", r)
+                   for i, r in enumerate(read_geojson(p))]
+    else:
+        try:
+            obj = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(p, f"not a GeoJSON file ({e})") from None
+        regions = [(n, poly - 0.5) for n, poly in _polygons_from_geojson(obj)]
+    if not regions:
         raise InputError(p, "no polygons found")
-    return polys
+    return regions

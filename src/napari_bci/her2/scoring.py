@@ -28,7 +28,7 @@ class ScoreParams:
     #: A ring sector counts as stained when its maximum DAB OD reaches ``faint``.
     faint: float = 0.04
     #: Cell membrane intensity (mean over stained sectors) at which staining is weak-moderate ...
-    weak: float = 0.14
+    weak: float = 0.16
     #: ... and intense.
     intense: float = 0.40
     #: Completeness (fraction of stained sectors) from which a membrane counts as complete.

@@ -195,21 +195,32 @@ def polygon_mask(polygon_xy: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return polygon2mask(shape, p[:, ::-1])
 
 
-def score_polygon(image, polygon_xy, mpp: float = 0.5, *, max_mpp: float = 1.0, **kw) -> HER2Result:
-    """Score the cells inside a polygon ((x, y) level-0 vertices) of an image or pyramid.
+def score_polygon(image, polygon, mpp: float = 0.5, *, max_mpp: float = 1.0, **kw) -> HER2Result:
+    """Score the cells inside a region of an image or pyramid: ``polygon`` is an ``(K, 2)``
+    array of (x, y) level-0 pixel vertices (napari convention: pixel centres at integers) or a
+    :class:`napari_bci.regions.Region` (GeoJSON convention, holes and several parts allowed).
     Centroids of the result are level-0 pixels."""
     levels = as_levels(image)
     li, ds, amp = choose_level(levels, mpp, max_mpp)
     lv = levels[li]
-    p = np.asarray(polygon_xy, float) / ds
     h, w = lv.shape[:2]
-    x0, y0 = max(int(np.floor(p[:, 0].min())), 0), max(int(np.floor(p[:, 1].min())), 0)
-    x1, y1 = min(int(np.ceil(p[:, 0].max())) + 1, w), min(int(np.ceil(p[:, 1].max())) + 1, h)
+    is_region = hasattr(polygon, "mask") and hasattr(polygon, "bounds")
+    if is_region:
+        bx0, by0, bx1, by1 = polygon.bounds
+        lo, hi = np.array([bx0 - 0.5, by0 - 0.5]) / ds, np.array([bx1 - 0.5, by1 - 0.5]) / ds
+    else:
+        p = np.asarray(polygon, float).reshape(-1, 2) / ds
+        lo, hi = p.min(0), p.max(0)
+    x0, y0 = max(int(np.floor(lo[0])), 0), max(int(np.floor(lo[1])), 0)
+    x1, y1 = min(int(np.ceil(hi[0])) + 1, w), min(int(np.ceil(hi[1])) + 1, h)
     if x1 <= x0 or y1 <= y0:
         return summarize(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), mpp=amp)
-    m = int(np.ceil(16.0 / amp))  # context around the polygon for the local background
+    m = int(np.ceil(16.0 / amp))  # context around the region for the local background
     wx0, wy0 = max(x0 - m, 0), max(y0 - m, 0)
     win = read_rgb(lv, wx0, wy0, x1 + m, y1 + m)
-    mask = polygon_mask(p - [wx0, wy0], win.shape[:2])
+    if is_region:
+        mask = polygon.mask(win.shape[:2], offset_xy=(wx0 * ds, wy0 * ds), downsample=ds)
+    else:
+        mask = polygon_mask(p - [wx0, wy0], win.shape[:2])
     res = score(win, amp, mask=mask, **kw)
     return _to_level0(res, (wx0, wy0), ds)
