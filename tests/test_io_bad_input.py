@@ -177,20 +177,20 @@ def test_untiled_huge_tiff_reads_lazily_by_strips(huge_strip_tiff):
     s = open_slide(huge_strip_tiff)
     assert s.shape == (20000, 20000, 3)
     assert s.metadata["tiled"] is False
-    assert s.levels[0].chunksize[:2] == (64, 20000)
+    assert s.levels[0].chunksize[:2] == (512, 20000)  # 8 strips per dask chunk
     assert len(s.levels) > 1  # synthesised overview levels
     y, x = 12345, 17000
     r = s.read_region(0, y, x, 100, 80)
     expect_r = (np.arange(y, y + 100) % 251).astype(np.uint8)
     np.testing.assert_array_equal(r[:, 0, 0], expect_r)
     np.testing.assert_array_equal(r[0, :, 1], (np.arange(x, x + 80) // 500).astype(np.uint8))
-    # only the strips covering the rows are read (2-3 of 313), not the 1.2 GB image
+    # only the dask chunk(s) of 8 strips covering the rows are read (of 313 strips), not 1.2 GB
     with open("/proc/self/io") as f:
         before = int(next(line for line in f if line.startswith("rchar")).split()[1])
     s.read_region(0, 5000, 100, 100, 80)
     with open("/proc/self/io") as f:
         read = int(next(line for line in f if line.startswith("rchar")).split()[1]) - before
-    assert read < 0.03 * huge_strip_tiff.stat().st_size, read
+    assert read < 0.06 * huge_strip_tiff.stat().st_size, read
     s.close()
 
 

@@ -333,7 +333,9 @@ def _tiff_level(p: Path, tf, series, level: int, i: int):
         arr = da.from_array(mm, chunks=(1024, 1024) + mm.shape[2:], name=f"memmap-{next(_ids)}-{p.name}-L{i}")
     else:
         z = zarr.open_array(series.aszarr(level=level), mode="r")
-        arr = da.from_zarr(z, name=f"tiff-{next(_ids)}-{p.name}-L{i}", inline_array=True)
+        # dask chunks of ~512 px group small tiles: one zarr call per group, far fewer tasks
+        chunks = tuple(c * max(1, round(512 / c)) if k < 2 else c for k, c in enumerate(z.chunks))
+        arr = da.from_zarr(z, chunks=chunks, name=f"tiff-{next(_ids)}-{p.name}-L{i}", inline_array=True)
     return _normalise_axes(arr, s.axes, p, page.photometric, getattr(page, "colormap", None))
 
 
