@@ -1,0 +1,105 @@
+"""The HER2 dock widget in a real napari viewer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_bci.io import layers as L
+from napari_bci.io.layers import image_layer
+
+synthetic = pytest.importorskip("napari_bci.samples.synthetic")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return synthetic.make_pair(her2="3+", size=512, seed=41)
+
+
+@pytest.fixture
+def viewer_with_ihc(make_napari_viewer, pair):
+    viewer = make_napari_viewer()
+    data, attrs, _ = image_layer(pair.ihc, L.IHC_TRUTH, mpp=0.5, role="ihc", her2="3+")
+    viewer.add_image(data, **attrs)
+    data, attrs, _ = image_layer(pair.he, L.HE, mpp=0.5, role="he")
+    viewer.add_image(data, **attrs)
+    return viewer
+
+
+def _run(widget, qtbot, scope):
+    w = widget.run(scope)
+    assert w is not None
+    qtbot.waitUntil(widget.is_idle, timeout=60_000)
+
+
+def test_whole_image_map_cells_and_explanation(viewer_with_ihc, qtbot):
+    from napari_bci.widgets.her2 import CELLS_LAYER, HER2Widget
+
+    viewer = viewer_with_ihc
+    widget = HER2Widget(viewer)
+    assert widget.ihc_combo.currentText() == L.IHC_TRUTH and widget.he_combo.currentText() == L.HE
+    _run(widget, qtbot, "Whole image")
+    assert widget.result is not None and widget.result.her2 == "3+"
+    assert widget.explanation.text().startswith("3+:")
+    m = viewer.layers[L.HER2]
+    assert m.data.shape == (1, 1) and m.data[0, 0] == 4  # 256 um tiles = 512 px at 0.5 um/px
+    assert m.scale[-1] == pytest.approx(0.5 * 512)
+    pts = viewer.layers[CELLS_LAYER]
+    assert len(pts.data) == widget.result.cells
+    assert set(pts.features["class"]) <= {"none", "faint", "weak_moderate", "intense"}
+    # overlay hides when zoomed far out, shows when zoomed in
+    viewer.scene.camera.zoom = 0.01
+    assert not pts.visible
+    viewer.scene.camera.zoom = 4.0
+    assert pts.visible
+
+
+def test_visible_region_follows_camera(viewer_with_ihc, qtbot):
+    from napari_bci.widgets.her2 import HER2Widget
+
+    viewer = viewer_with_ihc
+    widget = HER2Widget(viewer)
+    h, w = viewer.canvas.size
+    # a view of about 150 x 150 px (75 um) around pixel (y, x) = (200, 300)
+    viewer.scene.camera.center = (200 * 0.5, 300 * 0.5)
+    viewer.scene.camera.zoom = min(h, w) / 75.0
+    poly = widget.visible_polygon(viewer.layers[L.IHC_TRUTH])
+    assert poly[:, 0].min() == pytest.approx(300 - 75 * w / min(h, w), abs=2)
+    _run(widget, qtbot, "Visible region")
+    c = widget.result.centroid
+    assert len(c) > 0
+    assert c[:, 0].min() >= poly[:, 0].min() - 1 and c[:, 0].max() <= poly[:, 0].max() + 1
+    assert c[:, 1].min() >= poly[:, 1].min() - 1 and c[:, 1].max() <= poly[:, 1].max() + 1
+
+
+def test_drawn_regions(viewer_with_ihc, qtbot):
+    from napari_bci.widgets.her2 import HER2Widget
+
+    viewer = viewer_with_ihc
+    widget = HER2Widget(viewer)
+    assert widget.run("Drawn regions") is None  # no Regions layer: a warning, nothing runs
+    assert widget.result is None
+    rect = np.array([[0, 0], [0, 255], [511, 255], [511, 0]], float)  # (y, x) left half
+    viewer.add_shapes([rect], shape_type="rectangle", name=L.REGIONS, scale=(0.5, 0.5),
+                      features={"name": ["left half"]})
+    _run(widget, qtbot, "Drawn regions")
+    assert list(widget.region_results) == ["left half"]
+    r = widget.region_results["left half"]
+    assert r.cells > 20 and r.centroid[:, 0].max() <= 256.5
+    assert widget.explanation.text().startswith("left half: ")
+
+
+def test_cancel_whole_image(make_napari_viewer, qtbot):
+    from napari_bci.widgets.her2 import HER2Widget
+
+    viewer = make_napari_viewer()
+    big = np.tile(synthetic.make_pair(her2="1+", size=256, seed=3).ihc, (8, 8, 1))  # 2048 px
+    data, attrs, _ = image_layer(big, L.IHC_TRUTH, mpp=0.5)
+    viewer.add_image(data, **attrs)
+    widget = HER2Widget(viewer)
+    widget.learned_check.setChecked(False)
+    widget.run("Whole image")
+    widget.cancel()
+    qtbot.waitUntil(widget.is_idle, timeout=60_000)
+    assert widget.result is None and L.HER2 not in viewer.layers
+    assert widget.score_btn.isEnabled()
