@@ -85,3 +85,17 @@ def register(
         report.update(quality_report(pf, pm, t, landmarks))
     say("done", 1.0)
     return RegistrationResult(t, report)
+
+
+def map_vertices(transform: Transform, vertices_rc, inverse: bool = False) -> np.ndarray:
+    """Map napari-style ``(row, col)`` vertices (level-0 px) moving -> fixed (or back with
+    ``inverse``); returns the same layout."""
+    v = np.asarray(vertices_rc, dtype=np.float64).reshape(-1, 2)
+    xy = v[:, ::-1]
+    out = transform.backward(xy) if inverse else transform.forward(xy)
+    return out[:, ::-1]
+
+
+def map_shapes(transform: Transform, shapes: list, inverse: bool = False) -> list:
+    """Map each ``(N, 2)`` (row, col) vertex array of a napari Shapes layer's data."""
+    return [map_vertices(transform, s, inverse) for s in shapes]

@@ -127,12 +127,13 @@ def warp_levels(moving_levels, transform: Transform, fixed_shapes, chunk: int = 
     downsamples are taken from the level-0 shapes)."""
     m0 = moving_levels[0].shape[:2]
     f0 = fixed_shapes[0]
+    dsms = [float(np.mean([m0[0] / mv.shape[0], m0[1] / mv.shape[1]])) for mv in moving_levels]
     out = []
-    for i, shp in enumerate(fixed_shapes):
+    for shp in fixed_shapes:
         dsf = float(np.mean([f0[0] / shp[0], f0[1] / shp[1]]))
-        j = min(i, len(moving_levels) - 1)
-        mv = moving_levels[j]
-        dsm = float(np.mean([m0[0] / mv.shape[0], m0[1] / mv.shape[1]]))
+        # the coarsest moving level that is not coarser than this fixed level
+        j = max([k for k, d in enumerate(dsms) if d <= dsf * 1.01] or [0])
+        mv, dsm = moving_levels[j], dsms[j]
         out.append(warp_lazy(mv, transform, shp, dsf, dsm, chunk=chunk, fill=fill))
     return out
 
