@@ -159,6 +159,15 @@ def test_npe2_writer_round_trip(data_dir, tmp_path):
         assert diff.mean() < 4
 
 
+def test_npe2_writer_errors_are_not_swallowed(tmp_path):
+    from napari_bci.errors import BCIError
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(BCIError, match="does not exist") as ei:  # napari hides ValueErrors from writers
+        write_ome_tiff(str(tmp_path / "no" / "x.ome.tif"), img, {"name": "x", "metadata": {}})
+    assert not isinstance(ei.value, ValueError)
+
+
 def test_cli_info(run_cli, data_dir, bci_root, tmp_path):
     code, out, err = run_cli("info", data_dir / "CMU-1-Small-Region.svs", "--json")
     assert code == 0 and err == ""

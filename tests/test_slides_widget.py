@@ -110,3 +110,30 @@ def test_viewer_open_uses_plugin_and_reports_bad_files(make_napari_viewer, data_
     assert isinstance(ei.value.original_error, InputError)
     assert "cut.ome.tif" in str(ei.value) and "truncated" in str(ei.value)
     assert len(v.layers) == 1
+
+
+def test_drop_he_and_ihc_files_onto_widget(widget, qtbot, tmp_path, data_dir):
+    from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
+    from qtpy.QtGui import QDropEvent
+
+    root = make_bci(tmp_path / "BCI", data_dir)
+    he = root / "HE" / "train" / "00003_train_3+.png"
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(he))])
+    event = QDropEvent(QPointF(5, 5), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    widget.dropEvent(event)
+    _wait_layers(qtbot, widget.viewer, [HE, IHC_TRUTH])  # the partner came along
+    assert widget.he_edit.text() == str(he)
+    assert widget.viewer.layers[IHC_TRUTH].metadata["her2"] == "3+"
+
+
+def test_save_layer_with_plugin_writer(make_napari_viewer, data_dir, tmp_path):
+    from napari_bci.io.slide import open_slide
+
+    v = make_napari_viewer()
+    v.open(str(data_dir / "CMU-1-Small-Region.svs"), plugin="napari-bci")
+    out = tmp_path / "saved.ome.tif"
+    written = v.layers.save(str(out), selected=False, plugin="napari-bci")
+    assert written == [str(out)]
+    with open_slide(out) as s:
+        assert s.format == "ome-tiff" and s.mpp == pytest.approx(0.499) and s.native_levels == 4

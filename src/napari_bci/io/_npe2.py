@@ -106,9 +106,16 @@ def read_bci_folder(p: Path, index: int = 0) -> list[tuple]:
 
 
 def write_ome_tiff(path: str, data: Any, attributes: dict) -> list[str]:
-    """npe2 single-layer writer: an RGB image layer (one array or its levels) as pyramidal OME-TIFF."""
+    """npe2 single-layer writer: an RGB image layer (one array or its levels) as pyramidal OME-TIFF.
+
+    Errors are raised as :class:`BCIError`, not ``ValueError``: napari treats a ``ValueError``
+    from a writer as "no writer found" and would hide the message.
+    """
+    from collections.abc import Sequence
+
     import numpy as np
 
+    from ..errors import BCIError
     from .patches import to_rgb8
     from .writers import write_pyramid
 
@@ -119,11 +126,14 @@ def write_ome_tiff(path: str, data: Any, attributes: dict) -> list[str]:
         scale = attributes.get("scale") or (1.0, 1.0)
         if units and all(u in ("µm", "um", "micrometer", "micron") for u in units[-2:]):
             mpp = float(scale[-1])
-    levels = list(data) if isinstance(data, (list, tuple)) else [data]
-    fixed = []
-    for a in levels:
-        if not (a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8):
-            a = to_rgb8(a if hasattr(a, "map_blocks") else np.asarray(a), attributes.get("name", path))
-        fixed.append(a)
-    write_pyramid(path, fixed if len(fixed) > 1 else fixed[0], mpp=mpp, name=attributes.get("name"))
+    levels = list(data) if isinstance(data, Sequence) else [data]  # napari's MultiScaleData is a Sequence
+    try:
+        fixed = []
+        for a in levels:
+            if not (a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8):
+                a = to_rgb8(a if hasattr(a, "map_blocks") else np.asarray(a), attributes.get("name", path))
+            fixed.append(a)
+        write_pyramid(path, fixed if len(fixed) > 1 else fixed[0], mpp=mpp, name=attributes.get("name"))
+    except ValueError as e:
+        raise BCIError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
     return [str(path)]

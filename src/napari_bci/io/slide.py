@@ -182,10 +182,6 @@ def _mpp_from_tiff(tf, series, fmt: str) -> float | None:
         mpp = _mpp_from_ome(tf.ome_metadata, tf.series.index(series))
         if mpp:
             return mpp
-    if fmt == "philips-tiff" and tf.philips_metadata:
-        m = re.search(r'PIM_DP_SCANNED_IMAGE.*?DICOM_PIXEL_SPACING"[^>]*>&quot;([0-9.eE+-]+)', tf.philips_metadata, re.S)
-        if m:
-            return float(m.group(1)) * 1000.0
     tags = page.tags
     xres, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
     if xres is not None and unit is not None:

@@ -29,8 +29,9 @@ import os
 import struct
 import tempfile
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -223,7 +224,7 @@ def write_pyramid(
         mpp = source.mpp if mpp is None else mpp
         name = name or source.path.stem
         source = source.levels[0]
-    if isinstance(source, (list, tuple)):
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):  # incl. napari MultiScaleData
         if len(source) == 1:
             source = source[0]
         else:
