@@ -66,7 +66,7 @@ def detect_nuclei(h: np.ndarray, mpp: float, params: CellParams = CellParams(), 
     from skimage.segmentation import watershed
 
     px_area = mpp * mpp
-    hs = ndi.gaussian_filter(h.astype(np.float32), params.smooth_um / mpp)
+    hs = ndi.gaussian_filter(h.astype(np.float32), params.smooth_um / mpp, truncate=3.0)
     # local contrast: a nucleus is darker in hematoxylin than its neighbourhood, which copes with
     # the uneven counterstain under heavy DAB better than one global threshold
     bg = _smooth_coarse(hs, params.background_um / mpp)
@@ -82,7 +82,7 @@ def detect_nuclei(h: np.ndarray, mpp: float, params: CellParams = CellParams(), 
     # plus a little distance transform, which favours the middle of flat, saturated nuclei
     dist = ndi.distance_transform_cdt(fg, metric="taxicab").astype(np.float32)
     extra = np.sqrt(max((params.seed_sigma_um / mpp) ** 2 - (params.smooth_um / mpp) ** 2, 0.0))
-    blob = ndi.gaussian_filter(hs, extra) if extra > 0.3 else hs
+    blob = ndi.gaussian_filter(hs, extra, truncate=3.0) if extra > 0.3 else hs
     score = blob / max(float(blob[fg].mean()), 1e-6) + 0.05 * np.minimum(dist * mpp, 3.0)
     score[~fg] = 0
     md = max(int(round(params.seed_distance_um / mpp)), 1)
@@ -153,7 +153,7 @@ def measure_cells(
     h_mean = np.bincount(nuclei.ravel(), h.ravel(), minlength=n + 1)[1:] / np.maximum(cnt, 1)
     ds = dab.astype(np.float32)
     if params.dab_smooth_um:
-        ds = ndi.gaussian_filter(ds, params.dab_smooth_um / mpp)
+        ds = ndi.gaussian_filter(ds, params.dab_smooth_um / mpp, truncate=3.0)
     if params.membrane_reach_um:
         # a membrane within this distance of the ring still counts (cell borders from expanded
         # nuclei are only approximately where the membranes are)
