@@ -24,19 +24,39 @@ def gaussian_kernel1d(size: int = 3, sigma: float = 1.0) -> torch.Tensor:
 
 def gaussian_blur(x: torch.Tensor, size: int = 3, sigma: float = 1.0) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding (kornia's ``gaussian_blur2d`` default)."""
-    c = x.shape[1]
-    k = gaussian_kernel1d(size, sigma).to(x.device, x.dtype)
-    pad = size // 2
-    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, size).expand(c, 1, 1, size), groups=c)
-    return F.conv2d(x, k.view(1, 1, size, 1).expand(c, 1, size, 1), groups=c)
+    return _sep_conv(x, gaussian_kernel1d(size, sigma), stride=1)
+
+
+def _sep_conv(x: torch.Tensor, k: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    n, c, h, w = x.shape
+    k = k.to(x.device, x.dtype)
+    t = k.numel()
+    pad = t // 2
+    y = F.pad(x.reshape(n * c, 1, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, t), stride=(1, stride))
+    y = F.conv2d(y, k.view(1, 1, t, 1), stride=(stride, 1))
+    return y.reshape(n, c, y.shape[-2], y.shape[-1])
+
+
+def _octave_kernel(blurs: int) -> torch.Tensor:
+    k = torch.ones(1)
+    g = gaussian_kernel1d(3, 1.0)
+    for _ in range(blurs):
+        k = torch.from_numpy(__import__("numpy").convolve(k.numpy(), g.numpy())).float()
+    return k
 
 
 def next_octave(x: torch.Tensor, blurs: int = 4) -> torch.Tensor:
-    """One pyramid octave down: ``blurs`` 3x3 sigma-1 Gaussian blurs, then 2x subsampling."""
-    for _ in range(blurs):
-        x = gaussian_blur(x)
-    return x[:, :, ::2, ::2]
+    """One pyramid octave down: ``blurs`` 3x3 sigma-1 Gaussian blurs, then 2x subsampling.
+
+    Computed as one blur with the composed (``2 * blurs + 1``)-tap kernel, evaluated only at the
+    kept pixels (a stride-2 convolution): identical to the successive reflect-padded blurs
+    (reflection commutes with a symmetric kernel), and several times cheaper."""
+    if min(x.shape[-2:]) <= 2 * blurs:
+        for _ in range(blurs):
+            x = gaussian_blur(x)
+        return x[:, :, ::2, ::2]
+    return _sep_conv(x, _octave_kernel(blurs), stride=2)
 
 
 class PyramidL1(nn.Module):
@@ -57,7 +77,9 @@ class PyramidL1(nn.Module):
             if i:
                 if min(fake.shape[-2:]) < 4:
                     break
-                fake, real = next_octave(fake, self.blurs), next_octave(real, self.blurs)
+                fake = next_octave(fake, self.blurs)
+                with torch.no_grad():
+                    real = next_octave(real, self.blurs)
             l1 = F.l1_loss(fake, real)
             terms.append(l1)
             total = total + w * l1
@@ -95,24 +117,25 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
     return loss.mean()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, win: int = 7, data_range: float = 2.0) -> torch.Tensor:
-    """Differentiable mean SSIM with a ``win`` x ``win`` uniform window, per channel, as
-    skimage's ``structural_similarity`` computes it (sample covariance, valid region only,
-    K1 0.01, K2 0.03); ``data_range`` 2 for [-1, 1] images. Returns a scalar."""
-    x, y = x.float(), y.float()
-    c = x.shape[1]
-    k = torch.full((c, 1, win, win), 1.0 / win**2, device=x.device)
+def ssim(x: torch.Tensor, y: torch.Tensor, win: int = 7) -> torch.Tensor:
+    """Differentiable mean SSIM of [-1, 1] images with a ``win`` x ``win`` uniform window, per
+    channel, as skimage's ``structural_similarity`` computes it on the uint8 images (sample
+    covariance, valid region only, K1 0.01, K2 0.03). SSIM is not shift-invariant, so the
+    images are first mapped to [0, 1] (the 0..255 scale, divided by 255). Returns a scalar."""
+    x, y = (x.float() + 1) / 2, (y.float() + 1) / 2
+    data_range = 1.0
+    def box(t):  # the 7x7 uniform filter, 'valid' region only (what skimage averages)
+        return F.avg_pool2d(t, win, stride=1)
+
     npix = win * win
     cov_norm = npix / (npix - 1)
-    ux, uy = F.conv2d(x, k, groups=c), F.conv2d(y, k, groups=c)
-    uxx, uyy, uxy = F.conv2d(x * x, k, groups=c), F.conv2d(y * y, k, groups=c), F.conv2d(x * y, k, groups=c)
+    ux, uy = box(x), box(y)
+    uxx, uyy, uxy = box(x * x), box(y * y), box(x * y)
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    # skimage crops (win - 1) // 2 at each border of the already-'valid'-sized map: here the
-    # map is the valid convolution, which is the same region.
     return s.mean()
 
 

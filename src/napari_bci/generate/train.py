@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -39,8 +38,6 @@ from .base import HER2_CLASSES
 
 LEVEL_INDEX = {name: i for i, name in enumerate(HER2_CLASSES)}
 ARCHS = ("level_aware", "resnet_9blocks", "resnet_6blocks", "unet_256")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_LEVEL_RE = re.compile(r"_(0|1\+|2\+|3\+)$")
 
 
 # -- metrics (the one helper: BCI's evaluate.py semantics) ------------------------------------------
@@ -94,25 +91,15 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def read_bci_folder(root: str | os.PathLike, split: str = "train") -> list[Pair]:
-    """Pairs of ``root/HE/<split>/NAME_<level>.png`` and ``root/IHC/<split>/NAME_<level>.png``."""
-    root = Path(root)
-    he_dir, ihc_dir = root / "HE" / split, root / "IHC" / split
-    for d in (he_dir, ihc_dir):
-        if not d.is_dir():
-            raise InputError(d, f"not a directory (a BCI dataset has HE/{split} and IHC/{split})")
-    pairs = []
-    for p in sorted(he_dir.iterdir()):
-        if p.suffix.lower() not in IMAGE_EXTS:
-            continue
-        m = _LEVEL_RE.search(p.stem)
-        if not m:
-            raise InputError(p, "no HER2 level in the file name (expected NAME_{0,1+,2+,3+}.png)")
-        partner = ihc_dir / p.name
-        if not partner.is_file():
-            raise InputError(p, f"unpaired: {partner} does not exist")
-        pairs.append(Pair(LEVEL_INDEX[m.group(1)], p.stem, he_path=p, ihc_path=partner))
+    """The ``split`` pairs of a BCI folder (``HE/<split>/NNNNN_<split>_<level>.png`` with the
+    same name under ``IHC/<split>``), indexed by :func:`napari_bci.io.bci.open_bci_folder`."""
+    from ..io.bci import open_bci_folder
+
+    ds = open_bci_folder(root)
+    pairs = [Pair(LEVEL_INDEX[p.her2], Path(p.name).stem, he_path=Path(p.he_path), ihc_path=Path(p.ihc_path))
+             for p in ds.filter(split=split) if p.ihc_path is not None]
     if not pairs:
-        raise InputError(he_dir, "no images")
+        raise InputError(root, f"no paired '{split}' images (expected HE/{split} and IHC/{split})")
     return pairs
 
 
@@ -169,9 +156,9 @@ def synthetic_pairs(n: int, size: int = 512, seed: int = 0, levels: Sequence[str
         tag = "-".join(lv.replace("+", "p") for lv in levels)
         cache = Path(cache_dir) / f"synthetic_n{n}_s{size}_seed{seed}_{tag}.npz"
         if cache.is_file():
-            z = np.load(cache)
-            return [Pair(int(z["level"][i]), str(z["name"][i]), z["he"][i], z["ihc"][i], z["valid"][i])
-                    for i in range(n)]
+            with np.load(cache) as z:  # each z[key] reads the whole array: read each once
+                he, ihc, valid, level, name = (z[k] for k in ("he", "ihc", "valid", "level", "name"))
+            return [Pair(int(level[i]), str(name[i]), he[i], ihc[i], valid[i]) for i in range(n)]
     try:
         from ..samples.synthetic import make_pair
     except ImportError as e:
@@ -406,16 +393,22 @@ def train(
     seed: int = 0,
     device: str | None = None,
     resume: bool = False,
+    stop_at: int | None = None,
     workers: int = 0,
     name: str | None = None,
     mpp: float | None = 0.5,
     norm: str = "batch",
     use_dropout: bool = False,
     data_info: dict | None = None,
+    model_options: dict | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Train a generator; returns the report (also written into ``out_dir/model.json``)."""
+    """Train a generator; returns the report (also written into ``out_dir/model.json``).
+
+    ``stop_at``: stop (with a checkpoint, no export) once this step is reached; ``resume=True``
+    continues exactly where it stopped. ``model_options`` override architecture options in the config (e.g. ``{"channels": [12, 24,
+    48, 96]}`` for ``level_aware``, ``{"ngf": 32}`` for the pix2pix ones)."""
     import torch
     from tqdm import tqdm
 
@@ -434,7 +427,7 @@ def train(
     cuda = dev.startswith("cuda")
     name = name or out.name
 
-    config = model_config(arch, name=name, mpp=mpp, norm=norm, use_dropout=use_dropout)
+    config = model_config(arch, name=name, mpp=mpp, norm=norm, use_dropout=use_dropout, extra=model_options)
     multiple = int(config.get("multiple", 1))
     if crop % multiple:
         raise InputError(None, f"--crop {crop} must be a multiple of {multiple} for {arch}")
@@ -501,6 +494,8 @@ def train(
 
     dataset = CropDataset(train_pairs, crop, seed=seed)
     start = state["step"]
+    if stop_at is not None and start >= stop_at and start < total:
+        return {"stopped": True, "steps": start, "total_steps": total, "checkpoint": str(ck_pt), "losses": []}
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=range(start * batch, total * batch), num_workers=workers,
         drop_last=True, pin_memory=cuda, persistent_workers=False,
@@ -592,6 +587,13 @@ def train(
                     if val.get("her2_accuracy") is not None:
                         msg += f" HER2 acc {val['her2_accuracy']:.3f}"
                 log(msg)
+            if stop_at is not None and step >= stop_at and step < total:
+                state["wall_s"] += time.time() - t0
+                state["step"] = step
+                save_checkpoint()
+                log(f"stopped at step {step}/{total}; continue with --resume")
+                return {"stopped": True, "steps": step, "total_steps": total, "checkpoint": str(ck_pt),
+                        "losses": losses_log}
     finally:
         bar.close()
 
@@ -614,7 +616,9 @@ def train(
     weights = export_model(G, config, out / "model.safetensors")
     return {"weights": str(weights), "config": str(weights.with_suffix(".json")), "arch": arch,
             "steps": state["step"], "epochs": n_epochs, "first_loss": losses_log[0] if losses_log else None,
-            "last_loss": losses_log[-1] if losses_log else None, "metrics": config["metrics"]}
+            "last_loss": losses_log[-1] if losses_log else None, "metrics": config["metrics"],
+            "history": [{k: h.get(k) for k in ("epoch", "step", "loss", "psnr", "ssim", "her2_accuracy")}
+                        for h in state["history"]]}
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -644,6 +648,8 @@ def register_train(sub) -> None:
     p.add_argument("--norm", default="batch", choices=("batch", "instance", "none"), help="pix2pix archs")
     p.add_argument("--dropout", action="store_true", help="dropout in pix2pix generators")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop with a checkpoint at this step (continue later with --resume)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes")
@@ -699,7 +705,7 @@ def run_train(args) -> dict:
         train_pairs, val_pairs, args.out, arch=args.arch, epochs=args.epochs, steps=args.steps, batch=args.batch,
         crop=args.crop, lr=args.lr, l1_weight=args.l1_weight, ssim_weight=args.ssim_weight,
         gan_weight=args.gan_weight, focal_weight=args.focal_weight, seed=args.seed, device=args.device,
-        resume=args.resume, workers=args.workers, name=args.name, mpp=args.mpp, norm=args.norm,
+        resume=args.resume, stop_at=args.stop_at, workers=args.workers, name=args.name, mpp=args.mpp, norm=args.norm,
         use_dropout=args.dropout, data_info=data,
         log=(lambda s: None) if getattr(args, "json", False) else None,
     )
