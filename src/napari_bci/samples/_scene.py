@@ -271,16 +271,27 @@ class Scene:
         if "lymph" in want:
             f["lymph"] = fbm(x, y, 160.0, s + 9, 2) + 0.2 * smoothstep(-0.15, 0.0, nest) - 0.17
         if want & {"fibre_phase", "crack"}:
-            # collagen: iso-lines of an anisotropic noise whose direction wanders (wavy bundles)
-            ang = np.pi * 1.2 * fbm(x, y, 500.0, s + 10, 2)
-            ca, sa = np.cos(ang), np.sin(ang)
-            u = x * ca + y * sa
-            v = -x * sa + y * ca
+            # collagen: iso-lines of anisotropic noise (wavy parallel fibres); three fixed
+            # orientation families blended by slowly varying weights (rotating the coordinates
+            # by a varying angle would turn far-from-origin positions into swirls)
+            ph = 0.0
+            cr = 0.0
+            wsum = 0.0
+            for k, ang in enumerate((0.3, 1.35, 2.4)):
+                c, sn = np.cos(ang), np.sin(ang)
+                u = x * c + y * sn
+                v = -x * sn + y * c
+                wk = np.exp(7.0 * fbm(x, y, 450.0, s + 20 + k, 2))
+                if "fibre_phase" in want:
+                    ph = ph + wk * (6.0 * fbm(u * 0.5, v * 0.08, 50.0, s + 11 + 3 * k, 2)
+                                    + 0.5 * vnoise(u * 0.015, v * 0.05, s + 12 + 3 * k))
+                if "crack" in want:
+                    cr = cr + wk * vnoise(u * 0.3 / 25.0, v * 0.12 / 25.0, s + 13 + 3 * k)
+                wsum = wsum + wk
             if "fibre_phase" in want:
-                f["fibre_phase"] = (fbm(u * 0.5, v * 0.08, 50.0, s + 11, 2) * 6.0 + 0.5 * fbm(u * 0.3, v, 20.0, s + 14, 2)
-                                    + 0.3 * fbm(x, y, 9.0, s + 12, 1))
+                f["fibre_phase"] = ph / wsum
             if "crack" in want:
-                f["crack"] = fbm(u * 0.3, v * 0.12, 25.0, s + 13, 2)
+                f["crack"] = 0.6 * cr / wsum
         return f
 
     # -- cells -----------------------------------------------------------------------------
@@ -598,8 +609,12 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     retraction = other & (nest > -0.03) & (nest <= 0)
     stroma = (other & ~lumen & ~retraction).astype(np.float32)
     ph = up["fibre_phase"]
-    fib = (0.5 + 0.5 * np.cos(6.2832 * ph)) ** 2
-    fib2 = 0.5 + 0.5 * np.cos(6.2832 * 2.7 * ph + 1.3)
+    # fibres fade where the iso-lines are far apart (around extrema: no bull's-eyes) or too dense
+    gy, gx = np.gradient(ph)
+    gm = np.sqrt(gx * gx + gy * gy)
+    vis = smoothstep(0.012, 0.04, gm) * (1.0 - smoothstep(0.25, 0.4, gm))
+    fib = 0.25 + vis * ((0.5 + 0.5 * np.cos(6.2832 * ph)) ** 2 - 0.25)
+    fib2 = 0.5 + vis * 0.5 * np.cos(6.2832 * 2.7 * ph + 1.3)
     crack = smoothstep(0.18, 0.3, up["crack"]) * (fib < 0.3)
     sv = up["stainvar"]
     cyto = tumour * (1.0 + 0.1 * cytotex)
@@ -653,6 +668,10 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
                  centres=np.stack([(cxw + wx0 + 0.5) * d - 0.5, (cyw + wy0 + 0.5) * d - 0.5], 1),
                  nucleus_id=nucid[m : m + h, m : m + w].copy())
     return rgb, truth
+
+
+#: mean hematoxylin of a rendered nucleus relative to its OD (texture and rim averaged over the disc)
+_NUC_MEAN = 0.55
 
 
 def _splat(img, x, y, mass):
@@ -721,11 +740,11 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
         cx = (fr[:, 0] + 0.5) / d - 0.5 - wx0
         cy = (fr[:, 1] + 0.5) / d - 0.5 - wy0
         area = np.pi * C["a"] * C["b"] * scale_px ** 2
-        mass = C["od"] * nuc_gain * area * 0.8 * present
-        for sel, sig in ((C["kind"] == K_TUMOUR, 5.0), (C["kind"] != K_TUMOUR, 2.5)):
+        mass = C["od"] * nuc_gain * area * _NUC_MEAN * present
+        for sel, sig in ((C["kind"] == K_TUMOUR, 6.0), (C["kind"] != K_TUMOUR, 3.0)):
             tmp = np.zeros((wh, ww), np.float32)
             _splat(tmp, cx[sel], cy[sel], mass[sel])
-            nucH += ndi.gaussian_filter(tmp, max(0.5, 0.6 * sig * scale_px))
+            nucH += ndi.gaussian_filter(tmp, max(0.6, 0.75 * sig * scale_px))
         if is_ihc:
             tsel = C["kind"] == K_TUMOUR
             dmass = C["mod"] * C["comp"] * ring * (sp * scale_px) ** 2
@@ -734,9 +753,9 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
             memD = ndi.gaussian_filter(tmp, max(0.6, 0.4 * sp * scale_px))
         nucH *= 1.0 + 0.15 * tex
     else:
-        tum_nuc = np.pi * 5.6 ** 2 * scene.nuc_scale ** 2 / sp ** 2 * scene.nuc_od * 0.8 * nuc_gain
-        lym = np.clip(up["lymph"] * 2.5, 0.01, 0.85) * np.pi * 3.3 ** 2 / 49.0 * 0.95 * 0.8 * nuc_gain
-        fibro = 0.32 * np.pi * 6.0 * 1.4 / 121.0 * 0.7 * 0.8 * nuc_gain
+        tum_nuc = np.pi * 5.6 ** 2 * scene.nuc_scale ** 2 / sp ** 2 * scene.nuc_od * _NUC_MEAN * nuc_gain
+        lym = np.clip(up["lymph"] * 2.5, 0.01, 0.85) * np.pi * 3.3 ** 2 / 49.0 * 0.95 * _NUC_MEAN * nuc_gain
+        fibro = 0.32 * np.pi * 6.0 * 1.4 / 121.0 * 0.7 * _NUC_MEAN * nuc_gain
         nucH = (tumour * tum_nuc + stroma * (lym + fibro)) * (1.0 + 0.25 * tex)
         if is_ihc:
             memD = tumour * np.clip((1 - pm[0]) * up["het"], 0, 1) / max(1 - pm[0], 1e-9) * exp_mod * ring
