@@ -161,3 +161,37 @@ def test_geojson_import_into_regions(viewer_widget, qtbot, tmp_path):
     qtbot.waitUntil(lambda: w._region_worker is None and len(w.scores) == 1, timeout=60000)
     assert w.scores[0].region.label == "ROI 1" and w.scores[0].area_px == pytest.approx(5000)
     assert w.table.item(0, 0).text() == "ROI 1"
+
+
+def test_region_on_a_pyramid_is_measured_at_a_bounded_level(monkeypatch, pair):
+    """Headless: a region too big for level 0 is read at the finest level under the bound."""
+    from napari_bci.regions import Region
+    from napari_bci.widgets import compare as C
+
+    _, ihc, gen = pair
+    levels_t = [ihc, ihc[::2, ::2], ihc[::4, ::4]]
+    levels_g = [gen, gen[::2, ::2], gen[::4, ::4]]
+
+    def geom(name, levels):
+        return C.LayerGeom(name, levels, (MPP, MPP), (0.0, 0.0), [(1.0, 1.0), (2.0, 2.0), (4.0, 4.0)], mpp=MPP,
+                           her2="3+")
+
+    t, g = geom("t", levels_t), geom("g", levels_g)
+    ring = np.array([[0.0, 0.0], [320.0, 0.0], [320.0, 320.0], [0.0, 320.0]])  # the whole image
+    region = Region(parts=[[ring]], name="all", shape_type="rectangle")
+    monkeypatch.setattr(C, "MAX_REGION_PIXELS", 100 * 100)
+    sc = C.measure_region(region, g, t, predict_her2=False)
+    assert (sc.level, sc.step) == (2, 1)  # 80x80 px at level 2; level 1 would be 160x160
+    expect = compare_pair(gen[::4, ::4], ihc[::4, ::4], mpp=4 * MPP)
+    assert sc.metrics["psnr"] == pytest.approx(expect["psnr"])
+    assert sc.metrics["ssim"] == pytest.approx(expect["ssim"], abs=1e-6)
+    assert sc.area_um2 == pytest.approx(320 * 320 * MPP**2)
+    # beyond the coarsest level, every n-th pixel is read instead
+    monkeypatch.setattr(C, "MAX_REGION_PIXELS", 40 * 40)
+    sc = C.measure_region(region, g, t, predict_her2=False)
+    assert (sc.level, sc.step) == (2, 2) and sc.row()["level"] == "2 (1/2)"
+    # a generated layer on a different grid (half the pixel size) is resampled onto the truth's
+    g2 = C.LayerGeom("g2", [np.repeat(np.repeat(gen, 2, 0), 2, 1)], (MPP / 2, MPP / 2), (-MPP / 4, -MPP / 4),
+                     [(1.0, 1.0)], mpp=MPP / 2)
+    win = C.Window(0, 10, 60, 20, 90)
+    np.testing.assert_array_equal(C.read_on_grid(g2, t, win), gen[10:60, 20:90])
