@@ -244,15 +244,16 @@ def _catching(func, *args):
 
 
 def _load_files(he: str, ihc: str | None) -> list[tuple]:
+    """H&E (+ its BCI partner, unless an IHC file is given explicitly)."""
     from ..io._npe2 import read_file, slide_layer
+    from ..io.bci import parse_bci_name
     from ..io.slide import open_slide
 
-    tuples = read_file(Path(he))
-    if ihc:
-        tuples = [t for t in tuples if t[1]["name"] != IHC_TRUTH]
-        tuples = [(d, {**a, "name": HE, "metadata": {**a["metadata"], "role": "he"}}, k) for d, a, k in tuples[:1]]
-        tuples.append(slide_layer(open_slide(ihc), IHC_TRUTH, "ihc", tuples[0][1]["metadata"].get("her2")))
-    return tuples
+    if not ihc:
+        return read_file(Path(he))
+    name = parse_bci_name(he)
+    her2 = name.her2 if name else None
+    return [slide_layer(open_slide(he), HE, "he", her2), slide_layer(open_slide(ihc), IHC_TRUTH, "ihc", her2)]
 
 
 def _load_folder(path: str):
