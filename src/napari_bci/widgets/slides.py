@@ -62,7 +62,7 @@ class SlidesWidget(QWidget):
         self.open_button.clicked.connect(lambda: self.open(self.he_edit.text(), self.ihc_edit.text()))
 
         form = QFormLayout()
-        form.addRow("H&E", _row(self.he_edit, he_file, he_dir))
+        form.addRow("H&&E", _row(self.he_edit, he_file, he_dir))  # "&&": a literal &, not a mnemonic
         form.addRow("IHC", _row(self.ihc_edit, ihc_file))
         self.info = QLabel("Nothing open.")
         self.info.setWordWrap(True)
