@@ -120,8 +120,12 @@ def run_generate(args) -> dict:
     if args.tile is not None and args.tile < 16:
         raise InputError(None, f"--tile {args.tile}: must be at least 16")
     if src.is_dir():
-        files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.name.startswith("."))
+        batch = _batch_module()  # BCI roots, folders of slides, dask options: batch.run_folder
+        requested = batch.folder_request(args, src) if hasattr(batch, "folder_request") else None
+        if requested:
+            args._batch_requested = True
+        files = requested or sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                                    and not p.name.startswith("."))
         if not files:
             raise InputError(src, "folder holds no images (.png, .jpg, .tif)")
         if out.exists() and not out.is_dir():

@@ -331,13 +331,16 @@ def plan_slide(source: Any, generator, *, model: Any = None, mpp: float | None =
     if eng.grid.tile % 16:
         raise InputError(None, f"tile size {eng.grid.tile}: OME-TIFF tiles must be a multiple of 16 (use --tile)")
     mask = tissue_tiles(levels, eng.level, eng.grid) if tissue else np.ones(eng.grid.shape, bool)
+    if source_id is None and path is None:  # in-memory levels: their shapes and tissue layout
+        source_id = {"levels": [list(map(int, lv.shape)) for lv in levels],
+                     "tissue": hashlib.sha1(np.packbits(mask).tobytes()).hexdigest()}
     fp = {
-        "source": source_id or (_file_id(path) if path else None),
+        "source": source_id or _file_id(path),
         "model": _model_id(model, generator),
         "level": eng.level, "shape": list(eng.shape), "tile": eng.grid.tile, "halo": eng.grid.halo,
         "tissue_only": bool(tissue), "store": STORE_VERSION,
     }
-    return SlidePlan(str(path) if path else None, levels, mpp, eng, mask, fp)
+    return SlidePlan(str(path) if path else None, levels, mpp, eng, mask, fp, {"batch_size": batch_size})
 
 
 # -- tile producers -------------------------------------------------------------------------------------
@@ -394,7 +397,7 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
     """Generate the plan's missing tissue tiles and write the output pyramid (atomically).
 
     ``results(todo)`` yields :data:`Result` in the order of ``todo`` (default: this process,
-    :func:`local_results`; see :func:`napari_bci.generate.distributed.dask_results`).
+    :func:`local_results`; see :meth:`napari_bci.generate.distributed.DaskTiles.results`).
     ``prefilled``: ``{(row, col): tile}`` already generated elsewhere (e.g. by the viewer).
     """
     from ..io.writers import write_pyramid
@@ -405,8 +408,8 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
     check_output_path(out)
     grid = plan.grid
     t0 = time.perf_counter()
-    store = TileStore(parts_dir(out), plan.fingerprint, resume=resume)
     try:
+        store = TileStore(parts_dir(out), plan.fingerprint, resume=resume)
         done = store.done()
         for idx, t in (prefilled or {}).items():
             idx = (int(idx[0]), int(idx[1]))
@@ -650,8 +653,10 @@ def run_slide(args, generator) -> dict:
             window=getattr(args, "window", None), tiles_per_task=getattr(args, "tiles_per_task", 1),
             generator=None if distributed else generator)
     except KeyboardInterrupt:
-        raise BCIError(f"{out}: interrupted; finished tiles are kept in {parts_dir(out)}, "
-                       f"run the same command again to resume") from None
+        err = BCIError(f"{out}: interrupted; finished tiles are kept in {parts_dir(out)}, "
+                       f"run the same command again to resume")
+        err.exit_code = 130
+        raise err from None
 
 
 def bci_test_files(root: Path) -> list[Path] | None:
@@ -831,8 +836,37 @@ def save_generated_layer(path: str | os.PathLike, data: Any, meta: dict, *,
                 y0, y1, x0, x1 = plan.grid.core((r, c))
                 prefilled[(int(r), int(c))] = np.ascontiguousarray(np.asarray(level0[y0:y1, x0:x1])[..., :3],
                                                                    dtype=np.uint8)
-    report = run_plan(plan, path, on_error="skip", progress=progress, show_progress=False, cancel=cancel,
-                      prefilled=prefilled, name=Path(plan.source).name.split(".")[0] if plan.source else None)
+    bar = None
+    if progress is None and "napari" in sys.modules:  # called by napari's writer: its progress bar
+        bar = _napari_progress(f"Saving {Path(path).name}")
+        progress = bar.callback if bar is not None else None
+    try:
+        report = run_plan(plan, path, on_error="skip", progress=progress, show_progress=False, cancel=cancel,
+                          prefilled=prefilled, name=Path(plan.source).name.split(".")[0] if plan.source else None)
+    finally:
+        if bar is not None:
+            bar.close()
     report["reused"] = len(prefilled)
     save_generated_layer.last_report = report  # type: ignore[attr-defined]
     return [str(path)]
+
+
+class _napari_progress:
+    """``napari.utils.progress`` as a ``callback(done, total)``, only when napari is already running
+    (the core never imports napari itself; it borrows the loaded module)."""
+
+    def __new__(cls, desc: str):
+        mod = sys.modules.get("napari.utils")
+        if mod is None or not hasattr(mod, "progress"):
+            return None
+        self = super().__new__(cls)
+        self.bar = mod.progress(total=0, desc=desc)
+        return self
+
+    def callback(self, done: int, total: int) -> None:
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()

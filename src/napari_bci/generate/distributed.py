@@ -74,9 +74,20 @@ class GeneratorPlugin(WorkerPlugin):
     def setup(self, worker=None) -> None:
         from .registry import load_generator
 
+        from . import batch, engine  # noqa: F401  (import once at start-up, not in the first task)
+        from ..io import slide  # noqa: F401
+
         wname = getattr(worker, "name", 0) if worker is not None else 0
-        dev = pick_device(self.device, wname)
-        self.generator = load_generator(self.model, device=dev)
+        if self.device not in (None, "", "auto"):
+            self.generator = load_generator(self.model, device=self.device)
+        else:  # load on the CPU, then move torch models to this worker's GPU (numpy ones never import torch)
+            self.generator = load_generator(self.model, device="cpu")
+            if "torch" in sys.modules:
+                dev = pick_device(None, wname)
+                if dev is not None and dev != "cpu":
+                    self.generator.to(dev)
+                elif dev is None:
+                    self.generator.to(None)
         if "torch" in sys.modules:
             import torch
 
@@ -276,7 +287,8 @@ class DaskTiles(Cluster):
         self.tiles_per_task = max(1, int(tiles_per_task))
         eng = plan.engine
         self.spec = {"source": str(plan.source), "level": int(eng.level), "tile": int(eng.grid.tile),
-                     "halo": int(eng.grid.halo), "batch_size": int(eng.batch_size),
+                     "halo": int(eng.grid.halo),
+                     "batch_size": plan.extra.get("batch_size"),  # None: each worker's device default
                      "mpp": None if plan.mpp is None else float(plan.mpp)}
 
     def results(self, todo: Sequence[tuple[int, int]]) -> Iterator:
