@@ -89,6 +89,15 @@ def test_real_ihc_scores_high_with_sane_cell_count(real_ihc):
     assert r.explanation.startswith(r.her2 + ":") and f"{r.cells} tumour cells" in r.explanation
 
 
+def test_he_input_is_flagged(data_dir, real_ihc, pairs):
+    from skimage.io import imread
+
+    he = imread(data_dir / "he_tile_240.png")[..., :3]
+    assert score(he, 0.5).warning and "H&E" in score(he, 0.5).to_dict()["warning"]
+    assert score(real_ihc, 0.5).warning is None
+    assert score(pairs[("1+", HELD_OUT[0])].ihc, 0.5).warning is None
+
+
 def test_unstained_tissue_scores_zero(pairs):
     p = pairs[("3+", HELD_OUT[0])]
     h, _ = separate_hdab(p.ihc)

@@ -70,6 +70,8 @@ class HER2Result:
     tumour: np.ndarray = field(repr=False)
     mpp: float = 0.5
     params: ScoreParams = field(default_factory=ScoreParams, repr=False)
+    #: Set when the image does not look like a DAB IHC (e.g. an H&E was given).
+    warning: str | None = None
 
     @property
     def level_index(self) -> int:
@@ -85,6 +87,8 @@ class HER2Result:
             "explanation": self.explanation,
             "mpp": float(self.mpp),
         }
+        if self.warning:
+            d["warning"] = self.warning
         if per_cell:
             d["per_cell"] = {
                 "centroid": np.round(self.centroid, 1).tolist(),
@@ -97,10 +101,12 @@ class HER2Result:
 
     def subset(self, keep: np.ndarray) -> "HER2Result":
         """The score of a subset of this result's cells (boolean or index array)."""
-        return summarize(
+        out = summarize(
             self.centroid[keep], self.cell_class[keep], self.completeness[keep],
             self.intensity[keep], self.tumour[keep], mpp=self.mpp, params=self.params,
         )
+        out.warning = self.warning
+        return out
 
     @staticmethod
     def merge(results: Sequence["HER2Result"], offsets: Sequence[tuple[float, float]] | None = None) -> "HER2Result":
@@ -112,8 +118,10 @@ class HER2Result:
         offsets = offsets or [(0.0, 0.0)] * len(results)
         cen = np.concatenate([r.centroid + np.asarray(o, float) for r, o in zip(results, offsets)])
         cat = lambda a: np.concatenate([getattr(r, a) for r in results])  # noqa: E731
-        return summarize(cen, cat("cell_class"), cat("completeness"), cat("intensity"), cat("tumour"),
-                         mpp=results[0].mpp, params=results[0].params)
+        out = summarize(cen, cat("cell_class"), cat("completeness"), cat("intensity"), cat("tumour"),
+                        mpp=results[0].mpp, params=results[0].params)
+        out.warning = next((r.warning for r in results if r.warning), None)
+        return out
 
 
 def classify_cells(sector_dab: np.ndarray, params: ScoreParams = ScoreParams()):
@@ -208,6 +216,26 @@ def analyse(rgb: np.ndarray, mpp: float = 0.5, *, estimate_stains: bool = False,
     return cells, cls, comp, inten, tum
 
 
+#: Mean eosin OD over tissue above which an image is taken for an H&E, not a DAB IHC.
+EOSIN_WARNING_OD = 0.08
+
+
+def stain_warning(rgb: np.ndarray) -> str | None:
+    """A warning when ``rgb`` looks like an eosin (H&E) stain rather than hematoxylin-DAB."""
+    from ..stain import HED_MATRIX, rgb_to_od, separate
+
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 250_000)))
+    sub = rgb[::step, ::step]
+    tissue = rgb_to_od(sub).sum(-1) > 0.3
+    if tissue.sum() < 100:
+        return None
+    e = float(np.maximum(separate(sub, HED_MATRIX)[..., 1], 0)[tissue].mean())
+    if e > EOSIN_WARNING_OD:
+        return (f"the image looks like an H&E stain (mean eosin OD {e:.2f}), not a HER2 DAB IHC; "
+                "eosin is read as DAB and the score is not meaningful")
+    return None
+
+
 def _check_rgb(rgb) -> np.ndarray:
     from ..errors import InputError
 
@@ -255,6 +283,7 @@ def score(rgb, mpp: float = 0.5, mask: np.ndarray | None = None, *, estimate_sta
         xi = np.clip(np.rint(cen[:, 0]).astype(int), 0, mask.shape[1] - 1)
         yi = np.clip(np.rint(cen[:, 1]).astype(int), 0, mask.shape[0] - 1)
         res = res.subset(mask[yi, xi])
+    res.warning = stain_warning(a)
     return res
 
 

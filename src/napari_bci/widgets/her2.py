@@ -56,7 +56,7 @@ def _label_colormap():
 class HER2Widget(QWidget):
     """Score HER2 on an IHC layer; results in :attr:`result` / :attr:`region_results`."""
 
-    def __init__(self, viewer):
+    def __init__(self, viewer: "napari.viewer.Viewer"):
         super().__init__()
         self.viewer = viewer
         self.result: HER2Result | None = None
@@ -273,6 +273,11 @@ class HER2Widget(QWidget):
         cmp = out.get("compare")
         if cmp:
             lines.append(cmp["text"])
+        if self.result.warning:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"HER2: {self.result.warning}")
+            lines.append(f"Warning: {self.result.warning}")
         self.explanation.setText("\n".join(lines))
         fr = self.result.fractions
         self.details.setText(
