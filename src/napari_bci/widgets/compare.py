@@ -353,7 +353,7 @@ def _fmt(v) -> str:
 class CompareWidget(QWidget):
     """Compare a generated IHC layer with the ground truth (see the module docstring)."""
 
-    def __init__(self, viewer):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer
         self.scores: list[RegionScore] = []
@@ -543,7 +543,7 @@ class CompareWidget(QWidget):
                     self._hidden_by_us.append(ly.name)
             g.opacity = 1.0
             g.visible = t.visible = True
-            grid.shape = (1, -1)
+            grid.shape = (-1, -1)
             grid.enabled = True  # one viewbox per visible layer, all on the shared camera
         else:
             grid.enabled = False
@@ -672,6 +672,8 @@ class CompareWidget(QWidget):
         kw = {}
         if t is not None:
             kw = dict(scale=tuple(t.scale[-2:]), translate=tuple(t.translate[-2:]))
+            if (t.metadata or {}).get("mpp"):
+                kw["units"] = ("µm", "µm")
         ly = self.viewer.add_shapes(
             name=L.REGIONS, ndim=2, edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=3,
             features={"region_id": np.array([], dtype=object), "name": np.array([], dtype=object),
@@ -694,7 +696,11 @@ class CompareWidget(QWidget):
                 world = yx * np.asarray(sl.scale[-2:]) + np.asarray(sl.translate[-2:])
                 yx = (world - np.asarray(t.translate[-2:])) / np.asarray(t.scale[-2:])
             data.append(yx)
-        return shapes_to_regions(data, list(sl.shape_type), sl.features if len(sl.features) else None)
+        regions = shapes_to_regions(data, list(sl.shape_type), sl.features if len(sl.features) else None)
+        for i, r in enumerate(regions):
+            if not r.name:
+                r.name = f"Region {i + 1}"
+        return regions
 
     def import_geojson(self, path) -> int:
         """Add the regions of a QuPath GeoJSON file to the ``Regions`` layer; returns how many."""

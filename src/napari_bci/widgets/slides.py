@@ -39,7 +39,7 @@ class SlidesWidget(QWidget):
     "H&E" and "IHC (ground truth)" layers with their physical scale; for BCI folders, step through
     the pairs filtered by HER2 level and split. Files can be dropped onto the widget."""
 
-    def __init__(self, viewer: Any, parent: QWidget | None = None):
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = viewer
         self.dataset = None  # the whole BCI dataset
