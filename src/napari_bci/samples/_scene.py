@@ -28,7 +28,7 @@ _EOSIN_SCANNED = np.array([0.15, 0.85, 0.50]) / np.linalg.norm([0.15, 0.85, 0.50
 # membrane classes (ASCO/CAP vocabulary)
 M_NONE, M_FAINT, M_WEAK, M_INTENSE = 0, 1, 2, 3
 # cell kinds
-K_TUMOUR, K_FIBRO, K_LYMPH = 0, 1, 2
+K_TUMOUR, K_FIBRO, K_LYMPH, K_ENDO = 0, 1, 2, 3
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xC2B2AE3D27D4EB4F)
@@ -283,8 +283,8 @@ class Scene:
                 v = -x * sn + y * c
                 wk = np.exp(7.0 * fbm(x, y, 450.0, s + 20 + k, 2))
                 if "fibre_phase" in want:
-                    ph = ph + wk * (6.0 * fbm(u * 0.5, v * 0.08, 50.0, s + 11 + 3 * k, 2)
-                                    + 0.5 * vnoise(u * 0.015, v * 0.05, s + 12 + 3 * k))
+                    ph = ph + wk * (30.0 * fbm(u * 0.5, v * 0.08, 50.0, s + 11 + 3 * k, 2)
+                                    + 1.5 * vnoise(u * 0.015, v * 0.05, s + 12 + 3 * k))
                 if "crack" in want:
                     cr = cr + wk * vnoise(u * 0.3 / 25.0, v * 0.12 / 25.0, s + 13 + 3 * k)
                 wsum = wsum + wk
@@ -397,13 +397,69 @@ class Scene:
                 site=_site(JX[k], JY[k], 2),
             )
         )
-        return {key: np.concatenate([o[key] for o in out]) for key in out[0]}
+        V = self.vessels(box)
+        if len(V["x"]):
+            # no stromal cells inside vessels (lumen + wall)
+            for o in out[1:]:
+                o_keep = ~_inside_vessels(V, o["x"], o["y"], 1.0)
+                for key in o:
+                    o[key] = o[key][o_keep]
+            # flat endothelial nuclei along each lumen
+            ex, ey, eth, vid, eix = [], [], [], [], []
+            for i in range(len(V["x"])):
+                m = int(np.clip(2 * np.pi * np.sqrt(V["a"][i] * V["b"][i]) / 14.0, 3, 12))
+                t = 2 * np.pi * (np.arange(m) + hash01(np.full(m, V["site"][i]), np.arange(m), s + 810)) / m
+                ct, st = np.cos(V["theta"][i]), np.sin(V["theta"][i])
+                lx, ly = (V["a"][i] + 1.0) * np.cos(t), (V["b"][i] + 1.0) * np.sin(t)
+                ex.append(V["x"][i] + ct * lx - st * ly)
+                ey.append(V["y"][i] + st * lx + ct * ly)
+                # tangent direction of the ellipse at t
+                tx, ty = -V["a"][i] * np.sin(t), V["b"][i] * np.cos(t)
+                eth.append(np.arctan2(st * tx + ct * ty, ct * tx - st * ty))
+                vid.append(np.full(m, V["site"][i]))
+                eix.append(np.arange(m))
+            ex, ey, eth, vid, eix = map(np.concatenate, (ex, ey, eth, vid, eix))
+            n = len(ex)
+            hh = lambda k: hash01(vid, eix, s + 820 + k)  # noqa: E731
+            out.append(dict(
+                x=ex, y=ey, kind=np.full(n, K_ENDO, np.int8), a=4.0 + 2.0 * hh(0), b=0.9 + 0.4 * hh(1), theta=eth,
+                od=0.6 + 0.2 * hh(2), tex=np.full(n, 0.15), nucleoli=np.zeros(n, np.int8),
+                mclass=np.zeros(n, np.int8), comp=np.zeros(n), mod=np.zeros(n), arc0=np.zeros(n), cyto=np.ones(n),
+                in_he=hh(3) > 0.03, in_ihc=hh(4) > 0.03, ihc_scale=0.9 + 0.15 * hh(5), site=vid * 64 + eix,
+            ))
+        keep_box = [(o["x"] >= box[0]) & (o["x"] < box[2]) & (o["y"] >= box[1]) & (o["y"] < box[3]) for o in out]
+        return {key: np.concatenate([o[key][kb] for o, kb in zip(out, keep_box)]) for key in out[0]}
+
+    def vessels(self, box) -> dict:
+        """Small vessels (capillaries, venules) in the stroma; lengths in um (lumen half-axes a, b)."""
+        pad = 40.0
+        b2 = (box[0] - pad, box[1] - pad, box[2] + pad, box[3] + pad)
+        JX, JY, px, py = self._lattice(b2, 95.0, self.salt + 800, 0.8)
+        f = self.fields(px, py, ("nest", "fat", "tissue"))
+        h = lambda k: hash01(JX, JY, self.salt + 900 + k)  # noqa: E731
+        keep = (f["nest"] < -0.1) & (f["fat"] < -0.05) & (f["tissue"] > 0.5) & (h(0) < 0.7)
+        a = 4.0 + 20.0 * h(1) ** 2
+        return dict(x=px[keep], y=py[keep], a=a[keep], b=(a * (0.35 + 0.6 * h(2)))[keep],
+                    theta=(np.pi * h(3))[keep], wall=(1.5 + 0.25 * a)[keep], rbc=h(4)[keep],
+                    site=_site(JX[keep], JY[keep], 3))
 
     def adipocytes(self, box) -> tuple[np.ndarray, np.ndarray]:
         JX, JY, px, py = self._lattice(box, 48.0, self.salt + 700, 0.8)
         f = self.fields(px, py, ("fat", "nest", "tissue"))
         keep = (f["fat"] > 0) & (f["nest"] < -0.05) & (f["tissue"] > 0.5)
         return px[keep], py[keep]
+
+
+def _inside_vessels(V, x, y, margin_um: float) -> np.ndarray:
+    """Which points (um) lie inside a vessel (lumen + wall + margin)."""
+    inside = np.zeros(len(x), bool)
+    for i in range(len(V["x"])):
+        c, s = np.cos(V["theta"][i]), np.sin(V["theta"][i])
+        dx, dy = x - V["x"][i], y - V["y"][i]
+        u = (c * dx + s * dy) / (V["a"][i] + V["wall"][i] + margin_um)
+        v = (-s * dx + c * dy) / (V["b"][i] + V["wall"][i] + margin_um)
+        inside |= u * u + v * v < 1.0
+    return inside
 
 
 def _gauss(u1, u2):
@@ -511,7 +567,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     m = margin  # a multiple of 8, so JPEG blocks align across windows
     wy0, wx0 = y0 - m, x0 - m
     wh, ww = h + 2 * m, w + 2 * m
-    up = _field_nodes(scene, frame, wy0, wx0, wh, ww, d, ("tissue", "nest", "fibre_phase", "crack", "stainvar"))
+    up = _field_nodes(scene, frame, wy0, wx0, wh, ww, d, ("tissue", "nest", "lumen", "fibre_phase", "crack", "stainvar"))
     # H&E-frame bounding box (um) of the window, for the cells
     corners = np.array([[wx0, wy0], [wx0 + ww, wy0], [wx0, wy0 + wh], [wx0 + ww, wy0 + wh]], float) * d
     bb = frame.to_he(corners) * mpp0
@@ -602,20 +658,53 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         fat = (a1 < ra) & ~tumour
         agap = np.minimum(a2 - a1, 2.0 * np.abs(ra - a1)) + 1.2 * cytotex
         fat_mem = np.clip(1.0 - agap / (1.0 * scale_px + 0.8), 0.0, 1.0) * ((a1 < ra + 2) & ~tumour)
+    # vessels: lumen (with red cells) and a pink wall
+    vlum = np.zeros((wh, ww), np.float32)
+    vwall = np.zeros((wh, ww), np.float32)
+    rbc = np.zeros((wh, ww), np.float32)
+    V = scene.vessels(box)
+    if len(V["x"]):
+        vp = frame.from_he(np.stack([V["x"], V["y"]], 1) / mpp0)
+        vx = (vp[:, 0] + 0.5) / d - 0.5 - wx0
+        vy = (vp[:, 1] + 0.5) / d - 0.5 - wy0
+        rbc_tex = noise_window(salt + 4, 2.2 * scale_px / 2.0 + 0.5, wy0, wx0, wh, ww)
+        for i in range(len(vx)):
+            r = int((V["a"][i] + V["wall"][i]) * scale_px) + 3
+            ya, yb = max(int(vy[i]) - r, 0), min(int(vy[i]) + r + 2, wh)
+            xa, xb = max(int(vx[i]) - r, 0), min(int(vx[i]) + r + 2, ww)
+            if ya >= yb or xa >= xb:
+                continue
+            dy = (np.arange(ya, yb, dtype=np.float32) - np.float32(vy[i]))[:, None]
+            dx = (np.arange(xa, xb, dtype=np.float32) - np.float32(vx[i]))[None, :]
+            c, sn = np.cos(V["theta"][i]), np.sin(V["theta"][i])
+            u = (c * dx + sn * dy) / (V["a"][i] * scale_px)
+            v = (-sn * dx + c * dy) / (V["b"][i] * scale_px)
+            rl = np.sqrt(u * u + v * v) + 0.04 * cytotex[ya:yb, xa:xb]
+            wl = V["wall"][i] / max(np.sqrt(V["a"][i] * V["b"][i]), 1e-6)
+            lum = np.clip((1.0 - rl) * 6.0, 0.0, 1.0)
+            wal = np.clip((1.0 + wl - rl) * 6.0, 0.0, 1.0) - lum
+            np.maximum(vlum[ya:yb, xa:xb], lum, out=vlum[ya:yb, xa:xb])
+            np.maximum(vwall[ya:yb, xa:xb], wal, out=vwall[ya:yb, xa:xb])
+            thr = 1.6 - 1.5 * V["rbc"][i]  # how full of red cells the lumen is
+            cells = smoothstep(thr - 0.15, thr + 0.15, rbc_tex[ya:yb, xa:xb]) * lum
+            np.maximum(rbc[ya:yb, xa:xb], cells, out=rbc[ya:yb, xa:xb])
+        vlum *= ~(tumour | fat)
+        vwall *= ~(tumour | fat)
+        rbc *= vlum
     tissue = up["tissue"]
     nest = up["nest"]
     other = ~(tumour | fat)
-    lumen = other & (nest > 0)
-    retraction = other & (nest > -0.03) & (nest <= 0)
-    stroma = (other & ~lumen & ~retraction).astype(np.float32)
+    lumen = other & (nest > 0) & (up["lumen"] > -0.12)  # gland-like spaces inside nests
+    retraction = other & ~lumen & (d1 < rmax + 2.0 * scale_px) & (nest > -0.06)  # shrinkage around nests
+    stroma = (other & ~lumen & ~retraction).astype(np.float32) * (1.0 - vlum)
     ph = up["fibre_phase"]
     # fibres fade where the iso-lines are far apart (around extrema: no bull's-eyes) or too dense
     gy, gx = np.gradient(ph)
     gm = np.sqrt(gx * gx + gy * gy)
-    vis = smoothstep(0.012, 0.04, gm) * (1.0 - smoothstep(0.25, 0.4, gm))
+    vis = smoothstep(0.01, 0.03, gm) * (1.0 - smoothstep(0.25, 0.4, gm))
     fib = 0.25 + vis * ((0.5 + 0.5 * np.cos(6.2832 * ph)) ** 2 - 0.25)
     fib2 = 0.5 + vis * 0.5 * np.cos(6.2832 * 2.7 * ph + 1.3)
-    crack = smoothstep(0.18, 0.3, up["crack"]) * (fib < 0.3)
+    crack = smoothstep(0.22, 0.34, up["crack"]) * (fib < 0.12)
     sv = up["stainvar"]
     cyto = tumour * (1.0 + 0.1 * cytotex)
     if n:
@@ -623,9 +712,9 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     tumf = tumour.astype(np.float32)
     if not is_ihc:
         gH, gE = scene.he_gain
-        E = stroma * (0.3 + (0.12 * fib + 0.06 * fib2) * (1 + 0.4 * cytotex)) * (1 - 0.9 * crack)
+        E = stroma * (0.32 + (0.09 * fib + 0.05 * fib2) * (1 + 0.4 * cytotex)) * (1 - 0.9 * crack)
         E += cyto * (scene.cyto_e * 1.15) + 0.05 * mem + 0.3 * fat_mem + 0.05 * lumen
-        E += 0.12 * nucH
+        E += 0.12 * nucH + 0.08 * vwall + 0.7 * rbc
         H = stroma * (0.06 + 0.02 * fib) + (0.09 * cyto + 0.02 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
         H += nucH
         H *= tissue * (gH * sv)
@@ -635,7 +724,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     else:
         gH, gD = scene.ihc_gain
         H = stroma * (0.025 + 0.012 * fib + 0.008 * cytotex) + 0.065 * cyto + 0.03 * fat_mem + 0.01 * lumen
-        H += nucH
+        H += nucH + 0.015 * vwall + 0.02 * rbc
         H *= tissue * (gH * sv)
         D = np.zeros((wh, ww), np.float32)
         sel = mem > 0
@@ -649,7 +738,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
             D[sel] = mem[sel] * C["mod"][cid] * on * gr
         if n:
             D += (cyto * scene.p.cyto_dab) * (C["mclass"][tid] > 0)
-        D += 0.01 * stroma * fib
+        D += 0.01 * stroma * fib + 0.06 * rbc  # red cells: endogenous peroxidase, a faint brown
         D *= tissue * (gD * sv)
         chans = [H, 0.015 * tissue + 0.5 * scene.neutral * H, D]
         matrix = scene.ihc_matrix
