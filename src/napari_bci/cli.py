@@ -35,19 +35,32 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _is_flat(v: Any) -> bool:
+    """A scalar, or a list of scalars / of lists of scalars: printed on one line."""
+    if isinstance(v, list):
+        return all(not isinstance(x, (dict, list)) or (isinstance(x, list) and _is_flat(x)) for x in v)
+    return not isinstance(v, dict)
+
+
 def _human(obj: Any, indent: int = 0) -> str:
     pad = "  " * indent
     if isinstance(obj, dict):
         lines = []
         for k, v in obj.items():
-            if isinstance(v, (dict, list)) and v and not all(isinstance(x, (int, float, str)) for x in v):
+            if _is_flat(v) or not v:
+                lines.append(f"{pad}{k}: {_scalar(v)}")
+            else:
                 lines.append(f"{pad}{k}:")
                 lines.append(_human(v, indent + 1))
-            else:
-                lines.append(f"{pad}{k}: {_scalar(v)}")
         return "\n".join(lines)
     if isinstance(obj, list):
-        return "\n".join(_human(x, indent) if isinstance(x, (dict, list)) else f"{pad}- {_scalar(x)}" for x in obj)
+        items = []
+        for x in obj:
+            if _is_flat(x):
+                items.append(f"{pad}- {_scalar(x)}")
+            else:  # a dict or nested list: "- " marks where each item starts
+                items.append(pad + "- " + _human(x, indent + 1).lstrip())
+        return "\n".join(items)
     return f"{pad}{_scalar(obj)}"
 
 
