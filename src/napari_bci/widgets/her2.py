@@ -28,6 +28,7 @@ LEARNED_LAYER = "HER2 (learned from H&E)"
 CLASS_COLOURS = ((0.35, 0.55, 0.95, 1.0), (1.0, 0.95, 0.3, 1.0), (1.0, 0.55, 0.1, 1.0), (0.85, 0.05, 0.05, 1.0))
 #: The cell overlay shows when a screen pixel covers at most this many image pixels.
 MAX_PX_PER_SCREEN_PX = 4.0
+MAP_OPACITY, MAP_OPACITY_ZOOMED_IN = 0.6, 0.15
 
 
 def _rgb_layers(viewer):
@@ -56,7 +57,7 @@ def _label_colormap():
 class HER2Widget(QWidget):
     """Score HER2 on an IHC layer; results in :attr:`result` / :attr:`region_results`."""
 
-    def __init__(self, viewer: "napari.viewer.Viewer"):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer
         self.result: HER2Result | None = None
@@ -68,7 +69,7 @@ class HER2Widget(QWidget):
         self.he_combo = QComboBox()
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(SCOPES)
-        self.learned_check = QCheckBox("learned level from H&E (built-in model)")
+        self.learned_check = QCheckBox("learned level from H&&E (built-in model)")
         self.learned_check.setChecked(True)
         self.score_btn = QPushButton("Score")
         self.cancel_btn = QPushButton("Cancel")
@@ -83,7 +84,7 @@ class HER2Widget(QWidget):
 
         form = QFormLayout()
         form.addRow("IHC layer", self.ihc_combo)
-        form.addRow("H&E layer", self.he_combo)
+        form.addRow("H&&E layer", self.he_combo)
         form.addRow("Score", self.scope_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.score_btn)
@@ -302,7 +303,8 @@ class HER2Widget(QWidget):
             ly.data = labels
             ly.scale, ly.translate = scale, translate
         else:
-            self.viewer.add_labels(labels, name=name, scale=scale, translate=translate, opacity=0.6,
+            self.viewer.add_labels(labels, name=name, scale=scale, translate=translate, opacity=MAP_OPACITY,
+                                   units=tuple(layer.units[-2:]),
                                    colormap=_label_colormap(), visible=visible,
                                    metadata={"role": "her2", "tile": int(tile), "levels": list(LEVELS)})
 
@@ -310,14 +312,15 @@ class HER2Widget(QWidget):
         keep = res.tumour
         pts = res.centroid[keep][:, ::-1] if len(res.centroid) else np.zeros((0, 2))
         colours = np.asarray([CLASS_COLOURS[c] for c in res.cell_class[keep]]).reshape(-1, 4)
-        size = max(6.0 / max(_mpp(layer), 1e-3), 3.0)  # ~6 um
+        size = max(3.5 / max(_mpp(layer), 1e-3), 3.0)  # ~3.5 um, smaller than a nucleus
         feats = {"class": [CLASSES[c] for c in res.cell_class[keep]],
                  "completeness": np.round(res.completeness[keep], 2)}
         if CELLS_LAYER in self.viewer.layers:
             self.viewer.layers.remove(CELLS_LAYER)
         self.viewer.add_points(pts, name=CELLS_LAYER, face_color=colours if len(pts) else "white",
                                border_width=0, size=size, scale=layer.scale[-2:], translate=layer.translate[-2:],
-                               features=feats, opacity=0.8)
+                               units=tuple(layer.units[-2:]),
+                               features=feats, opacity=0.75)
         self._cells_px = 1.0
         self._update_cell_visibility()
 
@@ -326,7 +329,9 @@ class HER2Widget(QWidget):
             return
         ly = self.viewer.layers[CELLS_LAYER]
         px_per_screen = 1.0 / max(self.viewer.scene.camera.zoom * float(ly.scale[-1]), 1e-9)
-        ly.visible = px_per_screen <= MAX_PX_PER_SCREEN_PX
+        ly.visible = zoomed_in = px_per_screen <= MAX_PX_PER_SCREEN_PX
+        if L.HER2 in self.viewer.layers:  # the tile map recedes while cells are shown
+            self.viewer.layers[L.HER2].opacity = MAP_OPACITY_ZOOMED_IN if zoomed_in else MAP_OPACITY
 
     def hideEvent(self, event):  # stop work when the dock is hidden or closed
         self.cancel()
