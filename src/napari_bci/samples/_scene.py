@@ -712,10 +712,10 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     tumf = tumour.astype(np.float32)
     if not is_ihc:
         gH, gE = scene.he_gain
-        E = stroma * (0.32 + (0.09 * fib + 0.05 * fib2) * (1 + 0.4 * cytotex)) * (1 - 0.9 * crack)
+        E = stroma * (0.22 + (0.08 * fib + 0.04 * fib2) * (1 + 0.5 * cytotex)) * (1 - 0.9 * crack)
         E += cyto * (scene.cyto_e * 1.15) + 0.05 * mem + 0.3 * fat_mem + 0.05 * lumen
         E += 0.12 * nucH + 0.08 * vwall + 0.7 * rbc
-        H = stroma * (0.06 + 0.02 * fib) + (0.09 * cyto + 0.02 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
+        H = stroma * (0.045 + 0.015 * fib) + (0.09 * cyto + 0.02 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
         H += nucH
         H *= tissue * (gH * sv)
         E *= tissue * (gE * sv)
@@ -851,9 +851,9 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
             memD = memD * (1.0 + 0.2 * tex)
     if not is_ihc:
         gH, gE = scene.he_gain
-        E = stroma * (0.3 + 0.12 * fib + 0.05) * (1 - 0.9 * crack) + tumour * (scene.cyto_e * 1.15)
+        E = stroma * (0.22 + 0.08 * fib + 0.03) * (1 - 0.9 * crack) + tumour * (scene.cyto_e * 1.15)
         E += 0.03 * fat + 0.05 * lumen + 0.10 * nucH
-        H = stroma * (0.06 + 0.02 * fib) + tumour * 0.1 + 0.004 * fat + nucH
+        H = stroma * (0.045 + 0.015 * fib) + tumour * 0.1 + 0.004 * fat + nucH
         H = H * tissue * (gH * sv)
         E = E * tissue * (gE * sv)
         conc = np.stack([H, E, scene.neutral * (H + E)], -1)
