@@ -223,16 +223,30 @@ def test_dask_levels_and_image_edges():
 
 def test_output_pyramid_levels():
     out = OutputPyramid((600, 500), 128, min_size=100, memory_bytes=600 * 500 * 3 - 1)
-    try:
-        assert [tuple(lv.shape[:2]) for lv in out.levels] == [(600, 500), (300, 250), (150, 125), (75, 63)]
-        assert type(out.levels[0]).__module__.startswith("zarr")  # large level: chunked on disk
-        rng = np.random.default_rng(5)
-        block = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
-        out.write(256, 384, block)
-        assert np.array_equal(np.asarray(out.levels[0][256:384, 384:500]), block[:, :116])
-        assert (np.asarray(out.levels[0][:256]) == 255).all()
-        expect = block[:, :116].astype(float).reshape(64, 2, 58, 2, 3).mean(axis=(1, 3))
-        got = np.asarray(out.levels[1][128:192, 192:250]).astype(float)
-        assert np.abs(got - expect).max() <= 0.5
-    finally:
-        out.close()
+    assert [tuple(lv.shape[:2]) for lv in out.levels] == [(600, 500), (300, 250), (150, 125), (75, 63)]
+    assert not isinstance(out.levels[0], np.ndarray)  # large level: sparse blocks
+    rng = np.random.default_rng(5)
+    block = rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    out.write(256, 384, block[:, :116])
+    lv0 = out.levels[0]
+    assert np.array_equal(lv0[256:384, 384:500], block[:, :116])
+    assert np.array_equal(np.asarray(lv0)[300, 400], block[44, 16])
+    assert np.array_equal(lv0[300, 400], block[44, 16]) and lv0[300, 400, 1] == block[44, 16, 1]
+    assert np.array_equal(lv0[250:260:3, 390, :2], np.concatenate([np.full((2, 2), 255), block[0:4:3, 6, :2]]))
+    assert (lv0[:256] == 255).all()
+    expect = block[:, :116].astype(float).reshape(64, 2, 58, 2, 3).mean(axis=(1, 3))
+    got = np.asarray(out.levels[1][128:192, 192:250]).astype(float)
+    assert np.abs(got - expect).max() <= 0.5
+
+
+def test_output_pyramid_memory_bound():
+    evicted = []
+    tile = np.zeros((64, 64, 3), np.uint8)
+    out = OutputPyramid((2048, 2048), 64, memory_bytes=0, max_bytes=40 * tile.nbytes, on_evict=evicted.append)
+    for i in range(32):
+        for j in range(32):
+            out.write(64 * i, 64 * j, tile)
+    assert out.nbytes <= out.max_bytes
+    assert len(evicted) > 900 and evicted[0] == (0, 0)
+    assert (out.levels[0][:64, :64] == 255).all()  # evicted: white again
+    assert (out.levels[0][-64:, -64:] == 0).all()  # recent: kept

@@ -60,6 +60,7 @@ def _make_widget(viewer, model, qtbot):
 def test_fast_pans_write_only_final_view(he_viewer, slow_model, qtbot):
     viewer, he = he_viewer
     w = _make_widget(viewer, slow_model, qtbot)
+    w.output_memory_bytes = 0  # block-sparse output levels, as for whole slides
     _look_at(viewer, 150, 150)
     w.start()
     name = L.generated_name(slow_model)

@@ -11,7 +11,9 @@ never runs inside an array napari reads.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
+import time
 from pathlib import Path
 
 from qtpy.QtCore import QTimer
@@ -49,8 +51,11 @@ class VirtualIHCWidget(QWidget):
     #: camera debounce (ms) and output refresh throttle (ms)
     debounce_ms = 150
     refresh_ms = 80
+    #: output levels above this many bytes are block-sparse; all blocks share ``output_max_bytes``
+    output_memory_bytes = 64 * 2**20
+    output_max_bytes = 1024 * 2**20
 
-    def __init__(self, viewer):
+    def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer
         self.engine = None
@@ -71,6 +76,7 @@ class VirtualIHCWidget(QWidget):
         self._dropped = 0
         self._error: Exception | None = None
         self.jobs_started = 0
+        self.main_thread_max_ms = 0.0
 
         self.he_combo = QComboBox()
         self.model_combo = QComboBox()
@@ -213,6 +219,10 @@ class VirtualIHCWidget(QWidget):
             if self._gen_key != (spec, device):
                 self.generator = load_generator(spec, device=device)
                 self._gen_key = (spec, device)
+                if self.generator.device == "cpu" and (os.cpu_count() or 1) > 1:
+                    from ..generate.device import set_cpu_threads
+
+                    set_cpu_threads((os.cpu_count() or 2) - 1)  # leave a core to the GUI thread
             tile = self.tile_spin.value() or None
             key = (id(he), spec, device, tile)
             if self._engine_key != key or self.output_layer is None or self.output_layer not in self.viewer.layers:
@@ -235,8 +245,9 @@ class VirtualIHCWidget(QWidget):
 
         self._remove_output()
         eng = self.engine
-        self.output = OutputPyramid(eng.shape, eng.grid.tile)
         self.written = set()
+        self.output = OutputPyramid(eng.shape, eng.grid.tile, memory_bytes=self.output_memory_bytes,
+                                    max_bytes=self.output_max_bytes, on_evict=self._on_evict)
         lv_mpp = None if eng.mpp is None else eng.mpp * eng.downsample[0]
         data, attrs, _ = L.image_layer(
             self.output.levels, L.generated_name(self.generator.name), mpp=lv_mpp, role="generated",
@@ -341,12 +352,15 @@ class VirtualIHCWidget(QWidget):
         self.jobs_started += 1
         cancel = self._cancel = threading.Event()
         engine = self.engine
+        n_levels = len(self.output.levels)
 
         def run():
+            from ..generate.engine import tile_pyramid
+
             # errors travel as payloads: a raising worker trips napari's task-status relay
             try:
                 for idx, tile in engine.generate(todo, cancel=cancel):
-                    yield job, idx, tile
+                    yield job, idx, tile_pyramid(tile, n_levels)  # reductions off the GUI thread
             except Exception as e:  # noqa: BLE001 (reported to the user on the main thread)
                 yield job, None, e
 
@@ -361,6 +375,7 @@ class VirtualIHCWidget(QWidget):
         worker.start()
 
     def _on_tile(self, payload) -> None:
+        t0 = time.perf_counter()
         job, idx, tile = payload
         if idx is None:
             self._on_error(tile)
@@ -369,16 +384,26 @@ class VirtualIHCWidget(QWidget):
             self._dropped += 1
             return
         y0, _, x0, _ = self.engine.grid.core(idx)
-        self.output.write(y0, x0, tile)
         self.written.add(idx)
+        self.output.write_pyramid(y0, x0, tile)
         self._job_done += 1
         self.progress.setValue(self._job_done)
         if not self._refresh_timer.isActive():
             self._refresh_timer.start()
+        self._note_main_thread(t0)
 
-    def _refresh_output(self) -> None:
+    def _on_evict(self, idx) -> None:
+        self.written.discard(tuple(idx))
+
+    def _refresh_output(self, thumbnail: bool = False) -> None:
+        t0 = time.perf_counter()
         if self.output_layer is not None and self.output_layer in self.viewer.layers:
-            self.output_layer.refresh()
+            self.output_layer.refresh(thumbnail=thumbnail, highlight=False, extent=False)
+        self._note_main_thread(t0)
+
+    def _note_main_thread(self, t0: float) -> None:
+        """Track the longest main-thread handler (benchmarks/bench_generate.py reports it)."""
+        self.main_thread_max_ms = max(self.main_thread_max_ms, (time.perf_counter() - t0) * 1000)
 
     def _on_error(self, exc) -> None:
         from napari.utils.notifications import show_error
@@ -393,7 +418,7 @@ class VirtualIHCWidget(QWidget):
             return
         self._worker = None
         self._cancel = None
-        self._refresh_output()
+        self._refresh_output(thumbnail=not self._pending)
         if self._error is not None:
             self._pending = None
             self.progress.setRange(0, 1)

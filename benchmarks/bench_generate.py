@@ -1,0 +1,275 @@
+"""Benchmarks of virtual-IHC generation (issue 3); one command, ratios from one run.
+
+    python benchmarks/bench_generate.py [--quick] [--json OUT.json]
+
+1. GUI responsiveness: longest main-thread stall (10 ms QTimer heartbeat) while the Virtual IHC
+   widget follows a panning camera over the synthetic WSI (lazy, 16k px), against the same pans
+   with generation off (napari's own slicing). Target: added stall < 50 ms.
+2. Throughput: tiles/s of the tile engine vs a reference-style loop (batch 1, fp32, one tile at
+   a time, torch.no_grad, as pix2pix's test script) on the same model and input windows.
+   Target >= 1.5x on CPU, >= 3x on a GPU.
+3. Work: tiles computed per view change / newly visible tiles (target <= 1.1), and revisiting
+   the views computes nothing (100 % cache hits).
+
+Model: the built-in model when installed, else a pix2pix ``resnet_9blocks`` (ngf 16 on CPU,
+64 on CUDA) with random weights (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _model(device: str | None):
+    import torch
+
+    from napari_bci.generate.architectures import resnet_generator
+    from napari_bci.generate.base import TorchGenerator
+    from napari_bci.generate.registry import builtin_available, load_generator
+
+    if builtin_available():
+        return load_generator("builtin", device=device), "builtin"
+    torch.manual_seed(0)
+    cuda = torch.cuda.is_available() and (device in (None, "auto") or str(device).startswith("cuda"))
+    ngf = 64 if cuda else 16
+    gen = TorchGenerator(resnet_generator(ngf=ngf, n_blocks=9), name=f"resnet_9blocks-ngf{ngf}", tile=256,
+                         halo=32, multiple=4, mpp=0.5, device=device)
+    return gen, gen.name
+
+
+def _he_levels(size: int):
+    try:
+        from napari_bci.samples.wsi import make_wsi_pair
+    except ImportError:
+        import dask.array as da
+
+        rng = da.random.default_rng(0)
+        lv0 = rng.integers(0, 256, (size, size, 3), dtype=np.uint8, chunks=(512, 512, 3))
+        levels = [lv0]
+        while levels[-1].shape[0] > 1024:
+            levels.append(levels[-1][::2, ::2])
+        return levels, 0.5, "random dask array"
+    w = make_wsi_pair(size=size, seed=0, her2="2+")
+    return w.he_levels, w.mpp, f"synthetic WSI {size}x{size}"
+
+
+# -- 2. throughput -----------------------------------------------------------------------------------
+def bench_throughput(gen, levels, mpp, n_tiles: int) -> dict:
+    import torch
+
+    from napari_bci.generate.cache import TileCache
+    from napari_bci.generate.engine import TileEngine
+
+    eng = TileEngine(gen, levels, mpp=mpp, cache=TileCache(2**30))
+    cy, cx = eng.grid.shape[0] // 2, eng.grid.shape[1] // 2
+    idx = eng.grid.centre_first(eng.grid.in_box((cy - 3) * eng.grid.tile, (cy + 3) * eng.grid.tile,
+                                                (cx - 3) * eng.grid.tile, (cx + 3) * eng.grid.tile))[:n_tiles]
+    windows = [eng.tile_input(i) for i in idx]  # read once: both sides get the same inputs
+    module, device = gen.module, gen.device
+
+    def reference():
+        outs = []
+        for w in windows:
+            t = torch.from_numpy(w).permute(2, 0, 1)[None].float().div(127.5).sub(1).to(device)
+            with torch.no_grad():
+                o = module(t)
+            o = o[0] if isinstance(o, (tuple, list)) else o
+            outs.append(((o[0] + 1) * 127.5).clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return outs
+
+    def engine():
+        e = TileEngine(gen, levels, mpp=mpp, cache=TileCache(2**30))
+        e._tile_inputs = dict(zip(idx, windows))
+        e.tile_input = e._tile_inputs.__getitem__  # same windows, no re-reading
+        return e.compute(idx)
+
+    engine()  # warm-up (oneDNN kernels for these shapes)
+    t0 = time.perf_counter()
+    reference()
+    t_ref = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine()
+    t_eng = time.perf_counter() - t0
+    return {"tiles": len(idx), "window_px": int(windows[0].shape[0]), "device": device,
+            "reference_tiles_per_s": round(len(idx) / t_ref, 3), "engine_tiles_per_s": round(len(idx) / t_eng, 3),
+            "ratio": round(t_ref / t_eng, 2), "engine_batch": int(eng.batch_size),
+            "threads": torch.get_num_threads()}
+
+
+# -- 1 + 3. GUI -------------------------------------------------------------------------------------------
+def bench_gui(gen, model_name: str, size: int, quick: bool, async_slicing: bool) -> dict:
+    if not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
+        from pyvirtualdisplay import Display
+
+        Display(visible=False, size=(1600, 1000)).start()
+    import napari
+    from napari.settings import get_settings
+
+    get_settings().experimental.async_ = async_slicing
+    from qtpy.QtCore import QElapsedTimer, QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_bci.generate import registry
+    from napari_bci.io import layers as L
+    from napari_bci.widgets.virtual_ihc import VirtualIHCWidget
+
+    registry.register("bench-model", lambda device=None: gen, replace=True, tile=gen.tile, halo=gen.halo,
+                      predicts_her2=gen.predicts_her2)
+    levels, mpp, what = _he_levels(size)
+    viewer = napari.Viewer(show=True, title="bench")
+    viewer.window.resize(1400, 900)
+    data, attrs, _ = L.image_layer(levels, L.HE, mpp=mpp, role="he")
+    viewer.add_image(data, **attrs)
+    w = VirtualIHCWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Virtual IHC")
+    w.model_combo.setCurrentText("bench-model")
+    app = QApplication.instance()
+    cam = viewer.scene.camera
+    h0, w0 = levels[0].shape[:2]
+    cam.zoom = 1.0 / mpp  # one screen pixel per level-0 pixel
+
+    def process(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            app.processEvents()
+            time.sleep(0.002)
+
+    def look(y, x):
+        cam.center = (y * mpp, x * mpp)
+
+    def heartbeat_run(path, step_ms, generate: bool):
+        """Pan along ``path`` every ``step_ms`` while a 10 ms heartbeat measures stalls."""
+        gaps = []
+        clock = QElapsedTimer()
+        clock.start()
+        last = [clock.elapsed()]
+
+        def beat():
+            now = clock.elapsed()
+            gaps.append(now - last[0])
+            last[0] = now
+
+        hb = QTimer()
+        hb.setInterval(10)
+        hb.timeout.connect(beat)
+        hb.start()
+        for y, x in path:
+            look(y, x)
+            process(step_ms / 1000)
+        if generate:
+            t_end = time.perf_counter() + 60
+            while not w.is_idle() and time.perf_counter() < t_end:
+                process(0.05)
+        hb.stop()
+        g = np.asarray(gaps[3:], float)
+        return {"max_stall_ms": float(g.max() - 10), "p99_gap_ms": float(np.percentile(g, 99)),
+                "beats": int(g.size)}
+
+    n_steps = 6 if quick else 12
+    step_px = 300
+    ys = [h0 * 0.3 + i * step_px for i in range(n_steps)]
+    path_a = [(y, w0 * 0.3) for y in ys]
+    path_b = [(y, w0 * 0.6) for y in ys]
+    look(*path_a[0])
+    process(1.0)
+    off = heartbeat_run(path_a, 400, generate=False)  # napari alone (slicing the lazy WSI)
+    look(*path_b[0])
+    process(0.5)
+    w.start_following()
+    on = heartbeat_run(path_b, 400, generate=True)
+    gui = {"image": what, "model": model_name, "napari_async_slicing": async_slicing,
+           "stall_without_generation": off, "stall_with_generation": on,
+           "added_stall_ms": round(on["max_stall_ms"] - off["max_stall_ms"], 1),
+           "longest_widget_handler_ms": round(w.main_thread_max_ms, 1)}
+
+    # 3. work per view change: discrete views, waiting for each to complete
+    views = [(h0 * 0.55 + i * 200, w0 * 0.45 + (i % 3) * 250) for i in range(4 if quick else 8)]
+    newly, computed = 0, 0
+    for v in views:
+        look(*v)
+        process((w.debounce_ms + 30) / 1000)
+        visible = set(w.visible_tiles())
+        new = len(visible - w.written)
+        c0 = w.engine.computed
+        t_end = time.perf_counter() + 60
+        while not (w.is_idle() and visible <= w.written) and time.perf_counter() < t_end:
+            process(0.05)
+        newly += new
+        computed += w.engine.computed - c0
+    # revisit: a fresh output layer, so every tile of these views is requested again
+    hits0 = w.engine.cache.hits
+    w._engine_key = None
+    w.start()
+    requested = 0
+    for v in views:
+        look(*v)
+        process((w.debounce_ms + 30) / 1000)
+        visible = set(w.visible_tiles())
+        requested += len(visible - w.written)
+        t_end = time.perf_counter() + 30
+        while not (w.is_idle() and visible <= w.written) and time.perf_counter() < t_end:
+            process(0.05)
+    revisit_computed = w.engine.computed
+    hits = w.engine.cache.hits - hits0
+    work = {"view_changes": len(views), "newly_visible_tiles": newly, "computed_tiles": computed,
+            "computed_per_newly_visible": round(computed / max(newly, 1), 3),
+            "revisit_requested_tiles": requested, "revisit_computed_tiles": revisit_computed,
+            "revisit_cache_hits": hits,
+            "revisit_cache_hit_rate": round(1 - revisit_computed / max(requested, 1), 3)}
+    w.stop()
+    viewer.close()
+    return {"gui": gui, "work": work}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tiles and views")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--size", type=int, default=16384, help="synthetic WSI size (px)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--no-gui", action="store_true", help="throughput only")
+    ap.add_argument("--sync-slicing", action="store_true",
+                    help="napari's default synchronous slicing (the lazy WSI's own rendering then stalls the GUI)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from napari_bci.generate.device import resolve_device
+
+    if resolve_device(args.device) == "cpu":
+        torch.set_num_threads(min(2, os.cpu_count() or 1) if os.environ.get("NAPARI_BCI_THREADS") is None
+                              else int(os.environ["NAPARI_BCI_THREADS"]))
+    gen, name = _model(args.device)
+    levels, mpp, what = _he_levels(args.size)
+    res = {"model": name, "image": what}
+    res["throughput"] = bench_throughput(gen, levels, mpp, n_tiles=8 if args.quick else 16)
+    t = res["throughput"]
+    print(f"[2] throughput on {t['device']} ({t['tiles']} tiles of {t['window_px']} px, {name}): "
+          f"reference {t['reference_tiles_per_s']} tiles/s, engine {t['engine_tiles_per_s']} tiles/s, "
+          f"ratio {t['ratio']}x (target >= {3 if t['device'].startswith('cuda') else 1.5}x)", flush=True)
+    if not args.no_gui:
+        res.update(bench_gui(gen, name, args.size, args.quick, async_slicing=not args.sync_slicing))
+        g, wk = res["gui"], res["work"]
+        print(f"[1] main-thread stall while following the view: {g['stall_with_generation']['max_stall_ms']:.0f} ms "
+              f"(napari alone on the same pans: {g['stall_without_generation']['max_stall_ms']:.0f} ms; "
+              f"added {g['added_stall_ms']:.0f} ms; longest widget handler {g['longest_widget_handler_ms']:.0f} ms; "
+              f"napari async slicing {'on' if g['napari_async_slicing'] else 'off'}; target < 50 ms)")
+        print(f"[3] computed / newly visible tiles: {wk['computed_tiles']} / {wk['newly_visible_tiles']} = "
+              f"{wk['computed_per_newly_visible']} (target <= 1.1); revisit computed "
+              f"{wk['revisit_computed_tiles']} tiles, cache hit rate {wk['revisit_cache_hit_rate'] * 100:.0f} %")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
