@@ -329,3 +329,21 @@ def test_save_generated_layer_computes_missing_tiles(slide_path, reference, tmp_
     assert rep["reused"] == 2 and rep["computed"] == rep["tissue_tiles"] - 2
     assert seen[-1] == rep["tissue_tiles"]
     assert _bytes_without_uuid(out) == _bytes_without_uuid(reference)
+
+
+def test_pages_layout_for_openslide(slide_path, reference, tmp_path, run_cli):
+    """``--layout pages``: every level a tiled top-level page marked reduced (OpenSlide generic-tiff)."""
+    out = tmp_path / "os.tif"
+    code, _, err = run_cli("generate", slide_path, "--model", "baseline", "--out", out, "--tile", TILE,
+                           "--layout", "pages")
+    assert code == 0, err
+    with tifffile.TiffFile(out) as tf:
+        pages = list(tf.pages)
+        assert len(pages) == 4 and all(p.is_tiled for p in pages)
+        assert [int(p.subfiletype) for p in pages] == [0, 1, 1, 1]
+        assert [p.shape[:2] for p in pages] == [(1280, 1792), (640, 896), (320, 448), (160, 224)]
+    from napari_bci.io.slide import open_slide
+
+    with open_slide(out) as s:
+        assert s.native_levels == 4 and s.mpp == pytest.approx(0.5)
+        assert np.array_equal(np.asarray(s.levels[0]), _levels(reference)[0])

@@ -613,6 +613,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compression", default="jpeg", help="OME-TIFF tile compression: jpeg (default), "
                    "zlib, zstd, lzw, webp or none")
     g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default 90)")
+    g.add_argument("--layout", choices=("subifd", "pages"), default="subifd",
+                   help="subifd: OME-TIFF with SubIFD levels (QuPath, Bio-Formats, napari; default); "
+                        "pages: levels as top-level pages (OpenSlide's generic-tiff sees every level)")
     g.add_argument("--keep-parts", action="store_true", help="keep the tile store OUT.parts after success")
     g.add_argument("--window", type=int, default=None, help="dask: most tasks in flight (default 4 per worker)")
     g.add_argument("--tiles-per-task", type=int, default=1, help="dask: tiles per task (default 1)")
@@ -651,7 +654,7 @@ def run_slide(args, generator) -> dict:
             tissue=getattr(args, "tissue", True), compression=_compression(args),
             quality=getattr(args, "quality", 90), keep_parts=getattr(args, "keep_parts", False),
             window=getattr(args, "window", None), tiles_per_task=getattr(args, "tiles_per_task", 1),
-            generator=None if distributed else generator)
+            layout=getattr(args, "layout", "subifd"), generator=None if distributed else generator)
     except KeyboardInterrupt:
         err = BCIError(f"{out}: interrupted; finished tiles are kept in {parts_dir(out)}, "
                        f"run the same command again to resume")
@@ -801,7 +804,8 @@ def run_folder(args, generator, files: Sequence[Path]) -> dict:
         on_error=getattr(args, "on_error", "stop"), level=getattr(args, "level", None),
         tissue=getattr(args, "tissue", True), compression=_compression(args),
         quality=getattr(args, "quality", 90), keep_parts=getattr(args, "keep_parts", False),
-        window=getattr(args, "window", None), tiles_per_task=getattr(args, "tiles_per_task", 1))
+        window=getattr(args, "window", None), tiles_per_task=getattr(args, "tiles_per_task", 1),
+        layout=getattr(args, "layout", "subifd"))
 
 
 # -- napari writer: save a generated layer, computing the tiles the viewer has not -----------------------

@@ -291,6 +291,14 @@ class DaskTiles(Cluster):
                      "batch_size": plan.extra.get("batch_size"),  # None: each worker's device default
                      "mpp": None if plan.mpp is None else float(plan.mpp)}
 
+    def start(self) -> "DaskTiles":
+        super().start()
+        try:  # open the slide on every worker now, not inside the first task
+            self.client.run(_warm_engine, self.plugin.name, self.spec)
+        except Exception:
+            pass  # a worker that cannot open it reports the error with its first task
+        return self
+
     def results(self, todo: Sequence[tuple[int, int]]) -> Iterator:
         """Results for ``todo`` in its order (see :meth:`Cluster.ordered`)."""
         k = self.tiles_per_task
@@ -310,6 +318,15 @@ def patch_results(files: Sequence, model: Any, *, device=None, tile=None, batch_
     with Cluster(model, workers=workers, scheduler=scheduler, device=device, window=window) as cl:
         for f, res in cl.ordered(patch_task, [str(f) for f in files], tile, batch_size):
             yield type(files[0])(f) if files and not isinstance(files[0], str) else f, res
+
+
+def _warm_engine(plugin_name: str, spec: dict, dask_worker=None) -> None:
+    import dask
+
+    p = dask_worker.plugins.get(plugin_name)
+    if p is not None:
+        with dask.config.set(scheduler="synchronous"):
+            p.engine(spec)
 
 
 def _worker_device(plugin_name: str, dask_worker=None) -> str:
