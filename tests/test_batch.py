@@ -347,3 +347,23 @@ def test_pages_layout_for_openslide(slide_path, reference, tmp_path, run_cli):
     with open_slide(out) as s:
         assert s.native_levels == 4 and s.mpp == pytest.approx(0.5)
         assert np.array_equal(np.asarray(s.levels[0]), _levels(reference)[0])
+
+
+def test_save_generated_layer_shows_napari_progress(slide_path, tmp_path):
+    """Inside napari (napari loaded), saving a generated layer reports through napari's progress."""
+    napari_utils = pytest.importorskip("napari.utils")
+    progress = napari_utils.progress
+    finished = []
+
+    def on_change(event):
+        finished.extend((p.desc, p.n, p.total) for p in event.removed)
+
+    progress._all_instances.events.changed.connect(on_change)
+    try:
+        meta = {"role": "generated", "source_path": str(slide_path), "model": "baseline", "tile": TILE}
+        out = tmp_path / "g.ome.tif"
+        save_generated_layer(out, [np.full((1280, 1792, 3), 255, np.uint8)], meta)
+    finally:
+        progress._all_instances.events.changed.disconnect(on_change)
+    n = len(_expected_tissue_tiles())
+    assert ("Saving g.ome.tif", n, n) in finished
