@@ -625,9 +625,12 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         rho = np.sqrt(u * u + v * v) + 0.04 * ch + 0.05 * cytotex[ya:yb, xa:xb]
         aa = float(np.sqrt(abs(det[i])))
         edge = np.clip((1.0 - rho) * (0.5 * aa + 0.5), 0.0, 1.0)
-        val = (0.45 + C["tex"][i] * tex_gain * 0.55 * ch) + 0.5 * np.exp(-(((rho - 0.88) * 7.0) ** 2))
+        # vesicular nucleus: paler interior with chromatin granules, dark nuclear membrane, nucleolus
+        tx = C["tex"][i] * tex_gain
+        val = (0.45 - 0.3 * tx) + tx * (0.25 * ch + 0.35 * np.maximum(ch, 0.0)) \
+            + (0.2 + 0.7 * tx) * np.exp(-(((rho - 0.9) * 9.0) ** 2))
         if C["nucleoli"][i] and not is_ihc:
-            val = val + 0.5 * np.exp(-((u - 0.3) ** 2 + (v + 0.1) ** 2) * 40.0)
+            val = val + 0.6 * np.exp(-((u - 0.25) ** 2 + (v + 0.1) ** 2) * 30.0)
         val = np.maximum(val, 0.0) * (edge * (C["od"][i] * nuc_gain))
         sub = nucH[ya:yb, xa:xb]
         if kind[i] == K_TUMOUR:
@@ -713,9 +716,9 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     if not is_ihc:
         gH, gE = scene.he_gain
         E = stroma * (0.22 + (0.08 * fib + 0.04 * fib2) * (1 + 0.5 * cytotex)) * (1 - 0.9 * crack)
-        E += cyto * (scene.cyto_e * 1.15) + 0.05 * mem + 0.3 * fat_mem + 0.05 * lumen
+        E += cyto * (scene.cyto_e * 0.9) + 0.05 * mem + 0.3 * fat_mem + 0.05 * lumen
         E += 0.12 * nucH + 0.08 * vwall + 0.7 * rbc
-        H = stroma * (0.045 + 0.015 * fib) + (0.09 * cyto + 0.02 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
+        H = stroma * (0.045 + 0.015 * fib) + (0.045 * cyto + 0.015 * cytotex * tumf) + 0.02 * mem + 0.04 * fat_mem
         H += nucH
         H *= tissue * (gH * sv)
         E *= tissue * (gE * sv)
@@ -760,7 +763,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
 
 
 #: mean hematoxylin of a rendered nucleus relative to its OD (texture and rim averaged over the disc)
-_NUC_MEAN = 0.55
+_NUC_MEAN = 0.4
 
 
 def _splat(img, x, y, mass):
@@ -851,9 +854,9 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
             memD = memD * (1.0 + 0.2 * tex)
     if not is_ihc:
         gH, gE = scene.he_gain
-        E = stroma * (0.22 + 0.08 * fib + 0.03) * (1 - 0.9 * crack) + tumour * (scene.cyto_e * 1.15)
+        E = stroma * (0.22 + 0.08 * fib + 0.03) * (1 - 0.9 * crack) + tumour * (scene.cyto_e * 0.9)
         E += 0.03 * fat + 0.05 * lumen + 0.10 * nucH
-        H = stroma * (0.045 + 0.015 * fib) + tumour * 0.1 + 0.004 * fat + nucH
+        H = stroma * (0.045 + 0.015 * fib) + tumour * 0.05 + 0.004 * fat + nucH
         H = H * tissue * (gH * sv)
         E = E * tissue * (gE * sv)
         conc = np.stack([H, E, scene.neutral * (H + E)], -1)

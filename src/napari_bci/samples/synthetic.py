@@ -29,7 +29,6 @@ class Truth:
     tumour_mask: np.ndarray  # (H, W) bool, H&E frame
     cells: dict = field(default_factory=dict)
     seed: int = 0
-    level: int = 0
 
     def to_json(self) -> dict:
         c = self.cells
@@ -46,7 +45,7 @@ class Truth:
         }
         return {
             "her2": self.her2,
-            "level": self.level,
+            "level": self.her2,
             "mpp": self.mpp,
             "seed": self.seed,
             "transform": self.transform.to_dict(),
