@@ -17,8 +17,9 @@ synthetic = pytest.importorskip("napari_bci.samples.synthetic")
 
 #: Seeds never used for calibration (thresholds were tuned on seeds 0-2, see docs/her2.md).
 HELD_OUT = (31, 32)
-#: Image size: 768 px keeps the test module within its time budget (docs/her2.md has 1024 px runs).
-SIZE = 768
+#: Image size: 512 px keeps the test module within its time budget (docs/her2.md has the
+#: 1024 px benchmark run; 40/40 images of seeds 31-40 at 512 px were also scored correctly).
+SIZE = 512
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def real_ihc():
 def test_level_accuracy_on_held_out_synthetic_truth(scored):
     wrong = []
     for (lv, s), r in scored.items():
-        assert r.cells > 100, (lv, s, r.explanation)
+        assert r.cells > 50, (lv, s, r.explanation)
         if r.her2 != lv:
             wrong.append((lv, s, r.explanation))
     # >= 95% over the eight images means all of them
@@ -103,7 +104,7 @@ def test_unstained_tissue_scores_zero(pairs):
     h, _ = separate_hdab(p.ihc)
     counterstain_only = render(np.stack([h, np.zeros_like(h)], -1), stain_matrix(HEMATOXYLIN, DAB)[:2])
     r = score(counterstain_only, 0.5)
-    assert r.her2 == "0" and r.fractions["any"] < 0.05 and r.cells > 100
+    assert r.her2 == "0" and r.fractions["any"] < 0.05 and r.cells > 50
 
 
 def test_macenko_recovers_perturbed_vectors():
@@ -145,7 +146,7 @@ def test_score_map_on_a_pyramid(pairs):
     p = pairs[("3+", HELD_OUT[0])]
     levels = [p.ihc, p.ihc[::2, ::2], p.ihc[::4, ::4]]
     seen = []
-    m = score_map(levels, 0.5, tile_um=256, progress=lambda d, t: seen.append((d, t)))
+    m = score_map(levels, 0.5, tile_um=128, progress=lambda d, t: seen.append((d, t)))
     assert m.labels.shape == (2, 2) and seen[-1] == (4, 4)
     assert m.analysis_mpp == 1.0  # the coarsest level with enough resolution for cells
     assert set(np.unique(m.labels)) <= {0, 1, 2, 3, 4} and (m.labels == 4).any()
@@ -194,9 +195,9 @@ def test_learned_map_and_disagreement(pairs):
     from napari_bci.her2.learned import compare, disagreement, predict_map, predict_polygon
 
     p = pairs[("3+", HELD_OUT[0])]
-    lm = predict_map(p.ihc, 0.5, _MeanDabHead(), tile_um=256)
+    lm = predict_map(p.ihc, 0.5, _MeanDabHead(), tile_um=128)
     assert lm.probs.shape == (2, 2, 4) and np.allclose(np.nansum(lm.probs, -1)[lm.labels > 0], 1)
-    rule = score_map(p.ihc, 0.5, tile_um=256)
+    rule = score_map(p.ihc, 0.5, tile_um=128)
     dis = disagreement(rule.labels, lm.labels)
     assert dis.shape == rule.labels.shape
     c = compare(rule.overall, lm.region())
@@ -205,6 +206,28 @@ def test_learned_map_and_disagreement(pairs):
     pp = predict_polygon(p.ihc, np.array([[0, 0], [600, 0], [600, 600], [0, 600]]), 0.5, _MeanDabHead())
     assert pp.shape == (4,) and abs(pp.sum() - 1) < 1e-6
     assert compare("2+", None)["learned"] is None
+
+
+def test_level_aware_torch_head_per_tile_and_region(pairs):
+    """The real level-aware architecture (untrained, small) through the generator interface."""
+    torch = pytest.importorskip("torch")
+    from napari_bci.generate.base import TorchGenerator
+    from napari_bci.generate.level_aware import build
+    from napari_bci.her2.learned import compare, predict_map, predict_polygon
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = TorchGenerator(build({"channels": [8, 8, 16, 16], "n_blocks": 1, "head_channels": 8}),
+                           name="tiny-level-aware", tile=128, halo=0, mpp=1.0, multiple=16)
+    assert model.predicts_her2
+    p = pairs[("2+", HELD_OUT[0])]
+    lm = predict_map(p.he[:256, :512], 0.5, model, tile_um=128)  # windows resampled from 0.5 to 1.0 um/px
+    ok = lm.labels > 0
+    assert ok.any() and np.allclose(lm.probs[ok].sum(-1), 1, atol=1e-5)
+    assert lm.labels.shape == (1, 2)
+    pp = predict_polygon(p.he, np.array([[0, 0], [255, 0], [255, 255], [0, 255]]), 0.5, model)
+    assert pp.shape == (4,) and abs(pp.sum() - 1) < 1e-5
+    assert compare("2+", pp)["agree"] in (True, False)
 
 
 def test_builtin_level_model_when_installed(pairs):

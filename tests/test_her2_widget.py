@@ -103,3 +103,31 @@ def test_cancel_whole_image(make_napari_viewer, qtbot):
     qtbot.waitUntil(widget.is_idle, timeout=60_000)
     assert widget.result is None and L.HER2 not in viewer.layers
     assert widget.score_btn.isEnabled()
+
+
+def test_learned_level_next_to_rule_score(viewer_with_ihc, qtbot):
+    """A registered generator with a HER2 head (the real level-aware architecture, untrained)
+    gives the learned level per tile and the comparison with the rule-based score."""
+    torch = pytest.importorskip("torch")
+    from napari_bci.generate import registry
+    from napari_bci.generate.base import TorchGenerator
+    from napari_bci.generate.level_aware import build
+    from napari_bci.widgets.her2 import LEARNED_LAYER, HER2Widget
+
+    def factory(device=None, **_):
+        torch.manual_seed(0)
+        module = build({"channels": [8, 8, 16, 16], "n_blocks": 1, "head_channels": 8})
+        return TorchGenerator(module, name="tiny-her2-test", tile=128, halo=0, mpp=1.0, multiple=16)
+
+    registry.register("tiny-her2-test", factory, tile=128, halo=0, mpp=1.0, predicts_her2=True)
+    try:
+        widget = HER2Widget(viewer_with_ihc)
+        widget.model_name = "tiny-her2-test"
+        _run(widget, qtbot, "Whole image")
+        text = widget.explanation.text()
+        assert "rule-based 3+ vs learned" in text and "tiles: " in text
+        assert widget.learned["rule"] == "3+" and widget.learned["learned"] in ("0", "1+", "2+", "3+")
+        assert LEARNED_LAYER in viewer_with_ihc.layers
+        assert viewer_with_ihc.layers[LEARNED_LAYER].data.shape == viewer_with_ihc.layers["HER2 (predicted)"].data.shape
+    finally:
+        registry.unregister("tiny-her2-test")

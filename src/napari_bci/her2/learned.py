@@ -15,15 +15,25 @@ from .scoring import LEVELS, HER2Result
 from .tiles import _tissue_fraction, as_levels, read_rgb
 
 
+_MODELS: dict = {}
+
+
 def level_model(name: str = "builtin", device: str | None = None):
-    """The generator ``name`` if it predicts a HER2 level, else ``None`` (absent, broken or no head)."""
+    """The generator ``name`` if it predicts a HER2 level, else ``None`` (absent, broken or no
+    head). Loaded models are kept for the next call."""
+    key = (str(name), device)
+    if key in _MODELS:
+        return _MODELS[key]
     try:
         from ..generate.registry import load_generator
 
         gen = load_generator(name, device=device)
     except Exception:  # weights not installed, torch missing, bad checkpoint: no learned level
         return None
-    return gen if getattr(gen, "predicts_her2", False) else None
+    gen = gen if getattr(gen, "predicts_her2", False) else None
+    if gen is not None:
+        _MODELS[key] = gen
+    return gen
 
 
 def predict_tiles(tiles: np.ndarray, model) -> np.ndarray:
@@ -104,20 +114,10 @@ class LevelMap:
         return self.probs[ok].mean(0) if ok.any() else None
 
 
-def predict_map(
-    he,
-    mpp: float | None = 0.5,
-    model=None,
-    *,
-    tile_um: float = 256.0,
-    min_tissue: float = 0.05,
-    progress: Callable[[int, int], None] | None = None,
-    cancelled: Callable[[], bool] | None = None,
-) -> LevelMap | None:
-    """Learned HER2 probabilities per tile of an H&E image or pyramid (``None`` without a model).
-    The grid matches :func:`napari_bci.her2.tiles.score_map` with the same ``tile_um``."""
-    from ..errors import Cancelled
-
+def iter_predict_map(he, mpp: float | None = 0.5, model=None, *, tile_um: float = 256.0,
+                     min_tissue: float = 0.05):
+    """Generator form of :func:`predict_map`: yields ``(done, total)`` per tile and returns the
+    :class:`LevelMap` (or ``None`` without a model) as ``StopIteration.value``."""
     model = model if model is not None else level_model()
     if model is None:
         return None
@@ -132,16 +132,40 @@ def predict_map(
     probs = np.full((ny, nx, 4), np.nan)
     for r in range(ny):
         for c in range(nx):
-            if cancelled is not None and cancelled():
-                raise Cancelled("HER2 prediction cancelled")
             x, y = c * tile0, r * tile0
             win = read_rgb(lv, int(x / ds), int(y / ds), int(np.ceil((x + tile0) / ds)), int(np.ceil((y + tile0) / ds)))
             if win.size and _tissue_fraction(win) >= min_tissue:
                 probs[r, c] = _probs_of_window(win, model, scale)
-            if progress is not None:
-                progress(r * nx + c + 1, ny * nx)
+            yield r * nx + c + 1, ny * nx
     labels = np.where(np.isfinite(probs[..., 0]), 1 + np.nan_to_num(probs).argmax(-1), 0).astype(np.uint8)
     return LevelMap(probs, labels, tile0)
+
+
+def predict_map(
+    he,
+    mpp: float | None = 0.5,
+    model=None,
+    *,
+    tile_um: float = 256.0,
+    min_tissue: float = 0.05,
+    progress: Callable[[int, int], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> LevelMap | None:
+    """Learned HER2 probabilities per tile of an H&E image or pyramid (``None`` without a model).
+    The grid matches :func:`napari_bci.her2.tiles.score_map` with the same ``tile_um``."""
+    from ..errors import Cancelled
+
+    gen = iter_predict_map(he, mpp, model, tile_um=tile_um, min_tissue=min_tissue)
+    while True:
+        if cancelled is not None and cancelled():
+            gen.close()
+            raise Cancelled("HER2 prediction cancelled")
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
 
 
 def compare(rule: HER2Result | str | None, probs: np.ndarray | None) -> dict:

@@ -62,7 +62,10 @@ class HER2Widget(QWidget):
         self.viewer = viewer
         self.result: HER2Result | None = None
         self.region_results: dict[str, HER2Result] = {}
+        #: rule-based vs learned level (``napari_bci.her2.learned.compare``), when computed
         self.learned: dict | None = None
+        #: generator whose HER2 head gives the learned level (registry name or checkpoint path)
+        self.model_name = "builtin"
         self._worker = None
 
         self.ihc_combo = QComboBox()
@@ -215,6 +218,7 @@ class HER2Widget(QWidget):
         he = self._layer(self.he_combo.currentText())
         he_levels = _levels(he) if (he is not None and self.learned_check.isChecked()) else None
         he_mpp = _mpp(he) if he is not None else None
+        model_name = self.model_name
         if scope == "Drawn regions":
             regions = self.drawn_polygons(layer)
             if not regions:
@@ -227,7 +231,7 @@ class HER2Widget(QWidget):
 
         @thread_worker(progress=True)
         def work():
-            return (yield from _compute(levels, mpp, regions, he_levels, he_mpp))
+            return (yield from _compute(levels, mpp, regions, he_levels, he_mpp, model_name))
 
         w = work()
         w.yielded.connect(self._on_progress)
@@ -267,7 +271,7 @@ class HER2Widget(QWidget):
             return
         self.result = out["overall"]
         self.region_results = out["regions"]
-        self.learned = out.get("learned")
+        self.learned = out.get("compare")
         lines = [self.result.explanation]
         if scope == "Drawn regions":
             lines = [f"{name}: {r.explanation}" for name, r in self.region_results.items()]
@@ -338,11 +342,11 @@ class HER2Widget(QWidget):
         super().hideEvent(event)
 
 
-def _compute(levels, mpp, regions, he_levels=None, he_mpp=None):
+def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="builtin"):
     """Worker body (generator: yields (done, total)). Returns a dict with ``overall``
     (HER2Result), ``regions`` {name: HER2Result}, ``map`` (ScoreMap or None), ``learned_map``
     (LevelMap or None) and ``compare`` (rule vs learned, or None)."""
-    from ..her2.learned import compare, level_model, predict_map, predict_polygon
+    from ..her2.learned import compare, disagreement, iter_predict_map, level_model, predict_polygon
     from ..her2.tiles import choose_level, iter_score_map, score_polygon
 
     out = {"regions": {}, "map": None, "learned_map": None, "compare": None}
@@ -365,10 +369,10 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None):
             out["regions"][name] = r
         out["overall"] = HER2Result.merge(list(out["regions"].values()))
     if he_levels is not None:
-        model = level_model()
+        model = level_model(model_name)
         if model is not None:
             if regions is None:
-                lm = predict_map(he_levels, he_mpp or mpp, model)
+                lm = yield from iter_predict_map(he_levels, he_mpp or mpp, model)
                 out["learned_map"] = lm
                 probs = lm.region() if lm is not None else None
             else:
@@ -376,6 +380,12 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None):
                       if q is not None]
                 probs = np.mean(ps, 0) if ps else None
             out["compare"] = compare(out["overall"], probs)
+            lm = out["learned_map"]
+            if lm is not None and lm.labels.shape == out["map"].labels.shape:
+                both = (out["map"].labels > 0) & (lm.labels > 0)
+                dis = int(disagreement(out["map"].labels, lm.labels).sum())
+                out["compare"]["tiles_disagree"] = dis
+                out["compare"]["text"] += f"; tiles: {dis} of {int(both.sum())} differ"
         else:
             out["compare"] = compare(out["overall"], None)
     return out
