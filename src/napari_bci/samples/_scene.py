@@ -230,7 +230,7 @@ class Scene:
         """Scene fields at H&E positions (um); ``keys`` limits which are computed."""
         s = self.salt
         want = set(keys) if keys is not None else {
-            "tissue", "nest", "fat", "lumen", "lymph", "het", "stainvar", "fibre_phase", "crack"}
+            "tissue", "nest", "fat", "lumen", "lymph", "het", "stainvar", "fib_a", "fib_b", "fib_w", "crack"}
         f = {}
         slide = self.kind == "slide"
         if slide:
@@ -270,28 +270,22 @@ class Scene:
             f["lumen"] = fbm(x, y, 35.0, s + 8, 2) - 0.45 + 1.6 * np.minimum(nest - 0.05, 0)
         if "lymph" in want:
             f["lymph"] = fbm(x, y, 160.0, s + 9, 2) + 0.2 * smoothstep(-0.15, 0.0, nest) - 0.17
-        if want & {"fibre_phase", "crack"}:
-            # collagen: iso-lines of anisotropic noise (wavy parallel fibres); three fixed
-            # orientation families blended by slowly varying weights (rotating the coordinates
-            # by a varying angle would turn far-from-origin positions into swirls)
-            ph = 0.0
-            cr = 0.0
-            wsum = 0.0
-            for k, ang in enumerate((0.3, 1.35, 2.4)):
+        if want & {"fib_a", "fib_b", "fib_w", "crack"}:
+            # collagen: two families of wavy parallel fibres (phase = distance across the
+            # fibres / spacing + a smooth wobble, so iso-lines never close into loops), mixed by
+            # a slowly varying weight; cracks open between bundles
+            for key, ang, k in (("fib_a", 0.45, 0), ("fib_b", 2.0, 1)):
                 c, sn = np.cos(ang), np.sin(ang)
                 u = x * c + y * sn
                 v = -x * sn + y * c
-                wk = np.exp(7.0 * fbm(x, y, 450.0, s + 20 + k, 2))
-                if "fibre_phase" in want:
-                    ph = ph + wk * (30.0 * fbm(u * 0.5, v * 0.08, 50.0, s + 11 + 3 * k, 2)
-                                    + 1.5 * vnoise(u * 0.015, v * 0.05, s + 12 + 3 * k))
-                if "crack" in want:
-                    cr = cr + wk * vnoise(u * 0.3 / 25.0, v * 0.12 / 25.0, s + 13 + 3 * k)
-                wsum = wsum + wk
-            if "fibre_phase" in want:
-                f["fibre_phase"] = ph / wsum
+                if key in want or "crack" in want:
+                    ph = u / 7.0 + 5.0 * fbm(u * 0.3, v, 40.0, s + 11 + 3 * k, 2) \
+                        + 6.0 * fbm(x, y, 220.0, s + 12 + 3 * k, 1)
+                    f[key] = ph
+            if "fib_w" in want or "crack" in want:
+                f["fib_w"] = smoothstep(-0.12, 0.12, fbm(x, y, 350.0, s + 20, 2))
             if "crack" in want:
-                f["crack"] = 0.6 * cr / wsum
+                f["crack"] = 0.6 * vnoise(x / 30.0, y / 30.0, s + 13)
         return f
 
     # -- cells -----------------------------------------------------------------------------
@@ -359,14 +353,17 @@ class Scene:
         )
         # stromal fibroblasts: elongated along the fibres
         JX, JY, px, py = self._lattice(box, 11.0, s + 300, 1.0)
-        f = self.fields(px, py, ("nest", "fat", "tissue", "fibre_phase"))
+        f = self.fields(px, py, ("nest", "fat", "tissue", "fib_a", "fib_b", "fib_w"))
         stroma = (f["nest"] < -0.02) & (f["fat"] < -0.03) & (f["tissue"] > 0.5)
         h = lambda k: hash01(JX, JY, s + 400 + k)  # noqa: E731
         keep = stroma & (h(0) < 0.32)
-        # orientation: along the iso-lines of the fibre phase
+        # orientation: along the dominant fibre family's iso-lines
         e = 0.5
-        gx = self.fields(px + e, py, ("fibre_phase",))["fibre_phase"] - f["fibre_phase"]
-        gy = self.fields(px, py + e, ("fibre_phase",))["fibre_phase"] - f["fibre_phase"]
+        key = np.where(f["fib_w"] > 0.5, "fib_a", "fib_b")
+        fx = {k: self.fields(px + e, py, (k,))[k] - f[k] for k in ("fib_a", "fib_b")}
+        fy = {k: self.fields(px, py + e, (k,))[k] - f[k] for k in ("fib_a", "fib_b")}
+        gx = np.where(key == "fib_a", fx["fib_a"], fx["fib_b"])
+        gy = np.where(key == "fib_a", fy["fib_a"], fy["fib_b"])
         theta = np.arctan2(gy, gx) + np.pi / 2 + 0.3 * (h(1) - 0.5)
         k = keep
         n = int(k.sum())
@@ -567,7 +564,8 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     m = margin  # a multiple of 8, so JPEG blocks align across windows
     wy0, wx0 = y0 - m, x0 - m
     wh, ww = h + 2 * m, w + 2 * m
-    up = _field_nodes(scene, frame, wy0, wx0, wh, ww, d, ("tissue", "nest", "lumen", "fibre_phase", "crack", "stainvar"))
+    up = _field_nodes(scene, frame, wy0, wx0, wh, ww, d,
+                      ("tissue", "nest", "lumen", "fib_a", "fib_b", "fib_w", "crack", "stainvar"))
     # H&E-frame bounding box (um) of the window, for the cells
     corners = np.array([[wx0, wy0], [wx0 + ww, wy0], [wx0, wy0 + wh], [wx0 + ww, wy0 + wh]], float) * d
     bb = frame.to_he(corners) * mpp0
@@ -659,7 +657,7 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
         for cx, cy in zip(apx, apy):
             _voronoi_stamp(cx, cy, int(ra * 1.4) + 2, a1, a2, None, 0, wh, ww)
         fat = (a1 < ra) & ~tumour
-        agap = np.minimum(a2 - a1, 2.0 * np.abs(ra - a1)) + 1.2 * cytotex
+        agap = np.minimum(a2 - a1, 2.0 * np.abs(ra - a1)) + 0.4 * cytotex
         fat_mem = np.clip(1.0 - agap / (1.0 * scale_px + 0.8), 0.0, 1.0) * ((a1 < ra + 2) & ~tumour)
     # vessels: lumen (with red cells) and a pink wall
     vlum = np.zeros((wh, ww), np.float32)
@@ -700,14 +698,13 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     lumen = other & (nest > 0) & (up["lumen"] > -0.12)  # gland-like spaces inside nests
     retraction = other & ~lumen & (d1 < rmax + 2.0 * scale_px) & (nest > -0.06)  # shrinkage around nests
     stroma = (other & ~lumen & ~retraction).astype(np.float32) * (1.0 - vlum)
-    ph = up["fibre_phase"]
-    # fibres fade where the iso-lines are far apart (around extrema: no bull's-eyes) or too dense
-    gy, gx = np.gradient(ph)
-    gm = np.sqrt(gx * gx + gy * gy)
-    vis = smoothstep(0.01, 0.03, gm) * (1.0 - smoothstep(0.25, 0.4, gm))
-    fib = 0.25 + vis * ((0.5 + 0.5 * np.cos(6.2832 * ph)) ** 2 - 0.25)
-    fib2 = 0.5 + vis * 0.5 * np.cos(6.2832 * 2.7 * ph + 1.3)
-    crack = smoothstep(0.22, 0.34, up["crack"]) * (fib < 0.12)
+    fw = up["fib_w"]
+    vis = smoothstep(-0.05, 0.15, up["crack"] + 0.1)  # fibres gather in bundles
+    fa, fb = 6.2832 * up["fib_a"], 6.2832 * up["fib_b"]
+    fib = fw * (0.5 + 0.5 * np.cos(fa)) ** 2 + (1 - fw) * (0.5 + 0.5 * np.cos(fb)) ** 2
+    fib = 0.25 + vis * (fib - 0.25)
+    fib2 = 0.5 + vis * 0.5 * (fw * np.cos(2.7 * fa + 1.3) + (1 - fw) * np.cos(2.7 * fb + 1.3))
+    crack = smoothstep(0.3, 0.4, up["crack"]) * (fib < 0.06)
     sv = up["stainvar"]
     cyto = tumour * (1.0 + 0.1 * cytotex)
     if n:
@@ -791,7 +788,8 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
     wy0, wx0 = y0 - m, x0 - m
     wh, ww = h + 2 * m, w + 2 * m
     up = _field_nodes(scene, frame, wy0, wx0, wh, ww, d,
-                      ("tissue", "nest", "fat", "lumen", "lymph", "het", "stainvar", "fibre_phase", "crack"),
+                      ("tissue", "nest", "fat", "lumen", "lymph", "het", "stainvar", "fib_a", "fib_b", "fib_w",
+                       "crack"),
                       g=4 if d <= 8 else 2)
     scale_px = 1.0 / (mpp0 * d)
     tissue = up["tissue"]
@@ -803,8 +801,9 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
     lumen = other * (nest > 0)
     stroma = other - retraction - lumen
     att = float(np.exp(-((d / 4.0) ** 2)))  # fibres fade out when they are below a pixel
-    ph = up["fibre_phase"]
-    fib = 0.25 + att * ((0.5 + 0.5 * np.cos(6.2832 * ph)) ** 2 - 0.25)
+    fw = up["fib_w"]
+    fib = fw * (0.5 + 0.5 * np.cos(6.2832 * up["fib_a"])) ** 2 + (1 - fw) * (0.5 + 0.5 * np.cos(6.2832 * up["fib_b"])) ** 2
+    fib = 0.25 + att * (fib - 0.25)
     crack = smoothstep(0.18, 0.3, up["crack"]) * (0.3 + 0.7 * att)
     sv = up["stainvar"]
     salt = scene.salt + (11 if is_ihc else 0) + 97 * d
