@@ -51,7 +51,8 @@ def speed(repeat: int = 3) -> None:
     m = score_map(levels, 0.5, tile_um=256)
     tm = time.perf_counter() - t0
     nm = len(m.overall.centroid)
-    print(f"2048x2048 tile map (4 x 512 px tiles, halo 12 um): {tm:.2f} s, {nm} cells, {nm / tm:.0f} cells/s, "
+    print(f"2048x2048 tile map (4 x 512 px tiles, halo 12 um): {tm:.2f} s, {nm} cells, "
+          f"{nm / tm:.0f} cells/s, "
           f"{tm / (4 * t):.2f}x four single-patch scores")
 
 
@@ -71,7 +72,8 @@ def accuracy(seeds: list[int], size: int = 1024) -> None:
                 print(f"  miss: truth {lv} seed {s}: {r.explanation}")
     acc = np.trace(conf) / conf.sum()
     print(f"level accuracy on seeds {seeds[0]}-{seeds[-1]} ({conf.sum()} images, {size} px): {acc:.1%} "
-          f"({'PASS' if acc >= 0.95 else 'FAIL'}: target >= 95%), median {int(np.median(cells))} tumour cells/image")
+          f"({'PASS' if acc >= 0.95 else 'FAIL'}: target >= 95%), "
+          f"median {int(np.median(cells))} tumour cells/image")
     print("confusion (rows truth 0/1+/2+/3+, columns scored):")
     for lv, row in zip(LEVELS, conf):
         print(f"  {lv:>2}: " + " ".join(f"{v:3d}" for v in row))

@@ -128,6 +128,7 @@ def test_learned_level_next_to_rule_score(viewer_with_ihc, qtbot):
         assert "rule-based 3+ vs learned" in text and "tiles: " in text
         assert widget.learned["rule"] == "3+" and widget.learned["learned"] in ("0", "1+", "2+", "3+")
         assert LEARNED_LAYER in viewer_with_ihc.layers
-        assert viewer_with_ihc.layers[LEARNED_LAYER].data.shape == viewer_with_ihc.layers["HER2 (predicted)"].data.shape
+        layers = viewer_with_ihc.layers
+        assert layers[LEARNED_LAYER].data.shape == layers[L.HER2].data.shape
     finally:
         registry.unregister("tiny-her2-test")

@@ -16,7 +16,8 @@ def register(sub) -> None:
         "staining and report the ASCO/CAP 2018 score with the evidence.",
     )
     p.add_argument("ihc", metavar="IHC", help="IHC image or slide")
-    p.add_argument("--regions", metavar="GEOJSON", help="QuPath/GeoJSON polygons (level-0 pixels) to score separately")
+    p.add_argument("--regions", metavar="GEOJSON",
+                   help="QuPath/GeoJSON polygons (level-0 pixels) to score separately")
     p.add_argument("--mpp", type=float, default=None, metavar="UM",
                    help="microns per pixel (default: the file's, else 0.5)")
     p.add_argument("--cells", action="store_true", help="include per-cell measurements in the output")

@@ -72,7 +72,8 @@ def _probs_of_window(rgb: np.ndarray, model, scale: float) -> np.ndarray:
     return predict_tiles(np.stack(tiles), model).mean(0)
 
 
-def predict_polygon(he, polygon_xy, mpp: float | None = 0.5, model=None, *, max_tiles: int = 64) -> np.ndarray | None:
+def predict_polygon(he, polygon_xy, mpp: float | None = 0.5, model=None, *,
+                    max_tiles: int = 64) -> np.ndarray | None:
     """Mean learned probabilities over the bounding box of a polygon ((x, y) level-0 pixels) of
     an H&E image or pyramid; large boxes are sampled with at most ``max_tiles`` model tiles."""
     model = model if model is not None else level_model()
@@ -91,7 +92,8 @@ def predict_polygon(he, polygon_xy, mpp: float | None = 0.5, model=None, *, max_
     probs = []
     for j in range(0, ny, step):
         for i in range(0, nx, step):
-            win = read_rgb(levels[li], x0 + i * t, y0 + j * t, min(x0 + (i + 1) * t, x1), min(y0 + (j + 1) * t, y1))
+            wx, wy = x0 + i * t, y0 + j * t
+            win = read_rgb(levels[li], wx, wy, min(wx + t, x1), min(wy + t, y1))
             if win.size and min(win.shape[:2]) >= 16 and _tissue_fraction(win) >= 0.05:
                 probs.append(_probs_of_window(win, model, scale))
     return np.mean(probs, 0) if probs else None
@@ -133,7 +135,8 @@ def iter_predict_map(he, mpp: float | None = 0.5, model=None, *, tile_um: float 
     for r in range(ny):
         for c in range(nx):
             x, y = c * tile0, r * tile0
-            win = read_rgb(lv, int(x / ds), int(y / ds), int(np.ceil((x + tile0) / ds)), int(np.ceil((y + tile0) / ds)))
+            win = read_rgb(lv, int(x / ds), int(y / ds),
+                           int(np.ceil((x + tile0) / ds)), int(np.ceil((y + tile0) / ds)))
             if win.size and _tissue_fraction(win) >= min_tissue:
                 probs[r, c] = _probs_of_window(win, model, scale)
             yield r * nx + c + 1, ny * nx

@@ -8,7 +8,7 @@ Per region: the fractions of tumour cells per class and the score 0 / 1+ / 2+ / 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -109,12 +109,14 @@ class HER2Result:
         return out
 
     @staticmethod
-    def merge(results: Sequence["HER2Result"], offsets: Sequence[tuple[float, float]] | None = None) -> "HER2Result":
+    def merge(results: Sequence["HER2Result"],
+              offsets: Sequence[tuple[float, float]] | None = None) -> "HER2Result":
         """Pool the cells of several results (e.g. tiles; ``offsets`` (x, y) shift each one's
         centroids into a common frame) and score them together."""
         results = list(results)
         if not results:
-            return summarize(np.zeros((0, 2)), np.zeros(0, np.int8), np.zeros(0), np.zeros(0), np.zeros(0, bool))
+            z = np.zeros(0)
+            return summarize(np.zeros((0, 2)), z.astype(np.int8), z, z, z.astype(bool))
         offsets = offsets or [(0.0, 0.0)] * len(results)
         cen = np.concatenate([r.centroid + np.asarray(o, float) for r, o in zip(results, offsets)])
         cat = lambda a: np.concatenate([getattr(r, a) for r in results])  # noqa: E731
@@ -158,7 +160,8 @@ def select_tumour(cells: Cells, mpp: float, params: ScoreParams = ScoreParams())
     ref = float(np.median(cells.h_mean[plump])) if plump.sum() >= 5 else float(np.median(cells.h_mean))
     dark_small = (cells.h_mean > params.lymph_darkness * ref) & (cells.area_um2 < params.lymph_max_area_um2)
     tree = cKDTree(cells.centroid)
-    counts = np.asarray([len(x) - 1 for x in tree.query_ball_point(cells.centroid, params.density_radius_um / mpp)])
+    near = tree.query_ball_point(cells.centroid, params.density_radius_um / mpp)
+    counts = np.asarray([len(x) - 1 for x in near])
     return plump & ~dark_small & (counts >= params.density_min)
 
 
@@ -194,7 +197,8 @@ def summarize(centroid, cell_class, completeness, intensity, tumour, *, mpp: flo
     elif level == "3+":
         expl = f"3+: {fr['intense_complete']:.0%} of {n} tumour cells show intense complete staining"
     elif level == "2+":
-        expl = f"2+: {fr['complete_weak_or_more']:.0%} of {n} tumour cells show weak-moderate complete staining"
+        expl = (f"2+: {fr['complete_weak_or_more']:.0%} of {n} tumour cells show "
+                "weak-moderate complete staining")
     elif level == "1+":
         expl = (f"1+: {fr['any']:.0%} of {n} tumour cells show faint/incomplete staining "
                 f"({fr['complete_weak_or_more']:.0%} complete weak-moderate or stronger)")
@@ -285,7 +289,3 @@ def score(rgb, mpp: float = 0.5, mask: np.ndarray | None = None, *, estimate_sta
         res = res.subset(mask[yi, xi])
     res.warning = stain_warning(a)
     return res
-
-
-def score_many(images: Iterable[np.ndarray], mpp: float = 0.5, **kw) -> list[HER2Result]:
-    return [score(im, mpp, **kw) for im in images]

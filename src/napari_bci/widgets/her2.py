@@ -25,7 +25,9 @@ SCOPES = ("Visible region", "Drawn regions", "Whole image")
 CELLS_LAYER = "HER2 cells"
 LEARNED_LAYER = "HER2 (learned from H&E)"
 #: Points colours per membrane class (none, faint, weak-moderate, intense).
-CLASS_COLOURS = ((0.35, 0.55, 0.95, 1.0), (1.0, 0.95, 0.3, 1.0), (1.0, 0.55, 0.1, 1.0), (0.85, 0.05, 0.05, 1.0))
+CLASS_COLOURS = (
+    (0.35, 0.55, 0.95, 1.0), (1.0, 0.95, 0.3, 1.0), (1.0, 0.55, 0.1, 1.0), (0.85, 0.05, 0.05, 1.0)
+)
 #: The cell overlay shows when a screen pixel covers at most this many image pixels.
 MAX_PX_PER_SCREEN_PX = 4.0
 MAP_OPACITY, MAP_OPACITY_ZOOMED_IN = 0.6, 0.15
@@ -291,13 +293,14 @@ class HER2Widget(QWidget):
             + f"; complete {fr['complete']:.0%} (at {self.result.mpp:.2g} um/px)"
         )
         if out.get("map") is not None:
-            self._show_map(out["map"].labels, out["map"].tile, layer, L.HER2)
+            self._show_map(out["map"].labels, out["map"].tile, layer, L.HER2, her2=self.result.her2)
         if out.get("learned_map") is not None:
-            self._show_map(out["learned_map"].labels, out["learned_map"].tile, layer, LEARNED_LAYER, visible=False)
+            lm = out["learned_map"]
+            self._show_map(lm.labels, lm.tile, layer, LEARNED_LAYER, visible=False)
         self._show_cells(self.result, layer)
 
     # -- layers --------------------------------------------------------------------------------
-    def _show_map(self, labels, tile, layer, name, visible=True):
+    def _show_map(self, labels, tile, layer, name, visible=True, her2=None):
         s = np.asarray(layer.scale[-2:], float)
         t = np.asarray(layer.translate[-2:], float)
         scale = s * tile
@@ -306,11 +309,13 @@ class HER2Widget(QWidget):
             ly = self.viewer.layers[name]
             ly.data = labels
             ly.scale, ly.translate = scale, translate
+            ly.metadata["her2"] = her2
         else:
             self.viewer.add_labels(labels, name=name, scale=scale, translate=translate, opacity=MAP_OPACITY,
                                    units=tuple(layer.units[-2:]),
                                    colormap=_label_colormap(), visible=visible,
-                                   metadata={"role": "her2", "tile": int(tile), "levels": list(LEVELS)})
+                                   metadata={"role": "her2", "tile": int(tile), "levels": list(LEVELS),
+                                             "her2": her2})
 
     def _show_cells(self, res: HER2Result, layer):
         keep = res.tumour
@@ -322,7 +327,8 @@ class HER2Widget(QWidget):
         if CELLS_LAYER in self.viewer.layers:
             self.viewer.layers.remove(CELLS_LAYER)
         self.viewer.add_points(pts, name=CELLS_LAYER, face_color=colours if len(pts) else "white",
-                               border_width=0, size=size, scale=layer.scale[-2:], translate=layer.translate[-2:],
+                               border_width=0, size=size, scale=layer.scale[-2:],
+                               translate=layer.translate[-2:],
                                units=tuple(layer.units[-2:]),
                                features=feats, opacity=0.75)
         self._cells_px = 1.0
@@ -376,8 +382,8 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
                 out["learned_map"] = lm
                 probs = lm.region() if lm is not None else None
             else:
-                ps = [q for q in (predict_polygon(he_levels, poly, he_mpp or mpp, model) for _, poly in regions)
-                      if q is not None]
+                ps = [predict_polygon(he_levels, poly, he_mpp or mpp, model) for _, poly in regions]
+                ps = [q for q in ps if q is not None]
                 probs = np.mean(ps, 0) if ps else None
             out["compare"] = compare(out["overall"], probs)
             lm = out["learned_map"]
