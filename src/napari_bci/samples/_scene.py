@@ -250,7 +250,7 @@ class Scene:
         if want & {"nest", "lumen", "lymph"}:
             nest = fbm(x, y, 140.0, s + 7, 3) + self.nest_bias
             if slide:
-                nest = nest + np.minimum(0.0, (region - 0.06) * 2.0)
+                nest = nest + np.minimum(0.0, (region - 0.14) * 2.5)
             f["nest"] = nest
         if "fat" in want:
             if slide:
