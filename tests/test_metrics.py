@@ -271,3 +271,22 @@ def test_ssim_cli_errors(run_cli, tmp_path, he):
     assert code == 2 and "missing.png" in err
     code, out, err = run_cli("ssim", tmp_path / "a.png", tmp_path / "a.png", "--out", tmp_path / "no" / "m.tif")
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_filter_paths_agree(kind):
+    """The shift-add filter (used off-CPU, where cuDNN might use TF32) equals the convolution."""
+    import importlib
+
+    import torch
+
+    S = importlib.import_module("napari_bci.metrics.ssim")
+    st = torch.randint(0, 65026, (15, 40, 53)).float()
+    taps = np.ones(7) if kind == "uniform" else window("gaussian").taps
+    conv = S._filter(st, taps, conv=True)
+    shift = S._filter(st, taps, conv=False)
+    assert conv.shape == shift.shape == (1, 15, 40 - len(taps) + 1, 53 - len(taps) + 1)
+    if kind == "uniform":  # integer sums below 2**24: both exact
+        assert torch.equal(conv, shift)
+    else:
+        assert (conv - shift).abs().max() < 1e-2  # float32 rounding of values up to 65025

@@ -67,14 +67,33 @@ def _padded(img, r: int) -> np.ndarray:
     return np.pad(img, ((r, r), (r, r), (0, 0)), mode="symmetric")
 
 
-def _filter(x: "torch.Tensor", taps: "torch.Tensor") -> "torch.Tensor":
-    """Separable 'valid' filter of ``x`` (1, N, H, W), channels-last (fast depthwise path)."""
+def _filter(st: "torch.Tensor", taps: np.ndarray, conv: bool | None = None) -> "torch.Tensor":
+    """Separable 'valid' filter of planar ``st`` (N, H, W) -> (1, N, H - k + 1, W - k + 1).
+
+    CPU: depthwise convolutions in the channels-last layout (several times faster there than
+    planar). Other devices: shifted multiply-adds, plain float32 arithmetic (cuDNN could
+    silently use TF32 and lose the exactness the box-sum path relies on).
+    """
+    import torch
     import torch.nn.functional as F
 
-    n = x.shape[1]
-    k = taps.numel()
-    x = F.conv2d(x, taps.view(1, 1, 1, k).expand(n, 1, 1, k), groups=n)
-    return F.conv2d(x, taps.view(1, 1, k, 1).expand(n, 1, k, 1), groups=n)
+    n, k = st.shape[0], len(taps)
+    if conv is None:
+        conv = st.device.type == "cpu"
+    if conv:
+        w = torch.as_tensor(taps, dtype=st.dtype)
+        x = st[None].contiguous(memory_format=torch.channels_last)
+        x = F.conv2d(x, w.view(1, 1, 1, k).expand(n, 1, 1, k), groups=n)
+        return F.conv2d(x, w.view(1, 1, k, 1).expand(n, 1, k, 1), groups=n)
+    wo = st.shape[2] - k + 1
+    t = st[..., 0:wo] * float(taps[0])
+    for i in range(1, k):
+        t.add_(st[..., i : i + wo], alpha=float(taps[i]))
+    ho = st.shape[1] - k + 1
+    out = t[:, 0:ho] * float(taps[0])
+    for i in range(1, k):
+        out.add_(t[:, i : i + ho], alpha=float(taps[i]))
+    return out[None]
 
 
 def ssim_map(
@@ -113,60 +132,79 @@ def ssim_map(
     dev = torch.device(device or "cpu")
     dt = dtype or torch.float32
     r = win.pad
-    pa = torch.from_numpy(_padded(a, r)).to(dev)
-    pb = torch.from_numpy(_padded(b, r)).to(dev)
-    nc = pa.shape[-1]
+    pa = torch.from_numpy(_padded(a, r))
+    pb = torch.from_numpy(_padded(b, r))
     exact = kind == "uniform" and pa.dtype == torch.uint8 and pb.dtype == torch.uint8 and dt == torch.float32
-    # Planar (contiguous) tensors for elementwise work; the depthwise convolution runs in the
-    # channels-last layout, which is several times faster on CPU.
-    st = torch.empty((5 * nc,) + pa.shape[:2], dtype=dt, device=dev)
-    x, y = st[:nc], st[nc : 2 * nc]
-    x.copy_(pa.permute(2, 0, 1))
-    y.copy_(pb.permute(2, 0, 1))
+    h, w, nc = a_shape[0], a_shape[1], pa.shape[-1]
     c1 = (K1 * data_range) ** 2
     c2 = (K2 * data_range) ** 2
     if exact:
-        # uint8 input and a box window: filter with unit taps, so every sum is an integer below
-        # 2**24 (exact in float32), and form n^2 * (co)variances in int32 (below 2**31): no
-        # cancellation error at all, unlike E[x^2] - E[x]^2 in floating point.
-        torch.mul(x, x, out=st[2 * nc : 3 * nc])
-        torch.mul(y, y, out=st[3 * nc : 4 * nc])
-        torch.mul(x, y, out=st[4 * nc :])
-        ones = torch.ones(win.size, dtype=dt, device=dev)
-        f = _filter(st[None].contiguous(memory_format=torch.channels_last), ones)
-        # one pass: back to planar and to int32
+        centre = None
+    else:
+        # One per-channel constant for the whole image: variances are shift invariant and the
+        # means get it back, which keeps float32 within ~1e-4 of skimage's float64.
+        centre = 0.5 * (pa.double().mean(dim=(0, 1)) + pb.double().mean(dim=(0, 1)))
+        centre = centre.to(dt).to(dev)[:, None, None]
+    out = torch.empty((nc, h, w), dtype=dt, device=dev)
+    # Bands of rows small enough to stay in cache on CPU (memory traffic, not arithmetic, is
+    # the cost); one band on a GPU.
+    band = h if dev.type != "cpu" else max(16, int(2**22 // (60 * (w + 2 * r))))
+    for y0 in range(0, h, band):
+        y1 = min(h, y0 + band)
+        xa = pa[y0 : y1 + 2 * r].to(dev)
+        xb = pb[y0 : y1 + 2 * r].to(dev)
+        out[:, y0:y1] = _ssim_band(xa, xb, win, dt, c1, c2, exact, centre)
+    s = out.mean(dim=0) if reduce_channels else out.permute(1, 2, 0)
+    return s.float().cpu().numpy()
+
+
+def _ssim_band(pa, pb, win: Window, dt, c1: float, c2: float, exact: bool, centre):
+    """SSIM of the output rows of a padded band ``(rows + 2r, W + 2r, C)`` -> ``(C, rows, W)``."""
+    import torch
+
+    dev = pa.device
+    nc = pa.shape[-1]
+    # Planar (contiguous) tensors for elementwise work; the depthwise convolution runs in the
+    # channels-last layout, several times faster on CPU.
+    st = torch.empty((5 * nc,) + tuple(pa.shape[:2]), dtype=dt, device=dev)
+    x, y = st[:nc], st[nc : 2 * nc]
+    x.copy_(pa.permute(2, 0, 1))
+    y.copy_(pb.permute(2, 0, 1))
+    if not exact:
+        x.sub_(centre)
+        y.sub_(centre)
+    torch.mul(x, x, out=st[2 * nc : 3 * nc])
+    torch.mul(y, y, out=st[3 * nc : 4 * nc])
+    torch.mul(x, y, out=st[4 * nc :])
+    if exact:
+        # uint8 input and a box window: unit taps make every sum an integer below 2**24 (exact in
+        # float32), and n * sum(xy) - sum(x) * sum(y) = n^2 * covariance stays below 2**31 in
+        # int32: no cancellation error, unlike E[x^2] - E[x]^2 in floating point. SSIM in sums:
+        # (2 Sx Sy + C1 n^2)(2 Vxy + C2 / k) / ((Sx^2 + Sy^2 + C1 n^2)(Vx + Vy + C2 / k)),
+        # with V = n S2 - S S and k = cov_norm / n^2.
+        f = _filter(st, np.ones(win.size))
         f = f.to(torch.int32, memory_format=torch.contiguous_format)[0]
         sx, sy, sxx, syy, sxy = f.split(nc, dim=0)
         n = win.size**2
         k = win.cov_norm / float(n * n)
-        vx = (sxx * n).sub_(sx * sx).to(dt).mul_(k)
-        vy = (syy * n).sub_(sy * sy).to(dt).mul_(k)
-        vxy = (sxy * n).sub_(sx * sy).to(dt).mul_(k)
-        ux = sx.to(dt).div_(n)
-        uy = sy.to(dt).div_(n)
-    else:
-        # Centre both on one per-channel constant: variances are shift invariant and the means
-        # get it back, which keeps float32 within ~1e-4 of skimage's float64.
-        c = 0.5 * (x.mean(dim=(1, 2)) + y.mean(dim=(1, 2)))[:, None, None]
-        x.sub_(c)
-        y.sub_(c)
-        torch.mul(x, x, out=st[2 * nc : 3 * nc])
-        torch.mul(y, y, out=st[3 * nc : 4 * nc])
-        torch.mul(x, y, out=st[4 * nc :])
-        taps = torch.as_tensor(win.taps, dtype=dt, device=dev)
-        f = _filter(st[None].contiguous(memory_format=torch.channels_last), taps)[0].contiguous()
-        ux, uy, vx, vy, vxy = f.split(nc, dim=0)
-        # the second moments become the (co)variances in place
-        vx.addcmul_(ux, ux, value=-1).mul_(win.cov_norm)
-        vy.addcmul_(uy, uy, value=-1).mul_(win.cov_norm)
-        vxy.addcmul_(ux, uy, value=-1).mul_(win.cov_norm)
-        ux.add_(c)
-        uy.add_(c)
+        pxy, pxx, pyy = sx * sy, sx * sx, sy * sy
+        vxy = sxy.mul_(n).sub_(pxy)
+        vsum = sxx.mul_(n).sub_(pxx).add_(syy.mul_(n).sub_(pyy))
+        lum_d = pxx.add_(pyy).to(dt).add_(c1 * n * n)
+        num = pxy.to(dt).mul_(2).add_(c1 * n * n).mul_(vxy.to(dt).mul_(2).add_(c2 / k))
+        den = vsum.to(dt).add_(c2 / k).mul_(lum_d)
+        return num.div_(den)
+    f = _filter(st, win.taps)[0].contiguous()
+    ux, uy, vx, vy, vxy = f.split(nc, dim=0)
+    # the second moments become the (co)variances in place
+    vx.addcmul_(ux, ux, value=-1).mul_(win.cov_norm)
+    vy.addcmul_(uy, uy, value=-1).mul_(win.cov_norm)
+    vxy.addcmul_(ux, uy, value=-1).mul_(win.cov_norm)
+    ux.add_(centre)
+    uy.add_(centre)
     num = (2 * ux * uy + c1).mul_(vxy.mul_(2).add_(c2))
     den = (ux * ux).addcmul_(uy, uy).add_(c1).mul_(vx.add_(vy).add_(c2))
-    s = num.div_(den)  # C, H, W
-    s = s.mean(dim=0) if reduce_channels else s.permute(1, 2, 0)
-    return s.float().cpu().numpy()
+    return num.div_(den)
 
 
 def ssim_mean(smap: np.ndarray, kind: str = "uniform") -> float:
