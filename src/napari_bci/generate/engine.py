@@ -442,7 +442,7 @@ class OutputPyramid:
     copies prepared blocks (:func:`tile_pyramid`, computed off the GUI thread)."""
 
     def __init__(self, shape: tuple[int, int], tile: int, *, min_size: int = 512,
-                 memory_bytes: int = 64 * 2**20, max_bytes: int = 1024 * 2**20,
+                 memory_bytes: int = 4 * 2**20, max_bytes: int = 1024 * 2**20,
                  on_evict: Callable[[TileIndex], None] | None = None):
         from collections import OrderedDict
 

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -52,7 +51,7 @@ class VirtualIHCWidget(QWidget):
     debounce_ms = 150
     refresh_ms = 80
     #: output levels above this many bytes are block-sparse; all blocks share ``output_max_bytes``
-    output_memory_bytes = 64 * 2**20
+    output_memory_bytes = 4 * 2**20
     output_max_bytes = 1024 * 2**20
 
     def __init__(self, viewer: napari.viewer.Viewer):
@@ -75,6 +74,7 @@ class VirtualIHCWidget(QWidget):
         self._following = False
         self._dropped = 0
         self._error: Exception | None = None
+        self._job_done = self._job_total = 0
         self.jobs_started = 0
         self.main_thread_max_ms = 0.0
 
@@ -90,9 +90,9 @@ class VirtualIHCWidget(QWidget):
         self.start_btn = QPushButton("Generate")
         self.cancel_btn = QPushButton("Stop")
         self.cancel_btn.setEnabled(False)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
+        # progress as text: QProgressBar.setValue repaints the whole window synchronously
+        # (GL canvas included), which would stall the GUI on every tile
+        self.progress = QLabel("")
         self.status = QLabel("Pick the H&E layer and a generator, then press Generate.")
         self.status.setWordWrap(True)
 
@@ -369,8 +369,7 @@ class VirtualIHCWidget(QWidget):
         worker.finished.connect(lambda w=worker: self._on_finished(w))
         self._worker = worker
         self._job_total, self._job_done = len(todo), 0
-        self.progress.setRange(0, len(todo))
-        self.progress.setValue(0)
+        self.progress.setText(f"0 / {len(todo)} tiles")
         self.status.setText(f"Generating {len(todo)} tiles with {self.generator.name} on {self.generator.device}…")
         worker.start()
 
@@ -387,7 +386,6 @@ class VirtualIHCWidget(QWidget):
         self.written.add(idx)
         self.output.write_pyramid(y0, x0, tile)
         self._job_done += 1
-        self.progress.setValue(self._job_done)
         if not self._refresh_timer.isActive():
             self._refresh_timer.start()
         self._note_main_thread(t0)
@@ -397,6 +395,8 @@ class VirtualIHCWidget(QWidget):
 
     def _refresh_output(self, thumbnail: bool = False) -> None:
         t0 = time.perf_counter()
+        if self._worker is not None:
+            self.progress.setText(f"{self._job_done} / {self._job_total} tiles")
         if self.output_layer is not None and self.output_layer in self.viewer.layers:
             self.output_layer.refresh(thumbnail=thumbnail, highlight=False, extent=False)
         self._note_main_thread(t0)
@@ -421,7 +421,7 @@ class VirtualIHCWidget(QWidget):
         self._refresh_output(thumbnail=not self._pending)
         if self._error is not None:
             self._pending = None
-            self.progress.setRange(0, 1)
+            self.progress.setText("")
             self.cancel_btn.setEnabled(False)
         elif self._pending:
             self._start_pending()
@@ -431,8 +431,7 @@ class VirtualIHCWidget(QWidget):
 
     def _set_idle(self, text: str) -> None:
         self.status.setText(text)
-        self.progress.setRange(0, 1)
-        self.progress.setValue(1)
+        self.progress.setText(f"{self._job_done} / {self._job_total} tiles" if self._job_total else "")
         self.cancel_btn.setEnabled(self._following)
 
     def _warn(self, msg: str) -> None:
