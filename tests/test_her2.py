@@ -96,6 +96,10 @@ def test_he_input_is_flagged(data_dir, real_ihc, pairs):
     he = imread(data_dir / "he_tile_240.png")[..., :3]
     assert score(he, 0.5).warning and "H&E" in score(he, 0.5).to_dict()["warning"]
     assert score(real_ihc, 0.5).warning is None
+    gray = np.repeat(real_ihc[..., :1], 3, axis=2)
+    assert "grayscale" in score(gray, 0.5).warning
+    outside = score_polygon(real_ihc, np.array([[900, 900], [990, 900], [990, 990]]), 0.5)
+    assert outside.cells == 0 and "outside" in outside.warning
     assert score(pairs[("1+", HELD_OUT[0])].ihc, 0.5).warning is None
 
 

@@ -225,7 +225,8 @@ EOSIN_WARNING_OD = 0.08
 
 
 def stain_warning(rgb: np.ndarray) -> str | None:
-    """A warning when ``rgb`` looks like an eosin (H&E) stain rather than hematoxylin-DAB."""
+    """A warning when ``rgb`` is grayscale or looks like an eosin (H&E) stain rather than
+    hematoxylin-DAB."""
     from ..stain import HED_MATRIX, rgb_to_od, separate
 
     step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / 250_000)))
@@ -233,6 +234,9 @@ def stain_warning(rgb: np.ndarray) -> str | None:
     tissue = rgb_to_od(sub).sum(-1) > 0.3
     if tissue.sum() < 100:
         return None
+    px = sub[tissue].astype(np.int16)
+    if float(np.abs(np.diff(px, axis=1)).mean()) < 2.0:
+        return "the image has no colour (grayscale): hematoxylin and DAB cannot be separated"
     e = float(np.maximum(separate(sub, HED_MATRIX)[..., 1], 0)[tissue].mean())
     if e > EOSIN_WARNING_OD:
         return (f"the image looks like an H&E stain (mean eosin OD {e:.2f}), not a HER2 DAB IHC; "

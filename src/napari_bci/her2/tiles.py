@@ -214,7 +214,9 @@ def score_polygon(image, polygon, mpp: float = 0.5, *, max_mpp: float = 1.0, **k
     x0, y0 = max(int(np.floor(lo[0])), 0), max(int(np.floor(lo[1])), 0)
     x1, y1 = min(int(np.ceil(hi[0])) + 1, w), min(int(np.ceil(hi[1])) + 1, h)
     if x1 <= x0 or y1 <= y0:
-        return summarize(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), mpp=amp)
+        out = summarize(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), mpp=amp)
+        out.warning = "the region lies outside the image"
+        return out
     m = int(np.ceil(16.0 / amp))  # context around the region for the local background
     wx0, wy0 = max(x0 - m, 0), max(y0 - m, 0)
     win = read_rgb(lv, wx0, wy0, x1 + m, y1 + m)
