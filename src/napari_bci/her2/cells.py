@@ -27,6 +27,9 @@ class CellParams:
     max_area_um2: float = 300.0
     #: Gaussian sigma of the seed (one maximum per nucleus) image.
     seed_sigma_um: float = 1.5
+    #: Weight of the distance transform (capped at 3 um) against the blurred hematoxylin in the
+    #: seed image: flat, saturated nuclei that touch are split by their distance maxima.
+    seed_distance_weight: float = 0.3
     #: Minimum distance between two nucleus seeds (split touching nuclei).
     seed_distance_um: float = 3.0
     #: Cytoplasm: nucleus labels expanded by this distance (touching cells meet half-way).
@@ -83,7 +86,8 @@ def detect_nuclei(h: np.ndarray, mpp: float, params: CellParams = CellParams(), 
     dist = ndi.distance_transform_cdt(fg, metric="taxicab").astype(np.float32)
     extra = np.sqrt(max((params.seed_sigma_um / mpp) ** 2 - (params.smooth_um / mpp) ** 2, 0.0))
     blob = ndi.gaussian_filter(hs, extra, truncate=3.0) if extra > 0.3 else hs
-    score = blob / max(float(blob[fg].mean()), 1e-6) + 0.05 * np.minimum(dist * mpp, 3.0)
+    w = params.seed_distance_weight
+    score = (1 - w) * blob / max(float(blob[fg].mean()), 1e-6) + w * np.minimum(dist * mpp, 3.0) / 3.0
     score[~fg] = 0
     md = max(int(round(params.seed_distance_um / mpp)), 1)
     peaks = peak_local_max(score, min_distance=md, threshold_abs=1e-6, exclude_border=False)
