@@ -696,7 +696,9 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     nest = up["nest"]
     other = ~(tumour | fat)
     lumen = other & (nest > 0) & (up["lumen"] > -0.12)  # gland-like spaces inside nests
-    retraction = other & ~lumen & (d1 < rmax + 2.0 * scale_px) & (nest > -0.06)  # shrinkage around nests
+    # shrinkage gaps around nests: intermittent, of varying width
+    gapw = (0.5 + 4.0 * np.clip(up["crack"] + 0.1, 0.0, 1.0)) * scale_px
+    retraction = other & ~lumen & (d1 < rmax + gapw) & (nest > -0.06) & (up["crack"] > -0.12)
     stroma = (other & ~lumen & ~retraction).astype(np.float32) * (1.0 - vlum)
     fw = up["fib_w"]
     vis = smoothstep(-0.05, 0.15, up["crack"] + 0.1)  # fibres gather in bundles
