@@ -277,6 +277,12 @@ class SlidePlan:
     def level(self) -> int:
         return self.engine.level
 
+    def close(self) -> None:
+        """Close the slide file if the plan opened it."""
+        slide = self.extra.pop("opened", None)
+        if slide is not None:
+            slide.close()
+
     @property
     def out_mpp(self) -> float | None:
         return None if self.mpp is None else float(self.mpp) * float(self.engine.downsample[1])
@@ -318,9 +324,10 @@ def plan_slide(source: Any, generator, *, model: Any = None, mpp: float | None =
     from .engine import TileEngine
 
     path = None
+    opened = None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        source = open_slide(path)
+        source = opened = open_slide(path)
     if isinstance(source, Slide):
         path = path or source.path
         levels, mpp = list(source.levels), (source.mpp if mpp is None else mpp)
@@ -340,7 +347,8 @@ def plan_slide(source: Any, generator, *, model: Any = None, mpp: float | None =
         "level": eng.level, "shape": list(eng.shape), "tile": eng.grid.tile, "halo": eng.grid.halo,
         "tissue_only": bool(tissue), "store": STORE_VERSION,
     }
-    return SlidePlan(str(path) if path else None, levels, mpp, eng, mask, fp, {"batch_size": batch_size})
+    return SlidePlan(str(path) if path else None, levels, mpp, eng, mask, fp,
+                     {"batch_size": batch_size, "opened": opened})
 
 
 # -- tile producers -------------------------------------------------------------------------------------
@@ -443,11 +451,13 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
                 continue
             if idx in done:
                 t = store.get(idx, shape)
+                if t is None:  # the stored copy went bad: compute it again, here (already counted)
+                    (_, t, fail), = local_results(plan, [idx], cancel=cancel)
+                    if t is not None:
+                        store.put(idx, t)
                 if t is not None:
                     yield t
                     continue
-                # the stored copy went bad: compute it now, in this process
-                (_, t, fail), = local_results(plan, [idx], cancel=cancel)
             else:
                 if _is_set(cancel):
                     raise Cancelled("generation cancelled")
@@ -586,14 +596,13 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     results = None
     cluster_info: dict = {}
     ctx = None
-    if distributed:
-        from .distributed import DaskTiles
-
-        ctx = DaskTiles(plan, model if model is not None else generator, workers=workers, scheduler=scheduler,
-                        device=device, window=window, tiles_per_task=tiles_per_task, client=client)
-        results = ctx.results
     try:
-        if ctx is not None:
+        if distributed:
+            from .distributed import DaskTiles
+
+            ctx = DaskTiles(plan, model if model is not None else generator, workers=workers, scheduler=scheduler,
+                            device=device, window=window, tiles_per_task=tiles_per_task, client=client)
+            results = ctx.results
             ctx.start()
             cluster_info = ctx.info()
         report = run_plan(plan, out, results=results, on_error=on_error, resume=resume, keep_parts=keep_parts,
@@ -603,6 +612,7 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     finally:
         if ctx is not None:
             ctx.close()
+        plan.close()
     report["model"] = generator.name
     report["device"] = getattr(generator, "device", "cpu") if not distributed else cluster_info.get("devices")
     if distributed:
@@ -874,6 +884,7 @@ def save_generated_layer(path: str | os.PathLike, data: Any, meta: dict, *,
         report = run_plan(plan, path, on_error="skip", progress=progress, show_progress=False, cancel=cancel,
                           prefilled=prefilled, name=Path(plan.source).name.split(".")[0] if plan.source else None)
     finally:
+        plan.close()
         if bar is not None:
             bar.close()
     report["reused"] = len(prefilled)
