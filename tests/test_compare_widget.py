@@ -57,6 +57,27 @@ def test_defaults_modes(viewer_widget):
     assert not viewer.canvas.grid.enabled and viewer.layers[L.HE].visible
 
 
+def test_generated_layer_added_later_becomes_default(make_napari_viewer, pair):
+    from napari_bci.widgets.compare import CompareWidget
+
+    he, ihc, gen = pair
+    viewer = make_napari_viewer()
+    for data, attrs, _ in (L.image_layer(he, L.HE, mpp=MPP, role="he"),
+                           L.image_layer(ihc, L.IHC_TRUTH, mpp=MPP, role="ihc")):
+        viewer.add_image(data, **attrs)
+    w = CompareWidget(viewer)
+    assert w.truth_combo.currentText() == L.IHC_TRUTH
+    data, attrs, _ = L.image_layer(gen, L.generated_name("later"), mpp=MPP, role="generated")
+    viewer.add_image(data, **attrs)
+    assert w.gen_combo.currentText() == L.generated_name("later")
+    # an explicit choice sticks
+    w.set_layers(L.HE, L.IHC_TRUTH)
+    data, attrs, _ = L.image_layer(gen, L.generated_name("other"), mpp=MPP, role="generated")
+    viewer.add_image(data, **attrs)
+    assert w.gen_combo.currentText() == L.HE
+    w.close()
+
+
 def test_heatmap_layer_extent_and_mean(viewer_widget, qtbot, pair):
     from skimage.metrics import structural_similarity
 
@@ -66,15 +87,16 @@ def test_heatmap_layer_extent_and_mean(viewer_widget, qtbot, pair):
     _, ihc, gen = pair
     viewer.scene.camera.center = (60.0, 70.0)  # um
     viewer.scene.camera.zoom = 8.0  # screen px per um: a zoomed-in view inside the image
-    w.update_heatmap()
-    qtbot.waitUntil(lambda: L.SSIM in viewer.layers and w.heatmap_mean is not None, timeout=30000)
-    ly = viewer.layers[L.SSIM]
     vb = viewer.canvas.viewbox_size(viewer.layers)
     y0, y1, x0, x1 = visible_world_box(viewer.scene.camera.center, viewer.scene.camera.zoom, vb)
     # pixels whose centres are in view, clipped to the image
     r0, r1 = max(int(np.ceil(y0 / MPP)), 0), min(int(np.floor(y1 / MPP)) + 1, 320)
     c0, c1 = max(int(np.ceil(x0 / MPP)), 0), min(int(np.floor(x1 / MPP)) + 1, 320)
-    assert ly.data.shape == (r1 - r0, c1 - c0)
+    assert 0 < r1 - r0 < 320 and 0 < c1 - c0 < 320
+    w.update_heatmap()
+    qtbot.waitUntil(lambda: L.SSIM in viewer.layers and viewer.layers[L.SSIM].data.shape == (r1 - r0, c1 - c0),
+                    timeout=30000)
+    ly = viewer.layers[L.SSIM]
     np.testing.assert_allclose(ly.scale, (MPP, MPP))
     np.testing.assert_allclose(ly.translate, (r0 * MPP, c0 * MPP))
     ext = ly.extent.world  # pixel centres of the first and last heatmap pixels

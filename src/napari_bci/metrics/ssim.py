@@ -149,11 +149,27 @@ def ssim_map(
     # Bands of rows small enough to stay in cache on CPU (memory traffic, not arithmetic, is
     # the cost); one band on a GPU.
     band = h if dev.type != "cpu" else max(16, int(2**22 // (60 * (w + 2 * r))))
-    for y0 in range(0, h, band):
+    starts = list(range(0, h, band))
+
+    def run(y0: int, single: bool = False) -> None:
+        if single:
+            torch.set_num_threads(1)  # OpenMP's setting is per thread: this pool thread only
         y1 = min(h, y0 + band)
         xa = pa[y0 : y1 + 2 * r].to(dev)
         xb = pb[y0 : y1 + 2 * r].to(dev)
         out[:, y0:y1] = _ssim_band(xa, xb, win, dt, c1, c2, exact, centre)
+
+    workers = min(torch.get_num_threads(), len(starts)) if dev.type == "cpu" else 1
+    if workers <= 1:
+        for y0 in starts:
+            run(y0)
+    else:
+        # Bands in parallel threads, each single-threaded: on a busy machine OpenMP's per-op
+        # barriers (waiting for a descheduled thread) cost more than the work itself.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(lambda y0: run(y0, True), starts))
     s = out.mean(dim=0) if reduce_channels else out.permute(1, 2, 0)
     return s.float().cpu().numpy()
 

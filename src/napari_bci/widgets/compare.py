@@ -365,6 +365,7 @@ class CompareWidget(QWidget):
         self._cancel = threading.Event()
         self._hidden_by_us: list = []
         self._active = True
+        self._user_chose: set = set()
 
         self.gen_combo = QComboBox()
         self.truth_combo = QComboBox()
@@ -445,6 +446,8 @@ class CompareWidget(QWidget):
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self.update_heatmap)
 
+        self.gen_combo.activated.connect(lambda *_: self._user_chose.add(self.gen_combo))
+        self.truth_combo.activated.connect(lambda *_: self._user_chose.add(self.truth_combo))
         self.gen_combo.currentIndexChanged.connect(self._on_layers_chosen)
         self.truth_combo.currentIndexChanged.connect(self._on_layers_chosen)
         self.side_radio.toggled.connect(self._apply_mode)
@@ -473,19 +476,23 @@ class CompareWidget(QWidget):
 
     def _refresh_layers(self, event=None) -> None:
         names = [ly.name for ly in _rgb_layers(self.viewer)]
+        before = (self.gen_combo.currentText(), self.truth_combo.currentText())
         for combo, pick in ((self.gen_combo, self._default_gen), (self.truth_combo, self._default_truth)):
             current = combo.currentText()
             combo.blockSignals(True)
             combo.clear()
             combo.addItems(names)
-            if current in names:
+            # keep what the user picked; otherwise follow the defaults (a generated layer that
+            # appears later takes over from the placeholder choice)
+            if current in names and combo in self._user_chose:
                 combo.setCurrentText(current)
             else:
                 default = pick(names)
                 if default is not None:
                     combo.setCurrentText(default)
             combo.blockSignals(False)
-        self._on_layers_chosen()
+        if (self.gen_combo.currentText(), self.truth_combo.currentText()) != before:
+            self._on_layers_chosen()
 
     def _default_gen(self, names: Sequence[str]) -> str | None:
         for ly in _rgb_layers(self.viewer):
@@ -511,6 +518,8 @@ class CompareWidget(QWidget):
         return self.viewer.layers[n] if n in self.viewer.layers else None
 
     def set_layers(self, generated: str, truth: str) -> None:
+        """Choose the layers (as a user would: later layer changes keep this choice)."""
+        self._user_chose.update((self.gen_combo, self.truth_combo))
         self.gen_combo.setCurrentText(generated)
         self.truth_combo.setCurrentText(truth)
 
