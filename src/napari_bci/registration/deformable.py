@@ -206,9 +206,9 @@ def register_deformable(
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     say = progress or (lambda msg, frac: None)
     li = pf.level_for(max_side)
-    flevel, dsf = pf.levels[li], pf.downsamples[li]
+    flevel, dsf = pf.level(li), pf.downsamples[li]
     mi = min(range(len(pm.levels)), key=lambda i: abs(np.log(pm.downsamples[i] / dsf)))
-    mlevel, dsm = pm.levels[mi], pm.downsamples[mi]
+    mlevel, dsm = pm.level(mi), pm.downsamples[mi]
     # one OD normalisation for all parts, from low-resolution copies
     fr = od_range(pf.image_at(1024)[0])
     mr = od_range(pm.image_at(1024)[0])

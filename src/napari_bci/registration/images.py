@@ -103,6 +103,17 @@ class Pyramid:
                 return i
         return len(self.levels) - 1
 
+    def level(self, i: int, max_pixels: int = 4096 * 4096):
+        """Level ``i``: an in-memory copy (kept for reuse) when it has at most ``max_pixels``
+        pixels, else the lazy level itself (read it by regions)."""
+        lv = self.levels[i]
+        if isinstance(lv, np.ndarray) or lv.shape[0] * lv.shape[1] > max_pixels:
+            return lv
+        cache = self.__dict__.setdefault("_cache", {})
+        if i not in cache:
+            cache[i] = np.asarray(lv)
+        return cache[i]
+
     def image_at(self, max_side: int) -> tuple[np.ndarray, float]:
         """An in-memory image with longer side <= ``max_side`` (a level, further block-averaged if
         needed) and its downsample factor relative to level 0."""
@@ -110,8 +121,8 @@ class Pyramid:
         lv, d = self.levels[i], self.downsamples[i]
         f = int(np.ceil(max(lv.shape[:2]) / max_side))
         if f > 1:
-            return downscale(lv, f), d * f
-        return np.asarray(lv), d
+            return downscale(self.level(i, 0) if f > 4 else self.level(i), f), d * f
+        return np.asarray(self.level(i, max(lv.shape[0] * lv.shape[1], 1))), d
 
 
 def as_pyramid(image: Any, mpp: float | None = None) -> Pyramid:

@@ -75,7 +75,7 @@ def image_similarity(fixed: Any, moving: Any, transform: Transform | None, max_s
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     fimg, dsf = pf.image_at(max_side)
     i = min(range(len(pm.levels)), key=lambda k: abs(np.log(pm.downsamples[k] / dsf)))
-    mv = pm.levels[i]
+    mv = pm.level(i)
     if max(mv.shape[:2]) > 2 * max_side:  # no level that small: read a block-averaged copy
         mv, dsm = pm.image_at(max_side)
     else:

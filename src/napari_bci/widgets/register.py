@@ -269,8 +269,9 @@ class RegisterWidget(QWidget):
             relay.progress.emit("warping the H&E", 0.98)
             shapes = [tuple(int(s) for s in lv.shape[:2]) for lv in f_levels]
             warped = warp_levels(m_levels, res.transform, shapes, chunk=512)
-            if max(shapes[0]) <= 4096:  # small enough: compute now, not while napari slices
-                warped = [np.asarray(w) for w in warped]
+            # levels small enough are computed here, not while napari slices; finer whole-slide
+            # levels stay lazy (each chunk reads only the moving region it needs)
+            warped = [np.asarray(w) if max(w.shape[:2]) <= 2048 else w for w in warped]
             checks = _check_images(f_levels, m_levels, res.transform)
             return res, warped, checks
 
