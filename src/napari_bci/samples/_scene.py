@@ -372,7 +372,8 @@ class Scene:
                 x=px[k], y=py[k], kind=np.full(n, K_FIBRO, np.int8), a=(4.5 + 3.0 * h(2))[k],
                 b=(1.1 + 0.6 * h(3))[k], theta=theta[k], od=(0.62 + 0.2 * h(4))[k], tex=np.full(n, 0.2),
                 nucleoli=np.zeros(n, np.int8), mclass=np.zeros(n, np.int8), comp=np.zeros(n), mod=np.zeros(n),
-                arc0=np.zeros(n), cyto=np.ones(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03, ihc_scale=(0.88 + 0.2 * h(7))[k],
+                arc0=np.zeros(n), cyto=np.ones(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03,
+                ihc_scale=(0.88 + 0.2 * h(7))[k],
                 site=_site(JX[k], JY[k], 1),
             )
         )
@@ -390,7 +391,8 @@ class Scene:
                 x=px[k], y=py[k], kind=np.full(n, K_LYMPH, np.int8), a=r / np.sqrt(asp), b=r * np.sqrt(asp),
                 theta=(np.pi * h(3))[k], od=(0.85 + 0.2 * h(4))[k], tex=np.full(n, 0.15),
                 nucleoli=np.zeros(n, np.int8), mclass=np.zeros(n, np.int8), comp=np.zeros(n), mod=np.zeros(n),
-                arc0=np.zeros(n), cyto=np.ones(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03, ihc_scale=(0.9 + 0.15 * h(7))[k],
+                arc0=np.zeros(n), cyto=np.ones(n), in_he=h(5)[k] > 0.03, in_ihc=h(6)[k] > 0.03,
+                ihc_scale=(0.9 + 0.15 * h(7))[k],
                 site=_site(JX[k], JY[k], 2),
             )
         )
@@ -630,7 +632,8 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     if frame.t is not None and n:
         E0 = frame.jacobian(he_px) @ E0
     det = E0[:, 0, 0] * E0[:, 1, 1] - E0[:, 0, 1] * E0[:, 1, 0]
-    inv = np.stack([E0[:, 1, 1], -E0[:, 0, 1], -E0[:, 1, 0], E0[:, 0, 0]], 1) / det[:, None] if n else np.zeros((0, 4))
+    inv = np.stack([E0[:, 1, 1], -E0[:, 0, 1], -E0[:, 1, 0], E0[:, 0, 0]], 1) / det[:, None] if n else \
+        np.zeros((0, 4))
 
     salt = scene.salt + (11 if is_ihc else 0)
     chrom = noise_window(salt + 1, 1.3, wy0, wx0, wh, ww)
@@ -817,7 +820,8 @@ def _render_meanfield(scene, section, frame, y0, x0, h, w, d, margin, jpeg):
     stroma = other - retraction - lumen
     att = float(np.exp(-((d / 4.0) ** 2)))  # fibres fade out when they are below a pixel
     fw = up["fib_w"]
-    fib = fw * (0.5 + 0.5 * np.cos(6.2832 * up["fib_a"])) ** 2 + (1 - fw) * (0.5 + 0.5 * np.cos(6.2832 * up["fib_b"])) ** 2
+    fib = fw * (0.5 + 0.5 * np.cos(6.2832 * up["fib_a"])) ** 2 \
+        + (1 - fw) * (0.5 + 0.5 * np.cos(6.2832 * up["fib_b"])) ** 2
     fib = 0.25 + att * (fib - 0.25)
     crack = smoothstep(0.18, 0.3, up["crack"]) * (0.3 + 0.7 * att)
     sv = up["stainvar"]

@@ -65,7 +65,8 @@ def _level_array(scene: Scene, section: str, frame: Frame, shape, d: int, tile: 
     import dask.array as da
 
     h, w = shape
-    chunks = (tuple(min(tile, h - y) for y in range(0, h, tile)), tuple(min(tile, w - x) for x in range(0, w, tile)), (3,))
+    chunks = (tuple(min(tile, h - y) for y in range(0, h, tile)),
+              tuple(min(tile, w - x) for x in range(0, w, tile)), (3,))
 
     def block(block_info=None):
         (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
