@@ -217,3 +217,33 @@ def test_region_on_a_pyramid_is_measured_at_a_bounded_level(monkeypatch, pair):
                      [(1.0, 1.0)], mpp=MPP / 2)
     win = C.Window(0, 10, 60, 20, 90)
     np.testing.assert_array_equal(C.read_on_grid(g2, t, win), gen[10:60, 20:90])
+
+
+def test_heatmap_on_a_pyramid_uses_the_displayed_level(make_napari_viewer, qtbot, pair):
+    from skimage.metrics import structural_similarity
+
+    from napari_bci.widgets.compare import CompareWidget
+
+    _, ihc, gen = pair
+    viewer = make_napari_viewer()
+    for img, name, role in ((ihc, L.IHC_TRUTH, "ihc"), (gen, L.generated_name("p"), "generated")):
+        data, attrs, _ = L.image_layer([img, img[::2, ::2], img[::4, ::4]], name, mpp=MPP, role=role)
+        viewer.add_image(data, **attrs)
+    w = CompareWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    viewer.scene.camera.center = (80.0, 80.0)
+    viewer.scene.camera.zoom = 1.0 / (3 * MPP)  # one screen pixel = 3 level-0 pixels -> level 1
+    w.update_heatmap()
+    qtbot.waitUntil(lambda: L.SSIM in viewer.layers
+                    and np.allclose(viewer.layers[L.SSIM].scale, (2 * MPP, 2 * MPP)), timeout=30000)
+    ly = viewer.layers[L.SSIM]
+    r0, c0 = (np.asarray(ly.translate) / (2 * MPP)).round().astype(int)
+    h, wd = ly.data.shape
+    t1, g1 = ihc[::2, ::2], gen[::2, ::2]
+    ref, full = structural_similarity(g1[r0:r0 + h, c0:c0 + wd], t1[r0:r0 + h, c0:c0 + wd], channel_axis=-1,
+                                      data_range=255, full=True)
+    np.testing.assert_allclose(ly.data, full.mean(-1), atol=1e-4)
+    # the level-1 pixel (r0, c0) sits where napari draws it
+    np.testing.assert_allclose(ly.data_to_world((0, 0)), viewer.layers[L.IHC_TRUTH].data_to_world((2 * r0, 2 * c0)))
+    assert "level 1" in w.mean_label.text()
+    w.close()
