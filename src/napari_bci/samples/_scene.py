@@ -537,7 +537,10 @@ def _field_nodes(scene, frame, wy0, wx0, wh, ww, d, keys, g=None):
     return {k: _upsample(np.asarray(v, np.float32).reshape(NY.shape), g, oy, ox, wh, ww) for k, v in F.items()}
 
 
-def _voronoi_stamp(cx, cy, r, d1, d2, id1, i, wh, ww):
+def _voronoi_stamp(cx, cy, r, d1, d2, id1, i, wh, ww, offset=0.0, wiggle=None):
+    """Update nearest/second-nearest distances (and the nearest id) with one site; ``offset``
+    enlarges its cell (power-diagram-like), ``wiggle`` (an array over the window, px) bends
+    its borders."""
     ya, yb = max(int(cy) - r, 0), min(int(cy) + r + 2, wh)
     xa, xb = max(int(cx) - r, 0), min(int(cx) + r + 2, ww)
     if ya >= yb or xa >= xb:
@@ -545,6 +548,10 @@ def _voronoi_stamp(cx, cy, r, d1, d2, id1, i, wh, ww):
     dy = np.arange(ya, yb, dtype=np.float32) - np.float32(cy)
     dx = np.arange(xa, xb, dtype=np.float32) - np.float32(cx)
     dist = np.sqrt(dy[:, None] ** 2 + dx[None, :] ** 2)
+    if offset:
+        dist -= np.float32(offset)
+    if wiggle is not None:
+        dist += wiggle[ya:yb, xa:xb]
     s1 = d1[ya:yb, xa:xb]
     s2 = d2[ya:yb, xa:xb]
     closer = dist < s1
@@ -645,12 +652,17 @@ def render_window(scene: Scene, section: str, frame: Frame, y0: int, x0: int, h:
     d2 = np.full((wh, ww), 1e6, np.float32)
     id1 = np.zeros((wh, ww), np.int32)
     rmax = 0.95 * scene.spacing * scale_px  # no tumour cell reaches beyond this from its centre
-    rstamp = int(np.ceil(rmax)) + 2
+    rstamp = int(np.ceil(rmax + 3.6 * scale_px)) + 2
     kind = C["kind"]
     nuc_gain = 0.5 if is_ihc else 1.0
     tex_gain = 0.6 if is_ihc else 1.0
+    # cells of unequal size (bigger ones have more cytoplasm) with slightly curved borders
+    size_off = np.clip((C["cyto"] - 0.975) / 0.275, -1, 1) * 1.5 * scale_px
+    wig_pos = (0.7 * scale_px) * cytotex
+    wig_neg = -wig_pos
     for i in np.nonzero(kind == K_TUMOUR)[0]:
-        _voronoi_stamp(cxw[i], cyw[i], rstamp, d1, d2, id1, i, wh, ww)
+        _voronoi_stamp(cxw[i], cyw[i], rstamp, d1, d2, id1, i, wh, ww, offset=size_off[i],
+                       wiggle=wig_pos if C["site"][i] % 2 else wig_neg)
     _stamp_nuclei(np.nonzero(present)[0], C, cxw, cyw, inv, det, sc, chrom, cytotex, id1, nucH,
                   nuc_gain, tex_gain, is_ihc)
 
