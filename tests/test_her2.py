@@ -39,6 +39,12 @@ def real_ihc():
     return immunohistochemistry()
 
 
+def test_estimated_stain_vectors_keep_the_level(pairs):
+    for lv in ("0", "3+"):
+        p = pairs[(lv, HELD_OUT[1])]
+        assert score(p.ihc, 0.5, estimate_stains=True).her2 == lv
+
+
 def test_level_accuracy_on_held_out_synthetic_truth(scored):
     wrong = []
     for (lv, s), r in scored.items():
@@ -275,7 +281,7 @@ def test_cli_score(tmp_path, run_cli, pairs):
     assert d["explanation"].startswith(d["her2"])
     assert [r["name"] for r in d["regions"]] == ["left", "Tumor"]
     assert sum(r["cells"] for r in d["regions"]) == pytest.approx(d["cells"], rel=0.1, abs=3)
-    code, out2, _ = run_cli("score", f, "--mpp", "0.5")
+    code, out2, _ = run_cli("score", f, "--mpp", "0.5", "--estimate-stains")
     assert code == 0 and "her2:" in out2
 
 

@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--mpp", type=float, default=None, metavar="UM",
                    help="microns per pixel (default: the file's, else 0.5)")
     p.add_argument("--cells", action="store_true", help="include per-cell measurements in the output")
+    p.add_argument("--estimate-stains", action="store_true",
+                   help="estimate the hematoxylin/DAB vectors per image (Macenko) instead of Ruifrok's")
     add_json_flag(p)
     p.set_defaults(func=run_score)
 
@@ -35,6 +37,7 @@ def run_score(args: argparse.Namespace) -> dict:
         raise InputError("--mpp", f"must be positive, got {args.mpp}")
     mpp = args.mpp or file_mpp or 0.5
     regions = load_regions(args.regions) if args.regions else []
+    kw = {"estimate_stains": bool(args.estimate_stains)}
     _, ds, amp = choose_level(levels, mpp)
     h, w = levels[0].shape[:2]
     if (h / ds) * (w / ds) <= 2048 * 2048:
@@ -42,13 +45,13 @@ def run_score(args: argparse.Namespace) -> dict:
         from .tiles import read_rgb
 
         li = choose_level(levels, mpp)[0]
-        overall = score(read_rgb(levels[li], 0, 0, int(w / ds) + 1, int(h / ds) + 1), amp)
+        overall = score(read_rgb(levels[li], 0, 0, int(w / ds) + 1, int(h / ds) + 1), amp, **kw)
         overall.centroid = overall.centroid * ds
     else:
-        overall = score_map(levels, mpp).overall
+        overall = score_map(levels, mpp, **kw).overall
     out = overall.to_dict(per_cell=args.cells)
     out = {"file": str(args.ihc), **out, "regions": []}
     for name, poly in regions:
-        r = score_polygon(levels, poly, mpp)
+        r = score_polygon(levels, poly, mpp, **kw)
         out["regions"].append({"name": name, **r.to_dict(per_cell=args.cells)})
     return out

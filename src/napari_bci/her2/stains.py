@@ -14,6 +14,8 @@ def macenko_vectors(
     alpha: float = 1.0,
     max_pixels: int = 200_000,
     seed: int = 0,
+    min_dab_od: float = 0.15,
+    min_dab_fraction: float = 0.02,
 ) -> np.ndarray:
     """Estimate the hematoxylin and DAB unit OD vectors of one image (Macenko et al. 2009).
 
@@ -21,7 +23,9 @@ def macenko_vectors(
     vectors are projected on the plane of their two main principal directions and the
     ``alpha`` / ``100 - alpha`` percentiles of the in-plane angle are the two stains. The
     one closer to Ruifrok's hematoxylin becomes row 0. Falls back to Ruifrok's vectors when
-    too little stained tissue is present. Returns a ``(2, 3)`` array (H, DAB).
+    too little stained tissue is present, when fewer than ``min_dab_fraction`` of the stained
+    pixels carry at least ``min_dab_od`` of DAB, or when an estimate is far from its reference.
+    Returns a ``(2, 3)`` array (H, DAB).
     """
     od = rgb_to_od(rgb).reshape(-1, 3)
     od = od[np.linalg.norm(od, axis=1) > od_min]
@@ -30,6 +34,11 @@ def macenko_vectors(
         return ref
     if len(od) > max_pixels:
         od = od[np.random.default_rng(seed).choice(len(od), max_pixels, replace=False)]
+    # Macenko needs both stains present: with (almost) no DAB its second direction is noise
+    # in the hematoxylin, so keep Ruifrok's vectors then
+    inv = np.linalg.inv(stain_matrix(ref[0], ref[1]))
+    if np.mean((od @ inv)[:, 1] > min_dab_od) < min_dab_fraction:
+        return ref
     _, vecs = np.linalg.eigh(np.cov(od, rowvar=False))
     plane = vecs[:, 1:3]  # two largest eigenvalues
     plane = plane * np.sign(plane.sum(axis=0, keepdims=True) + 1e-12)  # point into positive OD

@@ -76,6 +76,7 @@ class HER2Widget(QWidget):
         self.scope_combo.addItems(SCOPES)
         self.learned_check = QCheckBox("learned level from H&&E (built-in model)")
         self.learned_check.setChecked(True)
+        self.estimate_check = QCheckBox("estimate stain vectors per image (Macenko)")
         self.score_btn = QPushButton("Score")
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
@@ -114,6 +115,7 @@ class HER2Widget(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.learned_check)
+        lay.addWidget(self.estimate_check)
         lay.addLayout(buttons)
         lay.addWidget(self.progress)
         lay.addWidget(self.explanation)
@@ -221,6 +223,7 @@ class HER2Widget(QWidget):
         he_levels = _levels(he) if (he is not None and self.learned_check.isChecked()) else None
         he_mpp = _mpp(he) if he is not None else None
         model_name = self.model_name
+        kw = {"estimate_stains": self.estimate_check.isChecked()}
         if scope == "Drawn regions":
             regions = self.drawn_polygons(layer)
             if not regions:
@@ -233,7 +236,7 @@ class HER2Widget(QWidget):
 
         @thread_worker(progress=True)
         def work():
-            return (yield from _compute(levels, mpp, regions, he_levels, he_mpp, model_name))
+            return (yield from _compute(levels, mpp, regions, he_levels, he_mpp, model_name, **kw))
 
         w = work()
         w.yielded.connect(self._on_progress)
@@ -348,16 +351,16 @@ class HER2Widget(QWidget):
         super().hideEvent(event)
 
 
-def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="builtin"):
+def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="builtin", **kw):
     """Worker body (generator: yields (done, total)). Returns a dict with ``overall``
     (HER2Result), ``regions`` {name: HER2Result}, ``map`` (ScoreMap or None), ``learned_map``
-    (LevelMap or None) and ``compare`` (rule vs learned, or None)."""
+    (LevelMap or None) and ``compare`` (rule vs learned, or None). ``kw`` goes to the scorer."""
     from ..her2.learned import compare, disagreement, iter_predict_map, level_model, predict_polygon
     from ..her2.tiles import choose_level, iter_score_map, score_polygon
 
     out = {"regions": {}, "map": None, "learned_map": None, "compare": None}
     if regions is None:
-        smap = yield from iter_score_map(levels, mpp)
+        smap = yield from iter_score_map(levels, mpp, **kw)
         out["map"] = smap
         out["overall"] = smap.overall
     else:
@@ -368,9 +371,9 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
                 # a large view: tile by tile over its box (no full-size window in memory)
                 x0, y0 = np.floor(p.min(0)).astype(int)
                 x1, y1 = np.ceil(p.max(0)).astype(int)
-                r = (yield from iter_score_map(levels, mpp, bbox=(x0, y0, x1, y1))).overall
+                r = (yield from iter_score_map(levels, mpp, bbox=(x0, y0, x1, y1), **kw)).overall
             else:
-                r = score_polygon(levels, p, mpp)
+                r = score_polygon(levels, p, mpp, **kw)
                 yield (i + 1, len(regions))
             out["regions"][name] = r
         out["overall"] = HER2Result.merge(list(out["regions"].values()))
