@@ -191,7 +191,7 @@ def summarize(centroid, cell_class, completeness, intensity, tumour, *, mpp: flo
     fr["complete_weak_or_more"] = frac(comp & (cc >= 2))
     fr["intense_complete"] = frac(comp & (cc == 3))
     fr["any"] = frac(cc > 0)
-    level, why = level_from_fractions(fr)
+    level, _ = level_from_fractions(fr)
     if n == 0:
         expl = "0: no tumour cells detected"
     elif level == "3+":
