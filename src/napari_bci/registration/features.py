@@ -3,6 +3,7 @@ both orientations of the moving image (flips), then a dense refinement at a fine
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -60,8 +61,10 @@ def match(kp_m, de_m, kp_f, de_f, detector: str, threshold: float, seed: int = 0
     if len(pairs) < 4:
         return None, 0, len(pairs)
     src, dst = kp_m[pairs[:, 0]], kp_f[pairs[:, 1]]
-    sim, inl = ransac((src, dst), SimilarityTransform, min_samples=3, residual_threshold=threshold,
-                      max_trials=3000, rng=seed)
+    with warnings.catch_warnings():  # "No inliers found" is an outcome here, not a warning
+        warnings.simplefilter("ignore")
+        sim, inl = ransac((src, dst), SimilarityTransform, min_samples=3, residual_threshold=threshold,
+                          max_trials=3000, rng=seed)
     if not sim or inl is None or inl.sum() < 6:
         return None, 0 if inl is None else int(inl.sum()), len(pairs)
     matrix = np.asarray(sim.params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,10 @@ def fit_landmarks(
         from skimage.measure import ransac as sk_ransac
 
         min_samples = {"projective": 4, "affine": 3}.get(model, 2)
-        est, inl = sk_ransac((m, f), cls, min_samples=min_samples, residual_threshold=threshold,
-                             max_trials=2000, rng=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est, inl = sk_ransac((m, f), cls, min_samples=min_samples, residual_threshold=threshold,
+                                 max_trials=2000, rng=seed)
         if est and inl is not None and inl.sum() >= MIN_PAIRS:
             inliers = np.asarray(inl, bool)
     est = cls.from_estimate(m[inliers], f[inliers])

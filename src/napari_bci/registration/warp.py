@@ -38,8 +38,26 @@ def moving_coords(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) in moving-level pixels for an output window at ``origin`` (row, col) of a fixed
     level with downsample ``ds_fixed``."""
-    g = transform.backward_grid(origin[0], origin[1], shape[0], shape[1], ds_fixed)
-    return (g[..., 1] + 0.5) / ds_moving - 0.5, (g[..., 0] + 0.5) / ds_moving - 0.5
+    # Same map as Transform.backward_grid, written with separable grids and no (N, 3) temporaries
+    # (about 2x faster per tile).
+    h, w = int(shape[0]), int(shape[1])
+    x0 = (np.arange(origin[1], origin[1] + w, dtype=np.float64) + 0.5) * ds_fixed - 0.5
+    y0 = (np.arange(origin[0], origin[0] + h, dtype=np.float64) + 0.5) * ds_fixed - 0.5
+    X = np.broadcast_to(x0[None, :], (h, w))
+    Y = np.broadcast_to(y0[:, None], (h, w))
+    if transform.field is not None:
+        s = float(transform.spacing)
+        rc = [np.broadcast_to((y0 / s)[:, None], (h, w)).ravel(), np.broadcast_to((x0 / s)[None, :], (h, w)).ravel()]
+        ux = ndi.map_coordinates(transform.field[..., 0], rc, order=1, mode="nearest").reshape(h, w)
+        uy = ndi.map_coordinates(transform.field[..., 1], rc, order=1, mode="nearest").reshape(h, w)
+        X = X + ux
+        Y = Y + uy
+    hi = np.linalg.inv(transform.matrix)
+    den = hi[2, 0] * X + hi[2, 1] * Y + hi[2, 2]
+    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
+    mx = (hi[0, 0] * X + hi[0, 1] * Y + hi[0, 2]) / den
+    my = (hi[1, 0] * X + hi[1, 1] * Y + hi[1, 2]) / den
+    return (my + 0.5) / ds_moving - 0.5, (mx + 0.5) / ds_moving - 0.5
 
 
 def warp_region(

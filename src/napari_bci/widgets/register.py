@@ -65,6 +65,7 @@ class RegisterWidget(QWidget):
         self._worker = None
         self._cancel = False
         self._check_images: dict = {}
+        self._watched: set[int] = set()
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
 
@@ -175,6 +176,7 @@ class RegisterWidget(QWidget):
                 size = 0.01 * max(_levels(img)[0].shape[:2])
                 self.viewer.add_points(
                     np.zeros((0, 2)), name=name, scale=img.scale[-2:], translate=img.translate[-2:],
+                    units=tuple(img.units)[-2:],
                     size=max(size, 8), face_color="red", border_color="white", border_width=0.1,
                     features={"n": np.zeros(0, int)},
                     text={"string": "{n}", "size": 12, "color": "white", "anchor": "upper_left"},
@@ -188,9 +190,9 @@ class RegisterWidget(QWidget):
     def _watch_landmarks(self):
         for name in (L.LANDMARKS_HE, L.LANDMARKS_IHC):
             ly = self._layer(name)
-            if ly is not None and not getattr(ly, "_bci_watched", False):
+            if ly is not None and id(ly) not in self._watched:
                 ly.events.data.connect(lambda e, ly=ly: self._recolour(ly))
-                ly._bci_watched = True
+                self._watched.add(id(ly))
                 self._recolour(ly)
 
     @staticmethod
@@ -338,7 +340,8 @@ class RegisterWidget(QWidget):
         if WARPED in self.viewer.layers:
             self.viewer.layers.remove(WARPED)
         self.viewer.add_image(data, name=WARPED, rgb=True, multiscale=len(warped) > 1, scale=fixed.scale[-2:],
-                              translate=fixed.translate[-2:], opacity=0.5, metadata=meta)
+                              translate=fixed.translate[-2:], opacity=0.5, metadata=meta,
+                              units=tuple(fixed.units)[-2:])
         self.quality.setText(format_quality(res.report))
         self.status.setText(f"Done ({method}). '{WARPED}' is aligned to '{fixed.name}'.")
         self.show_view(self.view_combo.currentText())
@@ -357,11 +360,12 @@ class RegisterWidget(QWidget):
         img, ds = self._check_images[view]
         s = np.asarray(fixed.scale[-2:], float)
         translate = np.asarray(fixed.translate[-2:], float) + (ds - 1) / 2 * s
+        units = tuple(fixed.units)[-2:]
         if view == "Checkerboard":
-            self.viewer.add_image(img, name=CHECK, rgb=True, scale=s * ds, translate=translate)
+            self.viewer.add_image(img, name=CHECK, rgb=True, scale=s * ds, translate=translate, units=units)
         else:
             self.viewer.add_image(img, name=CHECK, colormap="magma", scale=s * ds, translate=translate,
-                                  contrast_limits=(0, 1))
+                                  contrast_limits=(0, 1), units=units)
 
     # -- files ---------------------------------------------------------------------------------
     def save_transform(self, path):
