@@ -73,6 +73,10 @@ def test_local_ssim_map_grey_and_errors(he):
     g2 = _perturbed(he)[..., 0].copy()
     ref = structural_similarity(g1, g2, data_range=255, full=True)[1]
     assert np.abs(ssim_map(g1, g2) - ref).max() < 1e-4
+    # float images in [0, 1] (the non-integer path), as skimage with data_range=1
+    f1, f2 = he[:200, :240] / 255.0, _perturbed(he)[:200, :240] / 255.0
+    ref = structural_similarity(f1, f2, channel_axis=-1, data_range=1.0, full=True)[1]
+    assert np.abs(ssim_map(f1, f2, data_range=1.0, reduce_channels=False) - ref).max() < 1e-4
     with pytest.raises(ValueError, match="shape"):
         ssim_map(he, he[:100])
     with pytest.raises(ValueError, match="data_range"):

@@ -9,7 +9,9 @@ Two windows, as in scikit-image:
 
 Borders use ndimage's ``reflect`` (half-sample symmetric) extension, so the full map equals
 skimage's, not only the interior. Filters are separable 1-D convolutions on all channels and
-moments at once; statistics are computed on mean-centred data to keep float32 accurate.
+moments at once, in cache-sized bands of rows. The uniform window on uint8 is computed in exact
+integer sums; the Gaussian in float32 on data centred per band (max difference to skimage ~7e-5 on
+real H&E, up to ~1.4e-4 on a synthetic worst case of flat 0 and 250 regions).
 """
 
 from __future__ import annotations
@@ -138,13 +140,6 @@ def ssim_map(
     h, w, nc = a_shape[0], a_shape[1], pa.shape[-1]
     c1 = (K1 * data_range) ** 2
     c2 = (K2 * data_range) ** 2
-    if exact:
-        centre = None
-    else:
-        # One per-channel constant for the whole image: variances are shift invariant and the
-        # means get it back, which keeps float32 within ~1e-4 of skimage's float64.
-        centre = 0.5 * (pa.double().mean(dim=(0, 1)) + pb.double().mean(dim=(0, 1)))
-        centre = centre.to(dt).to(dev)[:, None, None]
     out = torch.empty((nc, h, w), dtype=dt, device=dev)
     # Bands of rows small enough to stay in cache on CPU (memory traffic, not arithmetic, is
     # the cost); one band on a GPU.
@@ -157,7 +152,7 @@ def ssim_map(
         y1 = min(h, y0 + band)
         xa = pa[y0 : y1 + 2 * r].to(dev)
         xb = pb[y0 : y1 + 2 * r].to(dev)
-        out[:, y0:y1] = _ssim_band(xa, xb, win, dt, c1, c2, exact, centre)
+        out[:, y0:y1] = _ssim_band(xa, xb, win, dt, c1, c2, exact)
 
     workers = min(torch.get_num_threads(), len(starts)) if dev.type == "cpu" else 1
     if workers <= 1:
@@ -174,7 +169,7 @@ def ssim_map(
     return s.float().cpu().numpy()
 
 
-def _ssim_band(pa, pb, win: Window, dt, c1: float, c2: float, exact: bool, centre):
+def _ssim_band(pa, pb, win: Window, dt, c1: float, c2: float, exact: bool):
     """SSIM of the output rows of a padded band ``(rows + 2r, W + 2r, C)`` -> ``(C, rows, W)``."""
     import torch
 
@@ -187,6 +182,12 @@ def _ssim_band(pa, pb, win: Window, dt, c1: float, c2: float, exact: bool, centr
     x.copy_(pa.permute(2, 0, 1))
     y.copy_(pb.permute(2, 0, 1))
     if not exact:
+        # One constant per channel for the band (every window of the band's output rows lies
+        # inside it): variances are shift invariant and the means get it back. The mid-range
+        # bounds |x - c| by half the band's range, which keeps float32 within ~1e-4 of skimage.
+        lo = torch.minimum(x.amin(dim=(1, 2)), y.amin(dim=(1, 2)))
+        hi = torch.maximum(x.amax(dim=(1, 2)), y.amax(dim=(1, 2)))
+        centre = (0.5 * (lo + hi))[:, None, None]
         x.sub_(centre)
         y.sub_(centre)
     torch.mul(x, x, out=st[2 * nc : 3 * nc])
