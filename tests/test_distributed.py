@@ -58,10 +58,12 @@ def _bytes_without_uuid(path) -> bytes:
 
 def test_two_workers_give_identical_output(slide_path, reference, client, tmp_path):
     out = tmp_path / "d.ome.tif"
-    rep = generate_slide(slide_path, "baseline", out, tile=TILE, client=client, window=3, show_progress=False)
+    with distributed.get_task_stream(client) as ts:
+        rep = generate_slide(slide_path, "baseline", out, tile=TILE, client=client, window=3, show_progress=False)
     assert rep["cluster"]["workers"] == 2 and rep["cluster"]["window"] == 3
     assert rep["computed"] == rep["tissue_tiles"]
-    # both workers did tiles
+    tasks = [t for t in ts.data if "tiles_task" in t["key"]]
+    assert len(tasks) == rep["tissue_tiles"] and len({t["worker"] for t in tasks}) == 2  # both worked
     assert _bytes_without_uuid(out) == _bytes_without_uuid(reference)
 
 
