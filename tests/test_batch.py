@@ -367,3 +367,16 @@ def test_save_generated_layer_shows_napari_progress(slide_path, tmp_path):
         progress._all_instances.events.changed.disconnect(on_change)
     n = len(_expected_tissue_tiles())
     assert ("Saving g.ome.tif", n, n) in finished
+
+
+def test_npe2_writer_completes_a_generated_layer(slide_path, reference, tmp_path):
+    """The plugin's OME-TIFF writer hands a generated layer (with its source in the metadata) to
+    ``save_generated_layer``: the saved file is the whole slide, as the CLI writes it."""
+    from napari_bci.io._npe2 import write_ome_tiff
+
+    meta = {"role": "generated", "source_path": str(slide_path), "model": "baseline", "generation_level": 0,
+            "tile": TILE, "tiles_done": []}
+    out = tmp_path / "layer.ome.tif"
+    blank = np.full((1280, 1792, 3), 255, np.uint8)
+    assert write_ome_tiff(str(out), [blank], {"name": "IHC (generated: baseline)", "metadata": meta}) == [str(out)]
+    assert _bytes_without_uuid(out) == _bytes_without_uuid(reference)

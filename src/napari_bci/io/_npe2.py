@@ -120,6 +120,13 @@ def write_ome_tiff(path: str, data: Any, attributes: dict) -> list[str]:
     from .writers import write_pyramid
 
     meta = attributes.get("metadata") or {}
+    from ..generate.batch import can_complete_layer, save_generated_layer
+
+    if can_complete_layer(meta):  # a generated layer: the whole slide, computing its missing tiles
+        try:
+            return save_generated_layer(path, data, meta)
+        except ValueError as e:
+            raise BCIError(str(e)) from e
     mpp = meta.get("mpp")
     if mpp is None:
         units = [str(u) for u in (attributes.get("units") or ())]
