@@ -247,14 +247,16 @@ def _write_csv(path, rows, header="moving_x,moving_y,fixed_x,fixed_y"):
     return path
 
 
-def test_cli_register_auto_and_transform(cli_pair, run_cli):
+def test_cli_register_default_and_transform(cli_pair, run_cli):
     d, pair = cli_pair
     pm, pf = truth_points(pair.transform, (512, 512), (512, 512), step=64)
     lm = _write_csv(d / "lm.csv", np.c_[pm, pf])
-    code, out, err = run_cli("register", d / "ihc.png", d / "he.png", "--out", d / "T.json", "--method", "auto",
+    # the default method (deformable): the landmarks give the start, then a dense field
+    code, out, err = run_cli("register", d / "ihc.png", d / "he.png", "--out", d / "T.json",
                              "--landmarks", lm, "--warp-out", d / "warped.png", "--json")
     assert code == 0, err
     rep = json.loads(out)
+    assert rep["method"] == "deformable" and rep["field_shape"] and (d / "T.npz").exists()
     assert rep["tre_after"]["median"] < 1.5 < rep["tre_before"]["median"]
     assert rep["ncc_after"] > rep["ncc_before"] and rep["folded_fraction"] == 0.0
     warped = imread(d / "warped.png")
