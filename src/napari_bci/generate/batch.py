@@ -573,7 +573,7 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
                    progress: Callable[[int, int], Any] | None = None, show_progress: bool | None = None,
                    cancel: Any = None, keep_parts: bool = False, window: int | None = None,
                    generator=None, prefilled: dict | None = None, tiles_per_task: int = 1,
-                   client=None) -> dict:
+                   client=None, resources: dict | None = None) -> dict:
     """Virtual IHC of a whole slide as a pyramidal OME-TIFF at ``out``; returns a report dict.
 
     ``model``: a registry name, a checkpoint path or a :class:`Generator`. ``workers``/
@@ -581,7 +581,9 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     identical to a single-process run. ``on_error``: ``"stop"`` raises on a tile whose input
     cannot be read, ``"skip"`` fills it white and lists it under ``"skipped"``. ``cancel``: an
     Event or callable; when set the run stops with :class:`Cancelled`, keeping finished tiles
-    for the next run (``resume``). ``client``: an existing ``distributed.Client`` to compute on.
+    for the next run (``resume``). ``client``: an existing ``distributed.Client`` to compute on;
+    ``resources``: dask resources each task needs (e.g. ``{"GPU": 1}`` on workers started with
+    ``--resources GPU=1``)
     """
     from .registry import load_generator
 
@@ -601,7 +603,8 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
             from .distributed import DaskTiles
 
             ctx = DaskTiles(plan, model if model is not None else generator, workers=workers, scheduler=scheduler,
-                            device=device, window=window, tiles_per_task=tiles_per_task, client=client)
+                            device=device, window=window, tiles_per_task=tiles_per_task, client=client,
+                            resources=resources)
             results = ctx.results
             ctx.start()
             cluster_info = ctx.info()
@@ -653,7 +656,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-parts", action="store_true", help="keep the tile store OUT.parts after success")
     g.add_argument("--window", type=int, default=None, help="dask: most tasks in flight (default 4 per worker)")
     g.add_argument("--tiles-per-task", type=int, default=1, help="dask: tiles per task (default 1)")
+    g.add_argument("--task-resources", type=_resources, default=None, metavar="NAME=N[,...]",
+                   help="dask: resources each task needs, e.g. GPU=1 (workers started with --resources GPU=1)")
     p.set_defaults(_batch_requested=False)
+
+
+def _resources(text: str) -> dict:
+    try:
+        return {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N], got {text!r}") from None
 
 
 def _compression(args) -> str | None:
@@ -688,7 +700,8 @@ def run_slide(args, generator) -> dict:
             tissue=getattr(args, "tissue", True), compression=_compression(args),
             quality=getattr(args, "quality", 90), keep_parts=getattr(args, "keep_parts", False),
             window=getattr(args, "window", None), tiles_per_task=getattr(args, "tiles_per_task", 1),
-            layout=getattr(args, "layout", "subifd"), generator=None if distributed else generator)
+            layout=getattr(args, "layout", "subifd"), resources=getattr(args, "task_resources", None),
+            generator=None if distributed else generator)
     except KeyboardInterrupt:
         err = BCIError(f"{out}: interrupted; finished tiles are kept in {parts_dir(out)}, "
                        f"run the same command again to resume")
