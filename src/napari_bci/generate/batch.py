@@ -881,7 +881,9 @@ def save_generated_layer(path: str | os.PathLike, data: Any, meta: dict, *,
     plan = plan_slide(meta["source_path"], gen, model=meta["model"], level=level,
                       tile=meta.get("tile"), halo=meta.get("halo"))
     prefilled = {}
-    level0 = data[0] if isinstance(data, (list, tuple)) else data
+    from collections.abc import Sequence as _Seq
+
+    level0 = data[0] if isinstance(data, _Seq) else data  # a list or napari's MultiScaleData
     done = list(meta.get("tiles_done") or [])
     if done and tuple(level0.shape[:2]) == tuple(plan.engine.shape):
         for r, c in done:
