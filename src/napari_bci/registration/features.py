@@ -204,11 +204,15 @@ def register_auto(
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     say = progress or (lambda msg, frac: None)
     say("features", 0.0)
-    fimg, dsf = pf.image_at(coarse_side)
-    mimg, dsm = pm.image_at(coarse_side)
-    m, ninl, nmatch, flipped = coarse_features(fimg, mimg, detector, flips, seed=seed)
-    if m is None and detector == "sift":
-        m, ninl, nmatch, flipped = coarse_features(fimg, mimg, "orb", flips, seed=seed)
+    # a whole slide's tissue may be tiny at the coarse level: retry finer when matches are few
+    for side in (coarse_side, 2 * coarse_side):
+        fimg, dsf = pf.image_at(side)
+        mimg, dsm = pm.image_at(side)
+        m, ninl, nmatch, flipped = coarse_features(fimg, mimg, detector, flips, seed=seed)
+        if m is None and detector == "sift":
+            m, ninl, nmatch, flipped = coarse_features(fimg, mimg, "orb", flips, seed=seed)
+        if (m is not None and ninl >= 20) or max(pf.shape) <= side or side >= refine_side:
+            break
     if m is None:
         raise RegistrationFailed(f"no consistent feature matches between the images ({nmatch} matches); "
                                  "place landmarks instead")
