@@ -131,3 +131,22 @@ def test_worker_device_mapping(monkeypatch):
     assert pick_device("cpu", 5) == "cpu" and pick_device("cuda:1", 0) == "cuda:1"
     monkeypatch.setenv("NAPARI_BCI_DEVICE", "cpu")  # the user's override reaches every worker
     assert pick_device(None, 3) == "cpu"
+
+
+def test_corrupt_tile_reported_from_a_worker(slide_path, reference, client, tmp_path):
+    """A worker that cannot read a tile reports it (coordinates travel back); ``skip`` fills it white."""
+    data = bytearray(slide_path.read_bytes())
+    with tifffile.TiffFile(slide_path) as tf:
+        page = tf.series[0].pages[0]
+        off, n = page.dataoffsets[1 * 4 + 2], page.databytecounts[1 * 4 + 2]  # tile (1, 2), in the tissue
+    data[off:off + n] = bytes(np.random.default_rng(2).integers(0, 256, n, dtype=np.uint8))
+    bad = tmp_path / "bad.ome.tif"
+    bad.write_bytes(bytes(data))
+    out = tmp_path / "o.ome.tif"
+    rep = generate_slide(bad, "baseline", out, tile=TILE, client=client, on_error="skip", show_progress=False)
+    assert [(s["tile"], s["level0_x"], s["level0_y"]) for s in rep["skipped"]] == [([1, 2], 512, 256)]
+    with tifffile.TiffFile(out) as a, tifffile.TiffFile(reference) as b:
+        got, ref = a.series[0].levels[0].asarray(), b.series[0].levels[0].asarray()
+    assert got[256:512, 512:768].min() >= 250
+    got[256:512, 512:768] = ref[256:512, 512:768]
+    assert np.array_equal(got, ref)
