@@ -40,6 +40,7 @@ def test_landmarks_register_and_views(setup, qtbot):
     # paired by order: same colour and number in both layers
     assert np.allclose(he_pts.face_color, ihc_pts.face_color)
     assert list(he_pts.features["n"]) == list(range(1, len(pm) + 1))
+    assert [str(t) for t in ihc_pts.text.values] == [str(i) for i in range(1, len(pm) + 1)]
     m, f = w.landmark_pairs()
     assert np.allclose(m, pm) and np.allclose(f, pf)
     w.run("landmarks")
