@@ -366,6 +366,7 @@ class CompareWidget(QWidget):
         self._hidden_by_us: list = []
         self._active = True
         self._user_chose: set = set()
+        self._closed = False
 
         self.gen_combo = QComboBox()
         self.truth_combo = QComboBox()
@@ -585,7 +586,7 @@ class CompareWidget(QWidget):
 
     def schedule_heatmap(self, *_):
         """(Re)start the debounce timer; the heatmap follows once the camera rests."""
-        if self._active and self.heat_check.isChecked() and self.viewer.dims.ndisplay == 2:
+        if not self._closed and self._active and self.heat_check.isChecked() and self.viewer.dims.ndisplay == 2:
             self._timer.start()
 
     def heatmap_window(self) -> tuple[Window, LayerGeom, LayerGeom] | None:
@@ -611,7 +612,7 @@ class CompareWidget(QWidget):
 
     def update_heatmap(self) -> None:
         """Start computing the heatmap of the current view in a worker (one at a time)."""
-        if not (self._active and self.heat_check.isChecked()):
+        if self._closed or not (self._active and self.heat_check.isChecked()):
             return
         if self._heat_worker is not None:
             self._heat_pending = True  # recompute once the running one returns
@@ -636,17 +637,19 @@ class CompareWidget(QWidget):
 
     def _on_heat_finished(self):
         self._heat_worker = None
-        if self._heat_pending:
+        if self._heat_pending and not self._closed:
             self._heat_pending = False
             self.schedule_heatmap()
 
     def _on_heat_error(self, e):
         from napari.utils.notifications import show_warning
 
+        if self._closed:
+            return
         show_warning(f"SSIM heatmap: {e}")
 
     def _on_heatmap(self, res: HeatmapResult) -> None:
-        if res.request != self._request or not self.heat_check.isChecked():
+        if self._closed or res.request != self._request or not self.heat_check.isChecked():
             return  # stale: the view moved on
         self.heatmap_mean = res.mean
         kw = dict(scale=res.scale, translate=res.translate)
@@ -778,6 +781,8 @@ class CompareWidget(QWidget):
             self._region_worker.quit()
 
     def _on_region(self, item):
+        if self._closed:
+            return
         i, sc = item
         self.scores.append(sc)
         self._add_row(sc)
@@ -785,6 +790,8 @@ class CompareWidget(QWidget):
 
     def _on_regions_done(self):
         self._region_worker = None
+        if self._closed:
+            return
         self.progress.setVisible(False)
         self.measure_btn.setEnabled(True)
         self.cancel_btn.setEnabled(False)
@@ -925,7 +932,10 @@ class CompareWidget(QWidget):
         self.schedule_heatmap()
 
     def _stop_all(self, *_):
+        """Stop the timer and workers and let no late result touch the viewer."""
+        self._closed = True
         self._active = False
+        self._request += 1
         try:
             self._timer.stop()
         except RuntimeError:  # already deleted with the widget
