@@ -108,13 +108,13 @@ def make_wsi_file(size: int, tile: int, d: Path) -> Path:
     return p
 
 
-def _throughput_child(path: str, workers: int, tile: int) -> dict:
+def _throughput_child(path: str, workers: int, tile: int, model: str = "baseline") -> dict:
     from napari_bci.generate.batch import generate_slide
 
     before = peak_rss_mb()
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        rep = generate_slide(path, "baseline", Path(d) / "out.ome.tif", tile=tile, workers=workers or None,
+        rep = generate_slide(path, model, Path(d) / "out.ome.tif", tile=tile, workers=workers or None,
                              show_progress=False)
         total = time.perf_counter() - t0
     return {"workers": workers, "tiles": rep["computed"], "seconds": rep["seconds"], "with_startup_s": round(total, 1),
@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--mem-sizes", type=int, nargs="*", default=[16384, 32768])
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--skip-workers", action="store_true")
+    ap.add_argument("--model", default="baseline", help="generator for the worker benchmark (default baseline)")
     args = ap.parse_args()
     print(f"cores: {os.cpu_count()}")
     if not args.skip_workers:
@@ -145,7 +146,7 @@ def main() -> None:
             t0 = time.perf_counter()
             path = make_wsi_file(args.size, args.tile, Path(d))
             print(f"synthetic WSI {args.size}x{args.size} written in {time.perf_counter() - t0:.1f} s")
-            runs = [_child("_throughput_child", str(path), w, args.tile) for w in (0, 1, 2)]
+            runs = [_child("_throughput_child", str(path), w, args.tile, args.model) for w in (0, 1, 2)]
         base = runs[0]
         print(f"{'run':<16}{'tiles':>7}{'tiles/s':>10}{'x single':>10}{'gen s':>8}{'+startup s':>12}{'peak RSS MB':>13}")
         for r in runs:

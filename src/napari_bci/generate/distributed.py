@@ -68,8 +68,7 @@ class GeneratorPlugin(WorkerPlugin):
         self.threads = max(1, int(threads))
         self.name = name or f"napari-bci-generator-{uuid.uuid4().hex[:8]}"
         self.generator = None
-        self._engines: dict = {}
-        self._slides: list = []
+        self._engines: dict = {}  # spec key -> (engine, slide), most recent last
 
     def setup(self, worker=None) -> None:
         from .registry import load_generator
@@ -93,15 +92,21 @@ class GeneratorPlugin(WorkerPlugin):
 
             torch.set_num_threads(self.threads)
 
+    #: slides kept open per worker (a cohort streams through, one slide after the other)
+    max_open = 4
+
     def teardown(self, worker=None) -> None:
-        for s in self._slides:
-            try:
-                s.close()
-            except Exception:
-                pass
-        self._slides.clear()
-        self._engines.clear()
+        while self._engines:
+            self._drop_oldest()
         self.generator = None
+
+    def _drop_oldest(self) -> None:
+        key = next(iter(self._engines))
+        _, slide = self._engines.pop(key)
+        try:
+            slide.close()
+        except Exception:
+            pass
 
     def engine(self, spec: dict):
         """The tile engine for ``spec`` (slide path, level, tile, halo, batch size), built once."""
@@ -110,15 +115,17 @@ class GeneratorPlugin(WorkerPlugin):
         from .engine import TileEngine
 
         key = tuple(sorted(spec.items()))
-        eng = self._engines.get(key)
-        if eng is None:
+        hit = self._engines.pop(key, None)
+        if hit is None:
+            while len(self._engines) >= self.max_open:
+                self._drop_oldest()
             slide = open_slide(spec["source"])
-            self._slides.append(slide)
             eng = TileEngine(self.generator, slide.levels, mpp=spec.get("mpp", slide.mpp), level=spec["level"],
                              tile=spec["tile"], halo=spec["halo"], batch_size=spec["batch_size"],
                              cache=TileCache(0), image_id=spec["source"])
-            self._engines[key] = eng
-        return eng
+            hit = (eng, slide)
+        self._engines[key] = hit  # re-inserted: most recently used last
+        return hit[0]
 
 
 def _plugin(name: str) -> GeneratorPlugin:
