@@ -84,7 +84,8 @@ def main() -> None:
             from napari_bci.registration.quality import folded_fraction
 
             e = med(t, pm, pf)
-            print(f"{name:28s} {'+ deformable ' + eng:22s} {c!s:>12s} {e:10.2f} {100 * folded_fraction(t):8.3f}")
+            fold = 100 * folded_fraction(t)
+            print(f"{name:28s} {'+ deformable ' + eng:22s} {c!s:>12s} {e:10.2f} {fold:8.3f}")
             rows.append((name, eng, dt, e, t_auto, med(init, pm, pf)))
     if not has_elastix:
         print("note: itk-elastix is not installed (pip install 'napari-bci[elastix]'); elastix rows skipped")
@@ -120,7 +121,8 @@ def wsi(size: int) -> None:
     print(f"whole slide {size}x{size} (wall/cpu s, incl. rendering the synthetic slide): auto {c_auto}, "
           f"TRE {med(init, pm, pf):.2f} px; deformable in "
           f"{t.meta.get('parts')} parts at 1/{int(t.meta['deformable_downsample'])} {c_def}, "
-          f"TRE {med(t, pm, pf):.2f} px (median over {len(pm)} tissue grid points); field {t.field.shape[:2]}")
+          f"TRE {med(t, pm, pf):.2f} px (median over {len(pm)} tissue grid points); "
+          f"field {t.field.shape[:2]}")
     # lazy level-0 warping from a tiled TIFF (as a real slide is read): one output tile vs. reading
     # one tile of the same file
     import tempfile
@@ -138,7 +140,8 @@ def wsi(size: int) -> None:
             with Clock() as c_r:
                 ref = np.asarray(slide.levels[0][c0:c0 + 1024, c0:c0 + 1024])
     print(f"lazy level-0 warp from a tiled TIFF: one 1024x1024 output tile {c_w} s (wall/cpu) incl. reading "
-          f"its moving region; reading a 1024x1024 tile of the file {c_r} s; ratio {c_w.wall / c_r.wall:.1f}x wall")
+          f"its moving region; reading a 1024x1024 tile of the file {c_r} s; "
+          f"ratio {c_w.wall / c_r.wall:.1f}x wall")
     assert tile.shape == ref.shape
 
 

@@ -14,7 +14,8 @@ from .warp import warp, warp_lazy, warp_levels, warp_region
 
 __all__ = [
     "ENGINES", "METHODS", "LandmarkFit", "RegistrationFailed", "RegistrationResult", "Transform",
-    "elastix_available", "fit_landmarks", "folded_fraction", "map_shapes", "map_vertices", "mutual_information", "ncc", "quality_report",
+    "elastix_available", "fit_landmarks", "folded_fraction", "map_shapes", "map_vertices",
+    "mutual_information", "ncc", "quality_report",
     "read_landmarks_csv", "register", "register_auto", "register_deformable", "tre", "warp", "warp_lazy",
     "warp_levels", "warp_region", "write_landmarks_csv",
 ]

@@ -33,10 +33,12 @@ def register(sub) -> None:
 
     t = sub.add_parser("transform", help="map points through a saved transform",
                        description="Map the CSV's moving_x,moving_y (H&E, level-0 px) into the IHC frame; "
-                                   "with --inverse map fixed_x,fixed_y (or moving_x,moving_y when absent) back.")
+                                   "with --inverse map fixed_x,fixed_y (or moving_x,moving_y when absent) "
+                                   "back.")
     t.add_argument("transform", metavar="T.json")
     t.add_argument("points", metavar="POINTS.csv")
-    t.add_argument("--inverse", action="store_true", help="map fixed (IHC) points back to the moving (H&E) frame")
+    t.add_argument("--inverse", action="store_true",
+                   help="map fixed (IHC) points back to the moving (H&E) frame")
     add_json_flag(t)
     t.set_defaults(func=run_transform)
 
@@ -148,4 +150,5 @@ def run_transform(args) -> dict:
     out = t.backward(pts) if args.inverse else t.forward(pts)
     if not np.isfinite(out).all():
         raise InputError(path, "some points map to infinity (outside the transform's domain)")
-    return {"points": [[float(x), float(y)] for x, y in out], "inverse": bool(args.inverse), "n": int(len(out))}
+    return {"points": [[float(x), float(y)] for x, y in out], "inverse": bool(args.inverse),
+            "n": int(len(out))}

@@ -70,7 +70,8 @@ def register(
 
         res = register_auto(pf, pm, coarse_side=coarse_side, refine_side=refine_side, seed=seed, progress=sub)
         t = res.transform
-        report.update({"feature_inliers": res.inliers, "feature_matches": res.matches, "flipped": res.flipped})
+        report.update({"feature_inliers": res.inliers, "feature_matches": res.matches,
+                       "flipped": res.flipped})
     if cancelled is not None and cancelled():
         raise Cancelled("registration cancelled")
     if method == "deformable":

@@ -15,7 +15,6 @@ The residual field is composed with the current one and stored at low resolution
 
 from __future__ import annotations
 
-import os
 import tempfile
 from typing import Any, Callable
 
@@ -78,7 +77,8 @@ def flow_elastix(fixed_od: np.ndarray, moving_od: np.ndarray, grid_spacing: floa
     try:
         import itk
     except ImportError:
-        raise InputError("elastix", "itk-elastix is not installed; pip install 'napari-bci[elastix]'") from None
+        raise InputError("elastix",
+                         "itk-elastix is not installed; pip install 'napari-bci[elastix]'") from None
     fixed = itk.GetImageFromArray(np.ascontiguousarray(fixed_od, dtype=np.float32))
     moving = itk.GetImageFromArray(np.ascontiguousarray(moving_od, dtype=np.float32))
     po = itk.ParameterObject.New()
@@ -127,7 +127,8 @@ def sample_flow(v: np.ndarray, xs0: np.ndarray, ys0: np.ndarray, ds: float, orig
     return np.stack(out, -1)
 
 
-def compose_field(transform: Transform, residual0: np.ndarray, spacing: float, meta: dict | None = None) -> Transform:
+def compose_field(transform: Transform, residual0: np.ndarray, spacing: float,
+                  meta: dict | None = None) -> Transform:
     """New transform whose backward map is ``old.backward(p + V(p))`` for the residual level-0
     field ``V`` sampled on the grid with ``spacing`` (shape ``(gh, gw, 2)``)."""
     gh, gw = residual0.shape[:2]
@@ -228,7 +229,8 @@ def register_deformable(
             say(f"{engine}: part {k + 1}/{n_parts}", k / n_parts)
             fimg = np.asarray(flevel[r0:r1, c0:c1])
             warped = warp_region(mlevel, initial, (r0, c0), (r1 - r0, c1 - c0), dsf, dsm, fill="mirror")
-            v = residual_flow(od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr), engine, **engine_kw)
+            v = residual_flow(od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr), engine,
+                              **engine_kw)
             sel = (rr >= r0 - 0.5) & (rr <= r1 - 0.5) & (cc >= c0 - 0.5) & (cc <= c1 - 0.5)
             if sel.any():
                 w = _ramp(rr[sel], r0, r1, H, overlap) * _ramp(cc[sel], c0, c1, W, overlap)

@@ -106,7 +106,8 @@ def coarse_features(fixed_img: np.ndarray, moving_img: np.ndarray, detector: str
 
 
 def refine_projective(fixed_img: np.ndarray, moving_img: np.ndarray, matrix: np.ndarray,
-                      radius: int = 15, step: int = 4, threshold: float = 1.5, seed: int = 0) -> tuple[np.ndarray, float]:
+                      radius: int = 15, step: int = 4, threshold: float = 1.5,
+                      seed: int = 0) -> tuple[np.ndarray, float]:
     """Refine a moving->fixed matrix (pixels of these images) with dense optical flow on the
     hematoxylin channel: the flow gives one correspondence per tissue pixel, and a projective is
     re-fitted to them by RANSAC. Returns ``(matrix, median residual px)``."""
@@ -229,5 +230,6 @@ def register_auto(
         m0 = matrix_to_level0(mk2, dsm2, dsf2)
         info[f"refine_residual_px_{it}"] = res * dsf2
     say("done", 1.0)
-    meta = {"method": "auto", "detector": detector, "inliers": ninl, "matches": nmatch, "flipped": bool(flipped)}
+    meta = {"method": "auto", "detector": detector, "inliers": ninl, "matches": nmatch,
+            "flipped": bool(flipped)}
     return AutoResult(Transform(m0 / m0[2, 2], meta=meta), ninl, nmatch, bool(flipped), info)

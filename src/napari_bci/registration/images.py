@@ -24,7 +24,8 @@ def od_range(rgb: Any, lo: float = 1.0, hi: float = 99.5) -> tuple[float, float]
     return float(a), float(b)
 
 
-def od_channel(rgb: Any, lo: float = 1.0, hi: float = 99.5, value_range: tuple[float, float] | None = None) -> np.ndarray:
+def od_channel(rgb: Any, lo: float = 1.0, hi: float = 99.5,
+               value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Hematoxylin optical density of ``rgb``, percentile-normalised to about ``[0, 1]`` (float32)
     (or by ``value_range`` = (low, high) OD, e.g. from :func:`od_range` on a whole slide).
 
@@ -80,7 +81,9 @@ def downscale(rgb: Any, factor: int) -> np.ndarray:
         out = np.asarray(out.compute())
     else:
         out = np.asarray(a, dtype=np.float32).reshape(shape).mean(axis=(1, 3))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8) if np.asarray(rgb[:1, :1]).dtype == np.uint8 else out
+    if np.asarray(rgb[:1, :1]).dtype == np.uint8:
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return out
 
 
 @dataclass

@@ -46,7 +46,8 @@ def random_transform(
     if field_amplitude > 0:
         gh, gw = int(np.ceil(oh / field_spacing)) + 1, int(np.ceil(ow / field_spacing)) + 1
         raw = rng.normal(size=(gh, gw, 2))
-        sm = np.stack([ndi.gaussian_filter(raw[..., k], 128 / field_spacing, mode="reflect") for k in (0, 1)], -1)
+        sig = 128 / field_spacing
+        sm = np.stack([ndi.gaussian_filter(raw[..., k], sig, mode="reflect") for k in (0, 1)], -1)
         field = (sm / np.abs(sm).max() * field_amplitude).astype(np.float32)
     return Transform(m, field, field_spacing, {"source": "known_warp", "seed": seed})
 

@@ -44,7 +44,8 @@ def _model_class(model: str):
     return getattr(sk, MODELS[model])
 
 
-def check_points(moving: np.ndarray, fixed: np.ndarray, source: str = "landmarks") -> tuple[np.ndarray, np.ndarray]:
+def check_points(moving: np.ndarray, fixed: np.ndarray,
+                 source: str = "landmarks") -> tuple[np.ndarray, np.ndarray]:
     """Validate point pairs; raises :class:`InputError` naming ``source`` and the problem."""
     try:
         m = np.asarray(moving, dtype=np.float64)
@@ -63,7 +64,8 @@ def check_points(moving: np.ndarray, fixed: np.ndarray, source: str = "landmarks
         d = np.linalg.norm(p[:, None] - p[None], axis=-1) + np.eye(len(p)) * 1e9
         i, j = np.unravel_index(np.argmin(d), d.shape)
         if d[i, j] < 1e-6:
-            raise InputError(source, f"{name} landmarks {min(i, j) + 1} and {max(i, j) + 1} are the same point")
+            raise InputError(source,
+                             f"{name} landmarks {min(i, j) + 1} and {max(i, j) + 1} are the same point")
         c = p - p.mean(0)
         s = np.linalg.svd(c, compute_uv=False)
         if s[-1] <= 1e-3 * s[0]:

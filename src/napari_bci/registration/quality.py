@@ -88,7 +88,8 @@ def image_similarity(fixed: Any, moving: Any, transform: Transform | None, max_s
     return {"ncc": ncc(a, b, valid), "mi": mutual_information(a, b, valid), "overlap": float(valid.mean())}
 
 
-def quality_report(fixed: Any, moving: Any, transform: Transform, landmarks=None, before: Transform | None = None,
+def quality_report(fixed: Any, moving: Any, transform: Transform, landmarks=None,
+                   before: Transform | None = None,
                    max_side: int = 1024) -> dict:
     """All figures, before (``before``, default identity) and after ``transform``."""
     b = image_similarity(fixed, moving, before, max_side)

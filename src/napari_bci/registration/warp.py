@@ -47,7 +47,8 @@ def moving_coords(
     Y = np.broadcast_to(y0[:, None], (h, w))
     if transform.field is not None:
         s = float(transform.spacing)
-        rc = [np.broadcast_to((y0 / s)[:, None], (h, w)).ravel(), np.broadcast_to((x0 / s)[None, :], (h, w)).ravel()]
+        rc = [np.broadcast_to((y0 / s)[:, None], (h, w)).ravel(),
+              np.broadcast_to((x0 / s)[None, :], (h, w)).ravel()]
         ux = ndi.map_coordinates(transform.field[..., 0], rc, order=1, mode="nearest").reshape(h, w)
         uy = ndi.map_coordinates(transform.field[..., 1], rc, order=1, mode="nearest").reshape(h, w)
         X = X + ux

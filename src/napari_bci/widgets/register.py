@@ -184,7 +184,8 @@ class RegisterWidget(QWidget):
         self._watch_landmarks()
         self.viewer.layers.selection.active = self.viewer.layers[L.LANDMARKS_HE]
         self.viewer.layers[L.LANDMARKS_HE].mode = "add"
-        self.status.setText("Click a point in the H&E, then the same place in the IHC (switch layer), and so on; "
+        self.status.setText("Click a point in the H&E, then the same place in the IHC (switch layer), "
+                            "and so on; "
                             "at least 4 pairs.")
 
     def _watch_landmarks(self):
@@ -443,5 +444,6 @@ def format_quality(r: dict) -> str:
         res = ", ".join(f"{i + 1}: {v:.1f}" for i, v in enumerate(r["landmark_residuals"]))
         lines.append(f"Landmark residuals (px): {res}")
     if "flipped" in r:
-        lines.append(f"Features: {r.get('feature_inliers', 0)} inliers" + ("; H&E flipped" if r["flipped"] else ""))
+        flip = "; H&E flipped" if r["flipped"] else ""
+        lines.append(f"Features: {r.get('feature_inliers', 0)} inliers{flip}")
     return "\n".join(lines)
