@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_bci.errors import BCIError, Cancelled, InputError, ModelError
+from napari_bci.errors import Cancelled, ModelError
 from napari_bci.generate.baseline import BaselineGenerator
 from napari_bci.generate.batch import (
     generate_folder,
