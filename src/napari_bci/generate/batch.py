@@ -728,8 +728,8 @@ def _is_slide_file(p: Path) -> bool:
     if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
         return False
     try:
-        with open_slide(p) as s:
-            return len(s.levels) > 1
+        with open_slide(p) as s:  # the same rule as a single INPUT file (generate/_cli.py)
+            return getattr(s, "native_levels", len(s.levels)) > 1
     except InputError:
         return False
 
