@@ -37,14 +37,40 @@ from napari_bci.generate import train as T  # noqa: E402
 TRAIN = {"n": 256, "size": 512, "seed": 1000}
 VAL = {"n": 8, "size": 512, "seed": 500_000}
 HELDOUT = {"n": 16, "size": 1024, "seed": 900_000}
-TEST_SUBSET = {"n": 4, "size": 512, "seed": 910_000}
+TEST_SUBSET = {"n": 4, "size": 384, "seed": 910_000}
+FIXTURE = ROOT / "tests" / "data" / "builtin_subset.npz"
 HP = {"arch": "level_aware", "steps": 1000, "epochs": 8, "batch": 8, "crop": 128, "lr": 1e-3,
       "ssim_weight": 10.0, "gan_weight": 0.0, "focal_weight": 2.0, "seed": 0,
       "model_options": {"channels": [12, 24, 48, 96], "n_blocks": 3, "head_channels": 48}}
 
 
-def pairs(spec: dict, cache: Path, progress: bool = True):
+def pairs(spec: dict, cache: Path | None, progress: bool = True):
     return T.synthetic_pairs(spec["n"], spec["size"], seed=spec["seed"], cache_dir=cache, progress=progress)
+
+
+def samples_commit() -> str:
+    """The last commit of the sample generator (what rendered the data)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %cI", "--", "src/napari_bci/samples"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/napari_bci/samples"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return out + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def save_fixture(ps, path: Path) -> None:
+    """Freeze the test subset (aligned H&E, IHC, valid mask, level) for tests/test_builtin.py, so
+    the test checks the model, not later changes of the sample generator."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, he=np.stack([p.he for p in ps]), ihc=np.stack([p.ihc for p in ps]),
+                        valid=np.stack([p.valid for p in ps]), level=np.array([p.level for p in ps]),
+                        name=np.array([p.name for p in ps]))
+    tmp.replace(path)
 
 
 def tile_time(gen, size: int = 512, repeats: int = 5) -> float:
@@ -101,13 +127,14 @@ def model_card_md(cfg: dict) -> str:
   head is dense (1/16 resolution), so tiles of one slide agree and tiling stays seam-free;
   the tile's level is the mean of its logits (`predict_her2`).
 - {mc['parameters']:,} parameters, {mc['size_mb']:.1f} MB (float32 safetensors). A 512x512 tile takes
-  {mc['tile_512_s']:.2f} s on this 2-core CPU (measured while training; shared machine).
+  {mc['tile_512_s']:.2f} s on this 2-core CPU (median of 5 runs, 2 threads, on a machine
+  shared with other jobs).
 - Input: H&E RGB at 20x (0.5 um/px); output: HER2 IHC RGB of the same size; tile {cfg['tile']},
   halo {cfg['halo']} px.
 
 ## Training data and procedure
 - {tr['data']['train_pairs']} synthetic pairs of {tr['data']['size']}x{tr['data']['size']} px from
-  `napari_bci.samples.synthetic.make_pair` (seeds {tr['data']['train_seeds'][0]}-{tr['data']['train_seeds'][1]},
+  `napari_bci.samples.synthetic.make_pair` as of commit {tr['data'].get('sample_generator', '?')} (seeds {tr['data']['train_seeds'][0]}-{tr['data']['train_seeds'][1]},
   HER2 0, 1+, 2+, 3+ cycled), the H&E warped onto the IHC frame with the known registration
   truth (as BCI aligned its pairs); only fully valid crops are used.
 - {tr['steps']} steps ({tr['epochs']} epochs of {tr['steps_per_epoch']}), batch {tr['batch']},
@@ -121,7 +148,8 @@ def model_card_md(cfg: dict) -> str:
   Reproduce with `python scripts/train_builtin.py`.
 
 ## Evaluation (held-out synthetic pairs, different seeds)
-{h['n']} pairs of 1024x1024 px (seeds {mc['heldout_seeds'][0]}-{mc['heldout_seeds'][1]}, 4 per level),
+{h['n']} pairs of 1024x1024 px (seeds {mc['heldout_seeds'][0]}-{mc['heldout_seeds'][1]}, 4 per level; sample generator
+as of commit {mc['sample_generator']}),
 the aligned H&E in, compared with the real synthetic IHC on the valid region; BCI-exact PSNR
 (data range 255) and SSIM (7x7 uniform window on colour uint8, mean over channels).
 
@@ -136,8 +164,8 @@ Per level (mean DAB optical density of the generated IHC rises with the level: n
 |---|---|---|---|---|---|
 {rows}
 
-Test subset ({mc['test_subset']['model']['n']} pairs of 512 px, seeds {mc['test_subset_seeds'][0]}-{mc['test_subset_seeds'][1]},
-checked by `tests/test_builtin.py`): PSNR {mc['test_subset']['model']['psnr']:.2f} dB, SSIM
+Test subset ({mc['test_subset']['model']['n']} pairs of {mc['test_subset_size']} px, seeds {mc['test_subset_seeds'][0]}-{mc['test_subset_seeds'][1]},
+frozen in `{mc['test_subset_file']}` and checked by `tests/test_builtin.py`): PSNR {mc['test_subset']['model']['psnr']:.2f} dB, SSIM
 {mc['test_subset']['model']['ssim']:.3f} (baseline {mc['test_subset']['baseline']['psnr']:.2f} / {mc['test_subset']['baseline']['ssim']:.3f}).
 
 ## Limits
@@ -158,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="override the step count (smoke runs)")
     ap.add_argument("--stop-at", type=int, default=None,
                     help="stop at this step (of the planned schedule) and ship that checkpoint")
+    ap.add_argument("--fixture", default=str(FIXTURE), help="where the frozen test subset goes")
     ap.add_argument("--data-only", action="store_true", help="only render and cache the data")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the shipped run)")
     args = ap.parse_args(argv)
@@ -170,7 +199,6 @@ def main(argv=None) -> int:
     train_pairs, val_pairs = pairs(TRAIN, cache), pairs(VAL, cache)
     print(f"data ready in {time.time() - t0:.0f} s", file=sys.stderr)
     if args.data_only:
-        pairs(HELDOUT, cache), pairs(TEST_SUBSET, cache)
         return 0
     hp = dict(HP)
     if args.steps:
@@ -180,7 +208,8 @@ def main(argv=None) -> int:
     data = {"source": "synthetic (napari_bci.samples.synthetic.make_pair, aligned by its registration truth)",
             "train_pairs": TRAIN["n"], "size": TRAIN["size"], "mpp": 0.5,
             "train_seeds": [TRAIN["seed"], TRAIN["seed"] + TRAIN["n"] - 1],
-            "val_pairs": VAL["n"], "val_seeds": [VAL["seed"], VAL["seed"] + VAL["n"] - 1]}
+            "val_pairs": VAL["n"], "val_seeds": [VAL["seed"], VAL["seed"] + VAL["n"] - 1],
+            "sample_generator": samples_commit()}
     rep = T.train(train_pairs, val_pairs, run, name="builtin", device="cpu", data_info=data,
                   resume=(run / "checkpoint.json").is_file(), stop_at=args.stop_at, progress=True, **hp)
     if rep.get("stopped"):  # a run cut short on purpose (--stop-at): export the checkpoint as is
@@ -209,7 +238,8 @@ def main(argv=None) -> int:
     from napari_bci.generate.level_aware import load_weights
 
     gen = load_weights(run / "model.safetensors", device="cpu", name="builtin")
-    heldout, subset = pairs(HELDOUT, cache), pairs(TEST_SUBSET, cache)
+    heldout, subset = pairs(HELDOUT, None), pairs(TEST_SUBSET, None)  # fresh: never a stale cache
+    save_fixture(subset, Path(args.fixture))
     cfg = dict(gen.config)
     held = evaluate(gen, heldout)
     sub = evaluate(gen, subset)
@@ -221,7 +251,8 @@ def main(argv=None) -> int:
             "heldout": r(held), "heldout_seeds": [HELDOUT["seed"], HELDOUT["seed"] + HELDOUT["n"] - 1],
             "heldout_size": HELDOUT["size"],
             "test_subset": r(sub), "test_subset_seeds": [TEST_SUBSET["seed"], TEST_SUBSET["seed"] + TEST_SUBSET["n"] - 1],
-            "test_subset_size": TEST_SUBSET["size"],
+            "test_subset_size": TEST_SUBSET["size"], "test_subset_file": "tests/data/builtin_subset.npz",
+            "sample_generator": samples_commit(),
             "parameters": n_params, "size_mb": round((run / "model.safetensors").stat().st_size / 2**20, 2),
             "tile_512_s": round(tile_time(gen), 3),
             "warning": "trained on synthetic tissue; a demonstration default, not a clinical model",
