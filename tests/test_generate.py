@@ -343,3 +343,24 @@ def test_cli_generate_folder_and_errors(run_cli, data_dir, tmp_path):
     assert code == 2 and "missing" in err and stdout == ""
     code, stdout, err = run_cli("generate", src, "--model", "no-such-model", "--out", out)
     assert code == 2 and "unknown model" in err
+
+
+def test_cli_generate_image_with_checkpoint(run_cli, data_dir, tmp_path):
+    from napari_bci.io.patches import read_patch
+
+    torch.manual_seed(0)
+    exp = tmp_path / "my_experiment"
+    exp.mkdir()
+    m = _randomise_bn(resnet_generator(ngf=4, n_blocks=2))
+    torch.save(m.state_dict(), exp / "latest_net_G.pth")
+    out = tmp_path / "ihc.png"
+    code, stdout, err = run_cli("generate", data_dir / "he_tile_240.png", "--model", exp, "--out", out,
+                                "--device", "cpu", "--tile", "128", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["model"] == "my_experiment" and rep["tiles"] == 4
+    res = read_patch(out)
+    assert res.shape == (240, 240, 3) and res.std() > 0
+    code, _, err = run_cli("generate", data_dir / "he_tile_240.png", "--model", exp, "--out", out,
+                           "--device", "tpu")
+    assert code == 2 and "unknown device 'tpu'" in err

@@ -79,7 +79,9 @@ def _meta(config: dict, path: Path, overrides: dict) -> dict:
         "mpp": config.get("mpp"),
         "multiple": int(config.get("multiple", size_multiple(config) if config.get("arch") else 1)),
         "description": config.get("description", f"{config.get('arch', 'model')} from {path.name}"),
-        "predicts_her2": config.get("predicts_her2"),
+        # pix2pix ResNets/U-Nets have no HER2 head; other modules are probed once
+        "predicts_her2": config.get("predicts_her2",
+                                    False if str(config.get("arch", "")).startswith(("resnet_", "unet_")) else None),
     }
     meta.update({k: v for k, v in overrides.items() if v is not None})
     return meta

@@ -167,12 +167,13 @@ class TileEngine:
             raise InputError(None, f"level {self.level} does not exist (image has {len(self.levels)})")
         self.array = self.levels[self.level]
         mult = max(1, int(getattr(generator, "multiple", 1)))
+        # tile origins and halo on the model's stride grid keep tiling exact (shift equivariance);
+        # for U-Nets (multiple 128/256) the window is only padded up to the multiple
+        align = mult if mult <= 16 else 1
         t = int(tile or generator.tile)
-        t = max(mult, int(round(t / mult)) * mult)
+        t = max(align, int(round(t / align)) * align)
         hl = int(generator.halo if halo is None else halo)
-        hl = int(math.ceil(hl / mult) * mult) if hl else 0
-        if mult > 4 and hl % mult:  # U-Nets: keep the window a multiple of their size
-            hl = int(math.ceil(hl / mult) * mult)
+        hl = int(math.ceil(hl / align) * align) if hl else 0
         self.grid = TileGrid(int(self.array.shape[0]), int(self.array.shape[1]), t, hl)
         self.multiple = mult
         self.image_id = image_id if image_id is not None else f"array-{id(self.levels[0])}-{tuple(self.levels[0].shape)}"

@@ -44,6 +44,14 @@ def _rgb_layers(viewer, exclude=()):
             and ly not in exclude]
 
 
+def _lower_thread_priority(nice: int = 10) -> None:
+    """Lower the calling thread's scheduling priority (Linux; a no-op elsewhere)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
+
+
 class VirtualIHCWidget(QWidget):
     """Pick the H&E layer, a generator, device and tile size; generate for the view."""
 
@@ -245,14 +253,17 @@ class VirtualIHCWidget(QWidget):
 
         self._remove_output()
         eng = self.engine
-        self.written = set()
+        self.written = set()  # a new set per output layer; its metadata refers to it
         self.output = OutputPyramid(eng.shape, eng.grid.tile, memory_bytes=self.output_memory_bytes,
                                     max_bytes=self.output_max_bytes, on_evict=self._on_evict)
         lv_mpp = None if eng.mpp is None else eng.mpp * eng.downsample[0]
         data, attrs, _ = L.image_layer(
             self.output.levels, L.generated_name(self.generator.name), mpp=lv_mpp, role="generated",
-            her2=None, extra_metadata={"model": self.generator.name, "source_layer": he.name,
-                                       "generation_level": eng.level},
+            her2=None, extra_metadata={
+                # what the OME-TIFF writer needs to complete the layer (generate/batch.py)
+                "model": self._model_spec(), "source_path": (he.metadata or {}).get("path"),
+                "source_layer": he.name, "generation_level": eng.level, "tile": eng.grid.tile,
+                "halo": eng.grid.halo, "tiles_done": self.written},
             scale=eng.out_scale, translate=eng.out_translate)
         name = attrs["name"]
         if name in self.viewer.layers:
@@ -356,6 +367,8 @@ class VirtualIHCWidget(QWidget):
 
         def run():
             from ..generate.engine import tile_pyramid
+
+            _lower_thread_priority()  # the GUI (and its renderer) first when cores are scarce
 
             # errors travel as payloads: a raising worker trips napari's task-status relay
             try:
