@@ -105,7 +105,7 @@ class VirtualIHCWidget(QWidget):
         self.status.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("H&E layer", self.he_combo)
+        form.addRow("H&&E layer", self.he_combo)  # "&&": a literal & in a Qt label
         form.addRow("Generator", self.model_combo)
         form.addRow("Device", self.device_combo)
         form.addRow("Tile (px)", self.tile_spin)
