@@ -154,3 +154,26 @@ def test_errors_become_notifications(he_viewer, qtbot):
         assert "Error" in w.status.text()
     finally:
         registry.unregister("broken-test")
+
+
+def test_checkpoint_file_generator(he_viewer, qtbot, tmp_path):
+    import torch
+
+    from napari_bci.generate.architectures import resnet_generator
+
+    viewer, he = he_viewer
+    exp = tmp_path / "user_model"
+    exp.mkdir()
+    torch.manual_seed(0)
+    torch.save(resnet_generator(ngf=4, n_blocks=1).state_dict(), exp / "latest_net_G.pth")
+    w = _make_widget(viewer, "baseline", qtbot)
+    w.set_model(str(exp / "latest_net_G.pth"))
+    assert w.model_combo.currentText() == "file: latest_net_G.pth"
+    _look_at(viewer, 200, 200, view_px=200)
+    w.start()
+    qtbot.waitUntil(lambda: w.is_idle() and w.written and set(w.visible_tiles()) <= w.written, timeout=30000)
+    layer = viewer.layers[L.generated_name("user_model")]
+    meta = layer.metadata
+    assert meta["model"] == str(exp / "latest_net_G.pth") and meta["tiles_done"] == w.written
+    y0, y1, x0, x1 = w.engine.grid.core(next(iter(w.written)))
+    assert np.asarray(layer.data[y0:y1, x0:x1] if not layer.multiscale else layer.data[0][y0:y1, x0:x1]).std() > 0
