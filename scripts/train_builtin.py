@@ -4,17 +4,18 @@
 Reproducible: fixed seeds for the data (synthetic pairs from ``napari_bci.samples.synthetic``,
 aligned with their registration truth), the initialisation and every training crop. Steps:
 
-1. training set: 256 pairs of 512x512 px at 0.5 um/px (20x), the four HER2 levels cycled,
-   seeds 1000-1255; per-epoch validation: 8 pairs of 512 px, seeds 500000-500007;
+1. training set: 128 pairs of 512x512 px at 0.5 um/px (20x), the four HER2 levels cycled,
+   seeds 1000-1127; per-epoch validation: 8 pairs of 512 px, seeds 500000-500007;
 2. training (``napari_bci.generate.train.train``) of the ``level_aware`` architecture;
 3. model card: metrics on a held-out set of 16 pairs of 1024x1024 px (4 per level, seeds
    900000-900015) for the model and for the classical ``baseline`` generator, the mean DAB OD of
    the output per level, the HER2 accuracy of the level head, and the figures of the small
-   test subset (4 pairs of 512 px, seeds 910000-910003) that ``tests/test_builtin.py`` checks;
+   test subset (4 pairs of 384 px, seeds 910000-910003, frozen in tests/data/builtin_subset.npz)
+   that ``tests/test_builtin.py`` checks;
 4. writes ``src/napari_bci/generate/weights/builtin.{safetensors,json}`` and
    ``docs/model_card.md``.
 
-Run from the repository root: ``python scripts/train_builtin.py`` (about 40 min on 2 CPU cores;
+Run from the repository root: ``python scripts/train_builtin.py`` (15-45 min on 2 shared CPU cores, one thread;
 ``--steps 20`` for a smoke run into ``--out``).
 """
 
@@ -34,12 +35,12 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from napari_bci.generate import train as T  # noqa: E402
 
-TRAIN = {"n": 256, "size": 512, "seed": 1000}
+TRAIN = {"n": 128, "size": 512, "seed": 1000}
 VAL = {"n": 8, "size": 512, "seed": 500_000}
 HELDOUT = {"n": 16, "size": 1024, "seed": 900_000}
 TEST_SUBSET = {"n": 4, "size": 384, "seed": 910_000}
 FIXTURE = ROOT / "tests" / "data" / "builtin_subset.npz"
-HP = {"arch": "level_aware", "steps": 1000, "epochs": 8, "batch": 8, "crop": 128, "lr": 1e-3,
+HP = {"arch": "level_aware", "steps": 800, "epochs": 8, "batch": 8, "crop": 128, "lr": 1e-3,
       "ssim_weight": 10.0, "gan_weight": 0.0, "focal_weight": 2.0, "seed": 0,
       "model_options": {"channels": [12, 24, 48, 96], "n_blocks": 3, "head_channels": 48}}
 
