@@ -68,7 +68,8 @@ def bench_pyramid() -> None:
     x = torch.rand(8, 3, 128, 128, requires_grad=True)
     y = torch.rand(8, 3, 128, 128)
     ours = PyramidL1()
-    a, b = float(ours(x, y)[0]), float(reference(x, y))
+    with torch.no_grad():
+        a, b = float(ours(x, y)[0]), float(reference(x, y))
     t_ref = median_time(lambda: reference(x, y).backward(), 5)
     t_ours = median_time(lambda: ours(x, y)[0].backward(), 5)
     print(f"pyramid L1 (batch 8 x 128 px, fwd+bwd): reference {t_ref * 1e3:.1f} ms, ours {t_ours * 1e3:.1f} ms "
