@@ -39,11 +39,12 @@ def _sep_conv(x: torch.Tensor, k: torch.Tensor, stride: int = 1) -> torch.Tensor
 
 
 def _octave_kernel(blurs: int) -> torch.Tensor:
-    k = torch.ones(1)
-    g = gaussian_kernel1d(3, 1.0)
+    """The 3-tap sigma-1 Gaussian convolved with itself ``blurs`` times."""
+    k = torch.ones(1, 1, 1)
+    g = gaussian_kernel1d(3, 1.0).view(1, 1, 3)
     for _ in range(blurs):
-        k = torch.from_numpy(__import__("numpy").convolve(k.numpy(), g.numpy())).float()
-    return k
+        k = F.conv1d(F.pad(k, (2, 2)), g)
+    return k.flatten()
 
 
 def next_octave(x: torch.Tensor, blurs: int = 4) -> torch.Tensor:
