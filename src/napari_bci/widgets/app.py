@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from ..io.layers import SSIM
+
 #: The plugin's dock widgets, in the order they are docked (names as in napari.yaml).
 WIDGETS = ("Slides", "Virtual IHC", "Compare", "Register", "HER2")
 
 
 def dock_widgets(viewer, names: Iterable[str] = WIDGETS) -> dict:
     """Dock the plugin's widgets (tabbed on the right) and return them by name."""
-    docked = {}
+    docked, docks = {}, {}
     for i, name in enumerate(names):
-        _, widget = viewer.window.add_plugin_dock_widget("napari-bci", name, tabify=i > 0)
-        docked[name] = widget
+        docks[name], docked[name] = viewer.window.add_plugin_dock_widget("napari-bci", name, tabify=i > 0)
+    if "Virtual IHC" in docks:
+        docks["Virtual IHC"].raise_()  # the tab a newcomer starts from
     return docked
 
 
@@ -24,7 +27,7 @@ def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> list[tupl
     return wsi_pair(size=size, seed=seed, her2=her2)
 
 
-def _finish(viewer, screenshot: str | None, wait_s: float, ready=None) -> None:
+def _finish(viewer, widgets, screenshot: str | None, wait_s: float, ready=None) -> None:
     """Run napari; with ``screenshot``, save the window once ``ready()`` is true (or after
     ``wait_s``) and quit."""
     import napari
@@ -43,6 +46,8 @@ def _finish(viewer, screenshot: str | None, wait_s: float, ready=None) -> None:
             return
         timer.stop()
         viewer.screenshot(screenshot, canvas_only=False, flash=False)
+        for w in widgets:
+            w.close()  # stop their workers and timers before napari tears the layers down
         viewer.close()
 
     timer.timeout.connect(poll)
@@ -68,16 +73,22 @@ def launch_demo(
     vihc = widgets["Virtual IHC"]
     if model:
         vihc.set_model(model)
-    # a view where cells are visible, in the tissue
-    viewer.reset_view()
+    # side by side (one viewbox per layer, one shared camera): H&E, generated IHC, real IHC, SSIM
+    widgets["Compare"].side_radio.setChecked(True)
+    # start in the tissue at about 1 um/px, where nests and cells are visible
     he = viewer.layers["H&E"]
     h, w = he.data[0].shape[:2] if he.multiscale else he.data.shape[:2]
     sy, sx = he.scale[:2]
-    viewer.scene.camera.center = (h * sy * 0.45, w * sx * 0.45)
-    viewer.scene.camera.zoom = 1.0 / sy
+    viewer.scene.camera.center = (h * sy * 0.5, w * sx * 0.45)
+    viewer.scene.camera.zoom = 0.5 / sy
     if generate:
         vihc.start_following()
-    _finish(viewer, screenshot, wait_s=120, ready=getattr(vihc, "is_idle", None))
+    def ready() -> bool:  # the view's virtual IHC is done and the SSIM heatmap is there
+        names = [layer.name for layer in viewer.layers]
+        started = any(n.startswith("IHC (generated") for n in names) or not generate
+        return started and vihc.is_idle() and (SSIM in names or not generate)
+
+    _finish(viewer, widgets.values(), screenshot, wait_s=180, ready=ready)
     return viewer
 
 
@@ -94,5 +105,5 @@ def launch_view(layers, samples=(), model: str | None = None, screenshot: str | 
     widgets = dock_widgets(viewer)
     if model:
         widgets["Virtual IHC"].set_model(model)
-    _finish(viewer, screenshot, wait_s=5)
+    _finish(viewer, widgets.values(), screenshot, wait_s=5)
     return viewer

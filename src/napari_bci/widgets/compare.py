@@ -547,8 +547,8 @@ class CompareWidget(QWidget):
         if self.side_radio.isChecked() and pair is not None:
             g, t = pair
             keep = {g.name, t.name, L.SSIM, L.REGIONS}
-            for ly in _rgb_layers(self.viewer):
-                if ly.name not in keep and ly.visible:
+            for ly in _rgb_layers(self.viewer):  # the H&E source stays, as the first panel
+                if ly.name not in keep and ly.visible and (ly.metadata or {}).get("role") != "he":
                     ly.visible = False
                     self._hidden_by_us.append(ly.name)
             g.opacity = 1.0
@@ -557,19 +557,24 @@ class CompareWidget(QWidget):
             grid.enabled = True  # one viewbox per visible layer, all on the shared camera
         else:
             grid.enabled = False
-            for n in self._hidden_by_us:
-                if n in self.viewer.layers:
-                    self.viewer.layers[n].visible = True
-            self._hidden_by_us = []
-            if pair is not None:
-                g, t = pair
-                g.visible = t.visible = True
-                g.blending = "translucent"
-                # the generated layer blends over the truth: keep it above
-                gi, ti = self.viewer.layers.index(g), self.viewer.layers.index(t)
-                if gi < ti:
-                    self.viewer.layers.move(gi, ti)
-                g.opacity = self.opacity.value() / 100.0
+            try:
+                for n in self._hidden_by_us:
+                    if n in self.viewer.layers:
+                        self.viewer.layers[n].visible = True
+                self._hidden_by_us = []
+                if pair is not None:
+                    g, t = pair
+                    g.visible = t.visible = True
+                    g.blending = "translucent"
+                    # the generated layer blends over the truth: keep it above
+                    gi, ti = self.viewer.layers.index(g), self.viewer.layers.index(t)
+                    if gi < ti:
+                        self.viewer.layers.move(gi, ti)
+                    g.opacity = self.opacity.value() / 100.0
+            except RuntimeError:
+                # Viewer.close() shuts the slicer down, then removes the layers one by one: a
+                # visibility change then cannot be sliced, and nothing is left to show anyway.
+                self._hidden_by_us = []
         self.opacity.setEnabled(self.blend_radio.isChecked())
         self.schedule_heatmap()
 
