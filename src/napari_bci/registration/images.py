@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -153,37 +152,13 @@ def as_pyramid(image: Any, mpp: float | None = None) -> Pyramid:
 
 
 def read_pyramid(path: str | os.PathLike) -> Pyramid:
-    """Open an image or slide: :func:`napari_bci.io.slide.open_slide` when available, else
-    tifffile / scikit-image for single images. Raises :class:`InputError` naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "no such file")
-    try:
-        from ..io.slide import open_slide  # the IO package's reader (lazy levels, mpp)
-    except ImportError:
-        open_slide = None
-    if open_slide is not None:
-        s = open_slide(path)
-        p = as_pyramid(s)
-        p.path = str(path)
-        return p
-    try:  # pragma: no cover - used only before the IO reader exists
-        if path.suffix.lower() in (".tif", ".tiff", ".svs"):
-            import tifffile
+    """Open an image or slide with :func:`napari_bci.io.slide.open_slide` (lazy levels, mpp).
+    Raises :class:`InputError` naming the file."""
+    from ..io.slide import open_slide
 
-            img = tifffile.imread(path, level=0)
-        else:
-            from skimage.io import imread
-
-            img = imread(path)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is bad input
-        raise InputError(path, f"cannot read image ({type(e).__name__}: {e})") from None
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, -1)
-    if img.ndim != 3 or img.shape[2] < 3:
-        raise InputError(path, f"expected an RGB image, got shape {img.shape}")
-    return Pyramid([img[..., :3]], [1.0], None, str(path))
+    p = as_pyramid(open_slide(path))
+    p.path = str(path)
+    return p
 
 
 def ensure_rgb(img: Any, name: str = "image") -> Any:
