@@ -1,14 +1,8 @@
-"""Subcommands ``models`` and ``generate`` (and ``train``, added by ``generate/train.py``).
+"""Subcommands ``models``, ``generate`` and ``train`` (the latter from ``generate/train.py``).
 
-Hooks for later work:
-
-* ``napari_bci.generate.train.register_train(sub)`` adds ``napari-bci train`` when importable.
-* ``napari_bci.generate.batch`` (whole slides, issue 8), when importable, provides
-  ``add_arguments(parser)`` (e.g. ``--workers``, ``--scheduler``, ``--on-error``) and
-  ``run_slide(args, generator) -> dict``; ``generate`` hands it every input that is a
-  multi-level slide or whose ``--out`` ends in ``.ome.tif(f)``. ``run_folder`` here also
-  delegates to ``batch.run_folder(args, generator, files)`` when that exists and the user
-  passed one of its options.
+``generate`` hands whole slides (multi-level inputs, or ``--out`` ending in ``.ome.tif(f)``) to
+``batch.run_slide``, and folders to ``batch.run_folder`` when ``batch.folder_request`` says the
+folder needs it (BCI roots, slides, dask options); plain folders of patches run here.
 """
 
 from __future__ import annotations
@@ -24,16 +18,11 @@ from ..errors import InputError
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 
 
-def _batch_module():
-    try:
-        from . import batch  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return batch
-
-
 def register(sub) -> None:
-    """Add ``models``, ``generate`` (and ``train`` when available) to the parser."""
+    """Add ``models``, ``generate`` and ``train`` to the parser."""
+    from . import batch
+    from .train import register_train
+
     p = sub.add_parser("models", help="list the available generators")
     add_json_flag(p)
     p.set_defaults(func=run_models)
@@ -48,17 +37,10 @@ def register(sub) -> None:
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     add_json_flag(p)
-    batch = _batch_module()
-    if batch is not None and hasattr(batch, "add_arguments"):
-        batch.add_arguments(p)
+    batch.add_arguments(p)
     p.set_defaults(func=run_generate)
 
-    try:
-        from .train import register_train
-    except ImportError:
-        pass
-    else:
-        register_train(sub)
+    register_train(sub)
 
 
 def run_models(args) -> dict:
@@ -120,8 +102,9 @@ def run_generate(args) -> dict:
     if args.tile is not None and args.tile < 16:
         raise InputError(None, f"--tile {args.tile}: must be at least 16")
     if src.is_dir():
-        batch = _batch_module()  # BCI roots, folders of slides, dask options: batch.run_folder
-        requested = batch.folder_request(args, src) if hasattr(batch, "folder_request") else None
+        from . import batch  # BCI roots, folders of slides, dask options: batch.run_folder
+
+        requested = batch.folder_request(args, src)
         if requested:
             args._batch_requested = True
         files = requested or sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -143,10 +126,8 @@ def _run_file(args, gen, src: Path, out: Path) -> dict:
     with open_slide(src) as slide:
         is_slide = getattr(slide, "native_levels", len(slide.levels)) > 1 or _is_ome_out(str(out))
         if is_slide:
-            batch = _batch_module()
-            if batch is None or not hasattr(batch, "run_slide"):
-                raise InputError(src, "whole-slide output (OME-TIFF pyramid) is not available in this "
-                                      "version; give a single-level image and a .png/.tif --out")
+            from . import batch
+
             return batch.run_slide(args, gen)
         image = slide.levels[0]
         mpp = slide.mpp
@@ -170,8 +151,9 @@ def _run_folder(args, gen, files: list[Path], out: Path) -> dict:
 
     from ..io.patches import read_patch
 
-    batch = _batch_module()
-    if batch is not None and hasattr(batch, "run_folder") and getattr(args, "_batch_requested", False):
+    if getattr(args, "_batch_requested", False):
+        from . import batch
+
         return batch.run_folder(args, gen, files)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

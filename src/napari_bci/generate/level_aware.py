@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .architectures import register_arch
 from .base import HER2_CLASSES
 
 ARCH = "level_aware"
@@ -149,15 +150,7 @@ def build(config: dict | None = None) -> LevelAwareGenerator:
                                int(cfg["n_classes"]))
 
 
-def _register() -> None:
-    try:
-        from .architectures import register_arch
-    except ImportError:  # registry not present: load_builtin() still works on its own
-        return
-    register_arch(ARCH, build)
-
-
-_register()
+register_arch(ARCH, build)
 
 
 def load_weights(weights: str | Path, config: dict | None = None, device: str | None = None,

@@ -96,12 +96,8 @@ def _builtin_factory(device: str | None = None, **kwargs: Any) -> Generator:
             f"the built-in model is not installed ({BUILTIN_WEIGHTS.name} and {BUILTIN_CONFIG.name} "
             f"missing in {WEIGHTS_DIR}); use --model baseline or a checkpoint file"
         )
-    try:
-        from .level_aware import load_builtin
-    except ImportError:
-        from .checkpoints import load_checkpoint
+    from .level_aware import load_builtin
 
-        return load_checkpoint(BUILTIN_WEIGHTS, device=device, name="builtin")
     gen = load_builtin(device=device, **kwargs)
     if not isinstance(gen, Generator):
         raise ModelError(f"load_builtin returned {type(gen).__name__}, not a Generator")

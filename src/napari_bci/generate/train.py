@@ -44,18 +44,9 @@ ARCHS = ("level_aware", "resnet_9blocks", "resnet_6blocks", "unet_256")
 def bci_psnr_ssim(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     """PSNR (data range 255) and SSIM (7x7 uniform window on colour uint8, mean over channels),
     as the BCI challenge's ``evaluate.py`` computes them with scikit-image."""
-    try:
-        from ..metrics import bci as _bci  # the metrics package's implementation, when present
-    except ImportError:
-        _bci = None
-    if _bci is not None and hasattr(_bci, "psnr") and hasattr(_bci, "ssim"):
-        return float(_bci.psnr(pred, gt)), float(_bci.ssim(pred, gt))
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from ..metrics import bci
 
-    return (
-        float(peak_signal_noise_ratio(gt, pred, data_range=255)),
-        float(structural_similarity(gt, pred, channel_axis=-1, data_range=255)),
-    )
+    return float(bci.psnr(pred, gt)), float(bci.ssim(pred, gt))
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -159,10 +150,8 @@ def synthetic_pairs(n: int, size: int = 512, seed: int = 0, levels: Sequence[str
             with np.load(cache) as z:  # each z[key] reads the whole array: read each once
                 he, ihc, valid, level, name = (z[k] for k in ("he", "ihc", "valid", "level", "name"))
             return [Pair(int(level[i]), str(name[i]), he[i], ihc[i], valid[i]) for i in range(n)]
-    try:
-        from ..samples.synthetic import make_pair
-    except ImportError as e:
-        raise InputError("synthetic", f"the synthetic sample generator is not available ({e})") from None
+    from ..samples.synthetic import make_pair
+
     pairs = []
     for i in tqdm(range(n), desc="synthetic pairs", disable=not progress, file=sys.stderr):
         level = levels[i % len(levels)]
