@@ -273,13 +273,10 @@ class RegionScore:
         return d
 
 
-def _her2_level(rgb: np.ndarray, mpp: float, mask: np.ndarray) -> str | None:
-    try:
-        from ..her2 import score
-    except ImportError:  # the scorer is optional
-        return None
-    res = score(rgb, mpp=mpp, mask=mask)
-    return getattr(res, "her2", None) if not isinstance(res, dict) else res.get("her2")
+def _her2_level(rgb: np.ndarray, mpp: float, mask: np.ndarray) -> str:
+    from ..her2 import score
+
+    return score(rgb, mpp=mpp, mask=mask).her2
 
 
 def measure_region(region, gen: LayerGeom, truth: LayerGeom, *, predict_her2: bool = True) -> RegionScore:
