@@ -25,9 +25,9 @@ from typing import Any, Iterator, Sequence
 
 from ..errors import BCIError, InputError
 
-try:  # dask is a dependency, but keep ``import napari_bci.generate.distributed`` cheap to fail
+try:  # distributed is not a declared dependency (only dask[array]): this module imports without it
     from distributed import WorkerPlugin
-except ImportError:  # pragma: no cover
+except ImportError:
     WorkerPlugin = object  # type: ignore[misc,assignment]
 
 
@@ -48,10 +48,8 @@ def pick_device(device: str | None, name: Any) -> str | None:
         return device
     if os.environ.get("NAPARI_BCI_DEVICE"):
         return os.environ["NAPARI_BCI_DEVICE"]
-    try:
-        import torch
-    except ImportError:  # pragma: no cover
-        return "cpu"
+    import torch
+
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n:
         i = worker_index(name) % n
