@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .scoring import LEVELS, HER2Result
-from .tiles import _tissue_fraction, as_levels, read_rgb
+from .tiles import _tissue_fraction, as_levels, read_rgb, run_steps
 
 
 _MODELS: dict = {}
@@ -72,10 +72,9 @@ def _probs_of_window(rgb: np.ndarray, model, scale: float) -> np.ndarray:
     return predict_tiles(np.stack(tiles), model).mean(0)
 
 
-def predict_polygon(he, polygon_xy, mpp: float | None = 0.5, model=None, *,
-                    max_tiles: int = 64) -> np.ndarray | None:
-    """Mean learned probabilities over the bounding box of a polygon ((x, y) level-0 pixels) of
-    an H&E image or pyramid; large boxes are sampled with at most ``max_tiles`` model tiles."""
+def _setup(he, mpp: float | None, model):
+    """``(model, levels, mpp0, level, downsample, scale to the model's mpp)`` for reading ``he``
+    at the model's pixel size, or None without a model."""
     model = model if model is not None else level_model()
     if model is None:
         return None
@@ -83,6 +82,17 @@ def predict_polygon(he, polygon_xy, mpp: float | None = 0.5, model=None, *,
     mpp0 = mpp or 0.5
     li, ds = _level_for(levels, mpp0, getattr(model, "mpp", None))
     scale = (mpp0 * ds / model.mpp) if getattr(model, "mpp", None) else 1.0
+    return model, levels, mpp0, li, ds, scale
+
+
+def predict_polygon(he, polygon_xy, mpp: float | None = 0.5, model=None, *,
+                    max_tiles: int = 64) -> np.ndarray | None:
+    """Mean learned probabilities over the bounding box of a polygon ((x, y) level-0 pixels) of
+    an H&E image or pyramid; large boxes are sampled with at most ``max_tiles`` model tiles."""
+    setup = _setup(he, mpp, model)
+    if setup is None:
+        return None
+    model, levels, _, li, ds, scale = setup
     p = np.asarray(polygon_xy, float) / ds
     x0, y0 = np.maximum(np.floor(p.min(0)).astype(int), 0)
     x1, y1 = np.ceil(p.max(0)).astype(int)
@@ -120,14 +130,11 @@ def iter_predict_map(he, mpp: float | None = 0.5, model=None, *, tile_um: float 
                      min_tissue: float = 0.05):
     """Generator form of :func:`predict_map`: yields ``(done, total)`` per tile and returns the
     :class:`LevelMap` (or ``None`` without a model) as ``StopIteration.value``."""
-    model = model if model is not None else level_model()
-    if model is None:
+    setup = _setup(he, mpp, model)
+    if setup is None:
         return None
-    levels = as_levels(he)
-    mpp0 = mpp or 0.5
-    li, ds = _level_for(levels, mpp0, getattr(model, "mpp", None))
+    model, levels, mpp0, li, ds, scale = setup
     lv = levels[li]
-    scale = (mpp0 * ds / model.mpp) if getattr(model, "mpp", None) else 1.0
     H0, W0 = levels[0].shape[:2]
     tile0 = max(int(round(tile_um / mpp0)), 16)
     ny, nx = -(-H0 // tile0), -(-W0 // tile0)
@@ -156,19 +163,8 @@ def predict_map(
 ) -> LevelMap | None:
     """Learned HER2 probabilities per tile of an H&E image or pyramid (``None`` without a model).
     The grid matches :func:`napari_bci.her2.tiles.score_map` with the same ``tile_um``."""
-    from ..errors import Cancelled
-
-    gen = iter_predict_map(he, mpp, model, tile_um=tile_um, min_tissue=min_tissue)
-    while True:
-        if cancelled is not None and cancelled():
-            gen.close()
-            raise Cancelled("HER2 prediction cancelled")
-        try:
-            done, total = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(done, total)
+    return run_steps(iter_predict_map(he, mpp, model, tile_um=tile_um, min_tissue=min_tissue),
+                     progress, cancelled, "HER2 prediction cancelled")
 
 
 def compare(rule: HER2Result | str | None, probs: np.ndarray | None) -> dict:

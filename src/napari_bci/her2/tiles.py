@@ -172,13 +172,20 @@ def score_map(
     """Per-tile HER2 score map of a whole image or pyramid (see :func:`iter_tiles`; ``bbox``
     limits it to a level-0 box, the map's origin). ``labels[r, c]`` is 0 where no tumour cell
     was found, else 1 + the level index; ``overall`` pools all tiles' cells."""
+    return run_steps(iter_score_map(image, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw),
+                     progress, cancelled, "HER2 scoring cancelled")
+
+
+def run_steps(gen, progress: Callable[[int, int], None] | None, cancelled: Callable[[], bool] | None,
+              message: str):
+    """Run a generator that yields ``(done, total)`` and returns its result: report each step to
+    ``progress``; raise :class:`~napari_bci.errors.Cancelled` (``message``) when ``cancelled()``."""
     from ..errors import Cancelled
 
-    gen = iter_score_map(image, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw)
     while True:
         if cancelled is not None and cancelled():
             gen.close()
-            raise Cancelled("HER2 scoring cancelled")
+            raise Cancelled(message)
         try:
             done, total = next(gen)
         except StopIteration as stop:
