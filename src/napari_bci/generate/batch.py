@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import BCIError, Cancelled, InputError, ModelError
+from .engine import cancel_requested
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 #: The tissue mask is computed on the coarsest level with at most this many pixels that still
@@ -226,14 +227,6 @@ class _Progress:
             self.bar.close()
 
 
-def _is_set(cancel: Any) -> bool:
-    if cancel is None:
-        return False
-    if hasattr(cancel, "is_set"):
-        return bool(cancel.is_set())
-    return bool(cancel())
-
-
 # -- the plan of one slide ------------------------------------------------------------------------------
 @dataclass
 class TileFailure:
@@ -364,7 +357,7 @@ def compute_tiles(engine, todo: Sequence[tuple[int, int]], *, cancel: Any = None
     and, unchanged, by dask workers."""
     i = 0
     while i < len(todo):
-        if _is_set(cancel):
+        if cancel_requested(cancel):
             raise Cancelled("generation cancelled")
         chunk = [(int(a), int(b)) for a, b in todo[i:i + max(1, engine.batch_size)]]
         try:
@@ -460,7 +453,7 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
                     yield t
                     continue
             else:
-                if _is_set(cancel):
+                if cancel_requested(cancel):
                     raise Cancelled("generation cancelled")
                 try:
                     got_idx, t, fail = next(stream)
@@ -487,7 +480,7 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
     try:
         write_pyramid(out, tiles(), shape=plan.engine.shape, mpp=plan.out_mpp, tile=grid.tile,
                       compression=compression, quality=quality, layout=layout, name=name,
-                      cancel=(lambda: _is_set(cancel)) if cancel is not None else None)
+                      cancel=(lambda: cancel_requested(cancel)) if cancel is not None else None)
     except BaseException as e:
         state = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
         try:

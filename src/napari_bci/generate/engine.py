@@ -297,11 +297,11 @@ class TileEngine:
         step = max(self.batch_size, 1)
         i = 0
         while i < len(todo):
-            if _is_set(cancel):
+            if cancel_requested(cancel):
                 return
             chunk = todo[i:i + step]
             batch = np.stack([self.tile_input(idx) for idx in chunk])
-            if _is_set(cancel):
+            if cancel_requested(cancel):
                 return
             out = self._run(batch)
             for idx, o in zip(chunk, out):
@@ -350,7 +350,8 @@ class TileEngine:
                 "device": getattr(self.generator, "device", "cpu"), "cache": self.cache.stats()}
 
 
-def _is_set(cancel: Any) -> bool:
+def cancel_requested(cancel: Any) -> bool:
+    """Whether ``cancel`` (None, a ``threading.Event``-like object or a callable) asks to stop."""
     if cancel is None:
         return False
     if hasattr(cancel, "is_set"):
