@@ -67,18 +67,9 @@ class Pair:
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if self.he is not None:
             return self.he, self.ihc, self.valid
-        return _read_rgb(self.he_path), _read_rgb(self.ihc_path), None
+        from ..io.patches import read_patch
 
-
-def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises many types for corrupt files
-        raise InputError(path, f"cannot read image ({e})") from None
-    return arr
+        return read_patch(self.he_path), read_patch(self.ihc_path), None
 
 
 def read_bci_folder(root: str | os.PathLike, split: str = "train") -> list[Pair]:
