@@ -124,7 +124,7 @@ def _run_file(args, gen, src: Path, out: Path) -> dict:
     from ..io.slide import open_slide
 
     with open_slide(src) as slide:
-        is_slide = getattr(slide, "native_levels", len(slide.levels)) > 1 or _is_ome_out(str(out))
+        is_slide = slide.native_levels > 1 or _is_ome_out(str(out))
         if is_slide:
             from . import batch
 

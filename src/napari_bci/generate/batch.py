@@ -722,7 +722,7 @@ def _is_slide_file(p: Path) -> bool:
         return False
     try:
         with open_slide(p) as s:  # the same rule as a single INPUT file (generate/_cli.py)
-            return getattr(s, "native_levels", len(s.levels)) > 1
+            return s.native_levels > 1
     except InputError:
         return False
 
