@@ -35,6 +35,7 @@ def viewer_widget(make_napari_viewer, pair):
         L.image_layer(he, L.HE, mpp=MPP, role="he"),
         L.image_layer(ihc, L.IHC_TRUTH, mpp=MPP, role="ihc", her2="3+"),
         L.image_layer(gen, L.generated_name("test"), mpp=MPP, role="generated"),
+        L.image_layer(he[::-1], "unrelated", mpp=MPP),
     ):
         viewer.add_image(data, **attrs)
     w = CompareWidget(viewer)
@@ -52,9 +53,11 @@ def test_defaults_modes(viewer_widget):
     assert g.opacity == pytest.approx(0.3)
     assert viewer.layers.index(g) > viewer.layers.index(viewer.layers[L.IHC_TRUTH])
     w.side_radio.setChecked(True)
-    assert viewer.canvas.grid.enabled and not viewer.layers[L.HE].visible
+    # side by side: the H&E source, the pair (and the heatmap); other images are hidden
+    assert viewer.canvas.grid.enabled and viewer.layers[L.HE].visible
+    assert not viewer.layers["unrelated"].visible
     w.blend_radio.setChecked(True)
-    assert not viewer.canvas.grid.enabled and viewer.layers[L.HE].visible
+    assert not viewer.canvas.grid.enabled and viewer.layers["unrelated"].visible
 
 
 def test_generated_layer_added_later_becomes_default(make_napari_viewer, pair):
