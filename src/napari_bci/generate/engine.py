@@ -149,13 +149,20 @@ class TileEngine:
     batch_size: tiles per forward pass (default: 8 on accelerators, 4 on CPU)
     scale, translate: the H&E layer's world transform (level-0 pixels -> world)
     on_warning: called with a message when the engine degrades (OOM -> smaller batch / CPU)
+    blend: feathered blending for generators whose output depends on the whole input window
+        (instance norm: per-window statistics). The model then runs on windows of ``tile`` px at
+        a stride of ``tile / 2`` and each output pixel is the triangular-weighted mean of the two
+        windows covering it along each axis (weights sum to one), so tile borders fall where a
+        window's weight is zero: no seams, and each tile stays a pure function of its input
+        (9 windows per tile, shared with neighbours through the cache). Default: on for
+        ``norm: instance`` configs, else off (halo cropping is exact for the others).
     """
 
     def __init__(self, generator: Generator, levels: Any, *, mpp: float | None = None,
                  image_id: Any = None, level: int | None = None, tile: int | None = None,
                  halo: int | None = None, batch_size: int | None = None, cache: TileCache | None = None,
                  scale: Sequence[float] = (1.0, 1.0), translate: Sequence[float] = (0.0, 0.0),
-                 on_warning: Callable[[str], None] | None = None):
+                 on_warning: Callable[[str], None] | None = None, blend: bool | None = None):
         self.generator = generator
         self.levels = list(levels) if isinstance(levels, (list, tuple)) else [levels]
         for i, lv in enumerate(self.levels):
@@ -174,6 +181,11 @@ class TileEngine:
         t = max(align, int(round(t / align)) * align)
         hl = int(generator.halo if halo is None else halo)
         hl = int(math.ceil(hl / align) * align) if hl else 0
+        if blend is None:
+            blend = (getattr(generator, "config", None) or {}).get("norm") == "instance"
+        self.blend = bool(blend)
+        if self.blend:  # windows at a stride of half a tile
+            t = max(2 * align, int(round(t / (2 * align))) * 2 * align)
         self.grid = TileGrid(int(self.array.shape[0]), int(self.array.shape[1]), t, hl)
         self.multiple = mult
         self.image_id = image_id if image_id is not None else f"array-{id(self.levels[0])}-{tuple(self.levels[0].shape)}"
@@ -200,7 +212,8 @@ class TileEngine:
         return self.grid.height, self.grid.width
 
     def key(self, idx: TileIndex) -> tuple:
-        return (self.image_id, self.model_key, self.level, self.grid.tile, self.grid.halo, int(idx[0]), int(idx[1]))
+        return (self.image_id, self.model_key, self.level, self.grid.tile, self.grid.halo, self.blend,
+                int(idx[0]), int(idx[1]))
 
     def world_to_pixel(self, y: float, x: float) -> tuple[float, float]:
         """World (y, x) -> generation-level pixel coordinates (continuous, pixel centres at .0)."""
@@ -229,6 +242,56 @@ class TileEngine:
         size = g.tile + 2 * g.halo
         size += (-size) % self.multiple
         return read_window(self.array, y0, y0 + size, x0, x0 + size)
+
+    def _window_input(self, win: TileIndex) -> np.ndarray:
+        """Generator input of blend window ``win``: core ``[a*s, a*s + tile)`` per axis (stride
+        ``s = tile / 2``) plus the halo, padded to the model's multiple."""
+        g, s = self.grid, self.grid.tile // 2
+        y0, x0 = win[0] * s - g.halo, win[1] * s - g.halo
+        size = g.tile + 2 * g.halo
+        size += (-size) % self.multiple
+        return read_window(self.array, y0, y0 + size, x0, x0 + size)
+
+    def _blend_tiles(self, chunk: list[TileIndex]) -> list[np.ndarray]:
+        """Feathered tiles of ``chunk`` from their 3x3 half-offset windows (cached per window)."""
+        g, s, h = self.grid, self.grid.tile // 2, self.grid.halo
+        wkey = lambda w: (self.image_id, self.model_key, self.level, g.tile, h, "window", w[0], w[1])  # noqa: E731
+        wins = {}
+        needed = list(dict.fromkeys((2 * ty + i, 2 * tx + j) for ty, tx in chunk for i in (-1, 0, 1) for j in (-1, 0, 1)))
+        todo = []
+        for w in needed:
+            hit = self.cache.get(wkey(w))
+            if hit is None:
+                todo.append(w)
+            else:
+                wins[w] = hit
+        for i in range(0, len(todo), max(self.batch_size, 1)):
+            part = todo[i:i + max(self.batch_size, 1)]
+            out = self._run(np.stack([self._window_input(w) for w in part]))
+            for w, o in zip(part, out):
+                wins[w] = np.ascontiguousarray(o[h:h + g.tile, h:h + g.tile])
+                self.cache.put(wkey(w), wins[w])
+        # triangular weight of a window at offset q in [0, tile) of its core: 1 - |q + 0.5 - s| / s
+        ramp = (1.0 - np.abs(np.arange(g.tile) + 0.5 - s) / s).astype(np.float32)
+        tiles = []
+        for ty, tx in chunk:
+            y0, y1, x0, x1 = g.core((ty, tx))
+            acc = np.zeros((g.tile, g.tile, 3), np.float32)
+            for i in (-1, 0, 1):
+                for j in (-1, 0, 1):
+                    a, b = 2 * ty + i, 2 * tx + j
+                    # the part of window (a, b)'s core inside this tile, in tile and window coordinates
+                    ty0, ty1 = max(a * s - ty * g.tile, 0), min(a * s + g.tile - ty * g.tile, g.tile)
+                    tx0, tx1 = max(b * s - tx * g.tile, 0), min(b * s + g.tile - tx * g.tile, g.tile)
+                    if ty1 <= ty0 or tx1 <= tx0:
+                        continue
+                    wy0, wx0 = ty * g.tile + ty0 - a * s, tx * g.tile + tx0 - b * s
+                    wy = ramp[wy0:wy0 + ty1 - ty0, None, None]
+                    wx = ramp[None, wx0:wx0 + tx1 - tx0, None]
+                    part = wins[(a, b)][wy0:wy0 + ty1 - ty0, wx0:wx0 + tx1 - tx0]
+                    acc[ty0:ty1, tx0:tx1] += part * (wy * wx)
+            tiles.append(np.clip(np.rint(acc[: y1 - y0, : x1 - x0]), 0, 255).astype(np.uint8))
+        return tiles
 
     # -- generation ------------------------------------------------------------------------------
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -300,12 +363,14 @@ class TileEngine:
             if cancel_requested(cancel):
                 return
             chunk = todo[i:i + step]
-            batch = np.stack([self.tile_input(idx) for idx in chunk])
-            if cancel_requested(cancel):
-                return
-            out = self._run(batch)
-            for idx, o in zip(chunk, out):
-                tile = self._crop(idx, o)
+            if self.blend:
+                tiles = self._blend_tiles(chunk)
+            else:
+                batch = np.stack([self.tile_input(idx) for idx in chunk])
+                if cancel_requested(cancel):
+                    return
+                tiles = [self._crop(idx, o) for idx, o in zip(chunk, self._run(batch))]
+            for idx, tile in zip(chunk, tiles):
                 self.cache.put(self.key(idx), tile)
                 with self._lock:
                     self.computed += 1
@@ -345,7 +410,7 @@ class TileEngine:
         return self.region(0, self.grid.height, 0, self.grid.width, **kw)
 
     def stats(self) -> dict:
-        return {"computed": self.computed, "cache_hits": self.cache_hits, "batch_size": self.batch_size,
+        return {"computed": self.computed, "cache_hits": self.cache_hits, "batch_size": self.batch_size, "blend": self.blend,
                 "level": self.level, "tile": self.grid.tile, "halo": self.grid.halo,
                 "device": getattr(self.generator, "device", "cpu"), "cache": self.cache.stats()}
 
