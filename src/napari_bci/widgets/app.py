@@ -73,7 +73,11 @@ def launch_demo(
     vihc = widgets["Virtual IHC"]
     if model:
         vihc.set_model(model)
-    # side by side (one viewbox per layer, one shared camera): H&E, generated IHC, real IHC, SSIM
+    # side by side (one viewbox per layer, one shared camera): H&E, generated IHC, real IHC, SSIM,
+    # each panel titled with its layer's name
+    for layer in viewer.layers:
+        layer.name_overlay.visible = True
+    viewer.layers.events.inserted.connect(lambda e: setattr(e.value.name_overlay, "visible", True))
     widgets["Compare"].side_radio.setChecked(True)
     # start in the tissue at about 1 um/px, where nests and cells are visible
     he = viewer.layers["H&E"]
