@@ -208,7 +208,7 @@ def register_deformable(
     say = progress or (lambda msg, frac: None)
     li = pf.level_for(max_side)
     flevel, dsf = pf.level(li), pf.downsamples[li]
-    mi = min(range(len(pm.levels)), key=lambda i: abs(np.log(pm.downsamples[i] / dsf)))
+    mi = pm.nearest_level(dsf)
     mlevel, dsm = pm.level(mi), pm.downsamples[mi]
     # one OD normalisation for all parts, from low-resolution copies
     fr = od_range(pf.image_at(1024)[0])

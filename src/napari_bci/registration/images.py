@@ -116,6 +116,19 @@ class Pyramid:
             cache[i] = np.asarray(lv)
         return cache[i]
 
+    def nearest_level(self, downsample: float) -> int:
+        """Index of the level whose downsample factor is closest (in log scale) to ``downsample``."""
+        return min(range(len(self.levels)), key=lambda k: abs(np.log(self.downsamples[k] / downsample)))
+
+    def image_near(self, downsample: float, max_side: int) -> tuple[Any, float]:
+        """The level nearest ``downsample`` and its factor; where even that level is over twice
+        ``max_side`` on its longer side, the block-averaged copy of :meth:`image_at` instead."""
+        i = self.nearest_level(downsample)
+        lv = self.level(i)
+        if max(lv.shape[:2]) > 2 * max_side:
+            return self.image_at(max_side)
+        return lv, self.downsamples[i]
+
     def image_at(self, max_side: int) -> tuple[np.ndarray, float]:
         """An in-memory image with longer side <= ``max_side`` (a level, further block-averaged if
         needed) and its downsample factor relative to level 0."""

@@ -74,12 +74,7 @@ def image_similarity(fixed: Any, moving: Any, transform: Transform | None, max_s
     longer side <= ``max_side``), where the warped moving image has data."""
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     fimg, dsf = pf.image_at(max_side)
-    i = min(range(len(pm.levels)), key=lambda k: abs(np.log(pm.downsamples[k] / dsf)))
-    mv = pm.level(i)
-    if max(mv.shape[:2]) > 2 * max_side:  # no level that small: read a block-averaged copy
-        mv, dsm = pm.image_at(max_side)
-    else:
-        dsm = pm.downsamples[i]
+    mv, dsm = pm.image_near(dsf, max_side)
     t = transform if transform is not None else Transform()
     warped, valid = warp_region(mv, t, (0, 0), fimg.shape[:2], dsf, dsm, fill="constant", return_valid=True)
     a, b = od_channel(fimg), od_channel(warped)

@@ -419,10 +419,7 @@ def _check_images(f_levels, m_levels, transform, tile: int = 32) -> dict:
 
     pf, pm = as_pyramid(f_levels), as_pyramid(m_levels)
     fimg, dsf = pf.image_at(CHECK_SIDE)
-    i = min(range(len(pm.levels)), key=lambda k: abs(np.log(pm.downsamples[k] / dsf)))
-    mv, dsm = pm.levels[i], pm.downsamples[i]
-    if max(mv.shape[:2]) > 2 * CHECK_SIDE:
-        mv, dsm = pm.image_at(CHECK_SIDE)
+    mv, dsm = pm.image_near(dsf, CHECK_SIDE)
     warped = warp_region(mv, transform, (0, 0), fimg.shape[:2], dsf, dsm, fill="constant")
     yy, xx = np.mgrid[0:fimg.shape[0], 0:fimg.shape[1]]
     board = ((yy // tile + xx // tile) % 2).astype(bool)
