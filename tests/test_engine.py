@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import randomise_bn
+
 from napari_bci.errors import Cancelled
 from napari_bci.generate.architectures import receptive_radius, resnet_generator
 from napari_bci.generate.base import FunctionGenerator, Generator, TorchGenerator
@@ -19,13 +21,7 @@ torch.set_num_threads(2)
 
 def _bn_model(ngf=8, n_blocks=2, seed=0):
     torch.manual_seed(seed)
-    m = resnet_generator(ngf=ngf, n_blocks=n_blocks, norm="batch")
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.running_mean.shape, generator=g) * 0.4 - 0.2)
-            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
-    return m
+    return randomise_bn(resnet_generator(ngf=ngf, n_blocks=n_blocks, norm="batch"), seed)
 
 
 def _seam_ratio(img: np.ndarray, tile: int, stride: int = 4) -> float:

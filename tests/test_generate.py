@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import randomise_bn
+
 from napari_bci import stain
 from napari_bci.errors import CheckpointSecurityError, InputError, ModelError
 from napari_bci.generate import registry
@@ -25,15 +27,6 @@ def he(data_dir):
     from napari_bci.io.patches import read_patch
 
     return read_patch(data_dir / "he_carcinoma_1000.png")
-
-
-def _randomise_bn(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return module
 
 
 # Facts read off the reference implementation (pytorch-CycleGAN-and-pix2pix models/networks.py
@@ -97,7 +90,7 @@ ARCH_CASES = [
 def test_latest_net_G_loads_with_inferred_options(tmp_path, arch, kw):
     kw = dict(kw)
     torch.manual_seed(1)
-    ref = _randomise_bn(_build(kw.pop("kind"), **kw)).eval()
+    ref = randomise_bn(_build(kw.pop("kind"), **kw)).eval()
     folder = tmp_path / "experiment"
     folder.mkdir()
     torch.save(ref.state_dict(), folder / "latest_net_G.pth")
@@ -185,7 +178,7 @@ def test_deterministic_even_with_dropout(he):
 
 def test_torchscript_checkpoint(tmp_path):
     torch.manual_seed(0)
-    m = _randomise_bn(resnet_generator(ngf=4, n_blocks=2)).eval()
+    m = randomise_bn(resnet_generator(ngf=4, n_blocks=2)).eval()
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     torch.jit.trace(m, x).save(str(tmp_path / "g.pt"))
     gen = load_generator(tmp_path / "g.pt", tile=128, halo=16)
@@ -351,7 +344,7 @@ def test_cli_generate_image_with_checkpoint(run_cli, data_dir, tmp_path):
     torch.manual_seed(0)
     exp = tmp_path / "my_experiment"
     exp.mkdir()
-    m = _randomise_bn(resnet_generator(ngf=4, n_blocks=2))
+    m = randomise_bn(resnet_generator(ngf=4, n_blocks=2))
     torch.save(m.state_dict(), exp / "latest_net_G.pth")
     out = tmp_path / "ihc.png"
     code, stdout, err = run_cli("generate", data_dir / "he_tile_240.png", "--model", exp, "--out", out,
