@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..io.layers import SSIM
+from ._layers import levels
 
 #: The plugin's dock widgets, in the order they are docked (names as in napari.yaml).
 WIDGETS = ("Slides", "Virtual IHC", "Compare", "Register", "HER2")
@@ -81,7 +82,7 @@ def launch_demo(
     widgets["Compare"].side_radio.setChecked(True)
     # start in the tissue at about 1 um/px, where nests and cells are visible
     he = viewer.layers["H&E"]
-    h, w = he.data[0].shape[:2] if he.multiscale else he.data.shape[:2]
+    h, w = levels(he)[0].shape[:2]
     sy, sx = he.scale[:2]
     viewer.scene.camera.center = (h * sy * 0.5, w * sx * 0.45)
     viewer.scene.camera.zoom = 0.5 / sy

@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io import layers as L
+from ._layers import levels, rgb_layers
 
 #: The heatmap reads at most this many pixels per side of the visible region (else coarser).
 MAX_VIEW_SIDE = 2048
@@ -82,7 +83,7 @@ class LayerGeom:
 
     @classmethod
     def from_layer(cls, layer) -> "LayerGeom":
-        levels = list(layer.data) if layer.multiscale else [layer.data]
+        lvls = levels(layer)
         if layer.multiscale:
             ds = [tuple(float(v) for v in f[-2:]) for f in layer.downsample_factors]
         else:
@@ -91,7 +92,7 @@ class LayerGeom:
         mpp = meta.get("mpp")
         return cls(
             name=layer.name,
-            levels=levels,
+            levels=lvls,
             scale=tuple(float(v) for v in layer.scale[-2:]),
             translate=tuple(float(v) for v in layer.translate[-2:]),
             downsamples=ds,
@@ -321,12 +322,6 @@ def measure_region(region, gen: LayerGeom, truth: LayerGeom, *, predict_her2: bo
 # ---------------------------------------------------------------- the widget
 
 
-def _rgb_layers(viewer) -> list:
-    from napari.layers import Image
-
-    return [ly for ly in viewer.layers if isinstance(ly, Image) and ly.rgb]
-
-
 def _colorbar_pixmap(name: str, width: int = 160, height: int = 12) -> QPixmap:
     from napari.utils.colormaps import ensure_colormap
 
@@ -473,7 +468,7 @@ class CompareWidget(QWidget):
     # ---------------------------------------------------------- layer choice
 
     def _refresh_layers(self, event=None) -> None:
-        names = [ly.name for ly in _rgb_layers(self.viewer)]
+        names = [ly.name for ly in rgb_layers(self.viewer)]
         before = (self.gen_combo.currentText(), self.truth_combo.currentText())
         for combo, pick in ((self.gen_combo, self._default_gen), (self.truth_combo, self._default_truth)):
             current = combo.currentText()
@@ -493,13 +488,13 @@ class CompareWidget(QWidget):
             self._on_layers_chosen()
 
     def _default_gen(self, names: Sequence[str]) -> str | None:
-        for ly in _rgb_layers(self.viewer):
+        for ly in rgb_layers(self.viewer):
             if (ly.metadata or {}).get("role") == "generated" or ly.name.startswith("IHC (generated"):
                 return ly.name
         return names[0] if names else None
 
     def _default_truth(self, names: Sequence[str]) -> str | None:
-        for ly in _rgb_layers(self.viewer):
+        for ly in rgb_layers(self.viewer):
             if (ly.metadata or {}).get("role") == "ihc" or ly.name == L.IHC_TRUTH:
                 return ly.name
         others = [n for n in names if n != self.gen_combo.currentText()]
@@ -544,7 +539,7 @@ class CompareWidget(QWidget):
         if self.side_radio.isChecked() and pair is not None:
             g, t = pair
             keep = {g.name, t.name, L.SSIM, L.REGIONS}
-            for ly in _rgb_layers(self.viewer):  # the H&E source stays, as the first panel
+            for ly in rgb_layers(self.viewer):  # the H&E source stays, as the first panel
                 if ly.name not in keep and ly.visible and (ly.metadata or {}).get("role") != "he":
                     ly.visible = False
                     self._hidden_by_us.append(ly.name)
@@ -799,10 +794,10 @@ class CompareWidget(QWidget):
         self.cancel_btn.setEnabled(False)
         t = self.truth_layer
         unit = "µm²" if t is not None and (t.metadata or {}).get("mpp") else "px²"
-        levels = sorted({s.level for s in self.scores})
+        used = sorted({s.level for s in self.scores})
         self.table_note.setText(
             f"Area in {unit}. Level = pyramid level measured (0 = full resolution), chosen so a region "
-            f"reads at most {MAX_REGION_PIXELS:,} px; levels used: {levels}. PSNR/SSIM: BCI definition on "
+            f"reads at most {MAX_REGION_PIXELS:,} px; levels used: {used}. PSNR/SSIM: BCI definition on "
             "the bounding box; local SSIM, DAB and ΔE00: inside the shape.")
         errs = [s for s in self.scores if s.error]
         if errs:

@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
 from ..her2.scoring import CLASSES, LEVELS, HER2Result
 from ..her2.tiles import LEGEND, LEVEL_COLOURS
 from ..io import layers as L
+from ._layers import levels, rgb_layers
 
 SCOPES = ("Visible region", "Drawn regions", "Whole image")
 CELLS_LAYER = "HER2 cells"
@@ -31,16 +32,6 @@ CLASS_COLOURS = (
 #: The cell overlay shows when a screen pixel covers at most this many image pixels.
 MAX_PX_PER_SCREEN_PX = 4.0
 MAP_OPACITY, MAP_OPACITY_ZOOMED_IN = 0.6, 0.15
-
-
-def _rgb_layers(viewer):
-    from napari.layers import Image
-
-    return [ly for ly in viewer.layers if isinstance(ly, Image) and ly.rgb]
-
-
-def _levels(layer) -> list:
-    return list(layer.data) if layer.multiscale else [layer.data]
 
 
 def _mpp(layer) -> float:
@@ -133,7 +124,7 @@ class HER2Widget(QWidget):
 
     # -- layer choices -------------------------------------------------------------------------
     def _refresh_layers(self, event=None):
-        rgb = [ly.name for ly in _rgb_layers(self.viewer)]
+        rgb = [ly.name for ly in rgb_layers(self.viewer)]
         for combo, prefer in ((self.ihc_combo, self._prefer_ihc), (self.he_combo, self._prefer_he)):
             cur = combo.currentText()
             combo.blockSignals(True)
@@ -174,7 +165,7 @@ class HER2Widget(QWidget):
             d = np.asarray(layer.world_to_data(world))[-2:]
             pts.append((d[1], d[0]))
         poly = np.asarray(pts, float)
-        H, W = _levels(layer)[0].shape[:2]
+        H, W = levels(layer)[0].shape[:2]
         poly[:, 0] = np.clip(poly[:, 0], 0, W)
         poly[:, 1] = np.clip(poly[:, 1], 0, H)
         return poly
@@ -218,9 +209,9 @@ class HER2Widget(QWidget):
         if layer is None:
             show_error("HER2: no RGB IHC layer to score")
             return None
-        levels, mpp = _levels(layer), _mpp(layer)
+        lv, mpp = levels(layer), _mpp(layer)
         he = self._layer(self.he_combo.currentText())
-        he_levels = _levels(he) if (he is not None and self.learned_check.isChecked()) else None
+        he_levels = levels(he) if (he is not None and self.learned_check.isChecked()) else None
         he_mpp = _mpp(he) if he is not None else None
         model_name = self.model_name
         kw = {"estimate_stains": self.estimate_check.isChecked()}
@@ -236,7 +227,7 @@ class HER2Widget(QWidget):
 
         @thread_worker(progress=True)
         def work():
-            return (yield from _compute(levels, mpp, regions, he_levels, he_mpp, model_name, **kw))
+            return (yield from _compute(lv, mpp, regions, he_levels, he_mpp, model_name, **kw))
 
         w = work()
         w.yielded.connect(self._on_progress)

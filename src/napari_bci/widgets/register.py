@@ -20,6 +20,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io import layers as L
+from ._layers import levels, rgb_layers
 
 WARPED = "H&E (registered)"
 CHECK = "Registration check"
@@ -32,14 +33,8 @@ PALETTE = np.array([
 CHECK_SIDE = 1024  # the check views are computed at a level with longer side <= this
 
 
-def _levels(layer) -> list:
-    return list(layer.data) if layer.multiscale else [layer.data]
-
-
 def _rgb_layers(viewer):
-    from napari.layers import Image
-
-    return [ly for ly in viewer.layers if isinstance(ly, Image) and ly.rgb and ly.name not in (WARPED, CHECK)]
+    return [ly for ly in rgb_layers(viewer) if ly.name not in (WARPED, CHECK)]
 
 
 class _Failed:
@@ -173,7 +168,7 @@ class RegisterWidget(QWidget):
             return
         for name, img in ((L.LANDMARKS_HE, moving), (L.LANDMARKS_IHC, fixed)):
             if name not in self.viewer.layers:
-                size = 0.01 * max(_levels(img)[0].shape[:2])
+                size = 0.01 * max(levels(img)[0].shape[:2])
                 self.viewer.add_points(
                     np.zeros((0, 2)), name=name, scale=img.scale[-2:], translate=img.translate[-2:],
                     units=tuple(img.units)[-2:],
@@ -248,7 +243,7 @@ class RegisterWidget(QWidget):
             return self._error(f"{n} landmark pairs; place at least 4 pairs (press 'Add landmark layers')")
         if pairs is not None and len(pairs[0]) < 4:
             pairs = None  # too few for a fit; automatic initialisation instead
-        f_levels, m_levels = _levels(fixed), _levels(moving)
+        f_levels, m_levels = levels(fixed), levels(moving)
         kw = dict(method=method, landmarks=pairs, model=self.model_combo.currentText(),
                   ransac=self.ransac_check.isChecked(), engine=self.engine_combo.currentText())
         self._cancel = False
@@ -387,7 +382,7 @@ class RegisterWidget(QWidget):
         fixed, moving = self.fixed_layer(), self.moving_layer()
         if fixed is None or moving is None:
             return self._error("choose the IHC and H&E layers first")
-        f_levels, m_levels = _levels(fixed), _levels(moving)
+        f_levels, m_levels = levels(fixed), levels(moving)
         shapes = [tuple(int(s) for s in lv.shape[:2]) for lv in f_levels]
         warped = warp_levels(m_levels, t, shapes, chunk=512)
         from ..registration.api import RegistrationResult

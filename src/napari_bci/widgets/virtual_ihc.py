@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io import layers as L
+from ._layers import levels, rgb_layers
 
 FOLLOW = "Follow the view"
 THIS_VIEW = "This view only"
@@ -37,11 +38,7 @@ CHECKPOINT_ITEM = "Checkpoint file…"
 
 
 def _rgb_layers(viewer, exclude=()):
-    from napari.layers import Image
-
-    return [ly for ly in viewer.layers
-            if isinstance(ly, Image) and ly.rgb and (ly.metadata or {}).get("role") != "generated"
-            and ly not in exclude]
+    return [ly for ly in rgb_layers(viewer) if (ly.metadata or {}).get("role") != "generated" and ly not in exclude]
 
 
 def _lower_thread_priority(nice: int = 10) -> None:
@@ -234,10 +231,10 @@ class VirtualIHCWidget(QWidget):
             tile = self.tile_spin.value() or None
             key = (id(he), spec, device, tile)
             if self._engine_key != key or self.output_layer is None or self.output_layer not in self.viewer.layers:
-                levels = list(he.data) if he.multiscale else [he.data]
+                lvls = levels(he)
                 meta = he.metadata or {}
                 self.engine = TileEngine(
-                    self.generator, levels, mpp=meta.get("mpp"), tile=tile,
+                    self.generator, lvls, mpp=meta.get("mpp"), tile=tile,
                     image_id=meta.get("path") or f"layer-{id(he)}",
                     scale=tuple(he.scale[-2:]), translate=tuple(he.translate[-2:]),
                     on_warning=self._warn)
