@@ -90,10 +90,6 @@ class Transform:
 
     __call__ = forward
 
-    def inverse_matrix_only(self) -> "Transform":
-        """Fixed -> moving projective part alone."""
-        return Transform(np.linalg.inv(self.matrix))
-
     # -- images -------------------------------------------------------------------------
     def backward_grid(self, y0: int, x0: int, height: int, width: int, downsample: float = 1.0) -> np.ndarray:
         """Moving level-0 ``(x, y)`` positions for each pixel of a fixed-frame window given in
