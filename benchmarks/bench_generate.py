@@ -29,9 +29,9 @@ import numpy as np
 def _model(device: str | None):
     import torch
 
-    from napari_bci.generate.architectures import resnet_generator
-    from napari_bci.generate.base import TorchGenerator
-    from napari_bci.generate.registry import builtin_available, load_generator
+    from napari_bci.models.architectures import resnet_generator
+    from napari_bci.models.base import TorchGenerator
+    from napari_bci.models.registry import builtin_available, load_generator
 
     if builtin_available():
         return load_generator("builtin", device=device), "builtin"
@@ -222,7 +222,7 @@ def bench_gui(gen, model_name: str, size: int, quick: bool, async_slicing: bool)
         Display(visible=False, size=(1600, 1000)).start()
     from napari.settings import get_settings
 
-    from napari_bci.generate import registry
+    from napari_bci.models import registry
 
     get_settings().experimental.async_ = async_slicing
     registry.register("bench-model", lambda device=None: gen, replace=True, tile=gen.tile, halo=gen.halo,
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from napari_bci.generate.device import resolve_device
+    from napari_bci.models.device import resolve_device
 
     if resolve_device(args.device) == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1) if os.environ.get("NAPARI_BCI_THREADS") is None

@@ -30,10 +30,10 @@ def median_time(fn, repeats: int) -> float:
 
 
 def bench_tile(threads: int = 2) -> None:
-    from napari_bci.generate import architectures
-    from napari_bci.generate.base import TorchGenerator
-    from napari_bci.generate.baseline import BaselineGenerator
-    from napari_bci.generate.registry import load_generator
+    from napari_bci.models import architectures
+    from napari_bci.models.base import TorchGenerator
+    from napari_bci.models.baseline import BaselineGenerator
+    from napari_bci.models.registry import load_generator
     from napari_bci.samples.synthetic import make_pair
 
     torch.set_num_threads(threads)
@@ -53,7 +53,7 @@ def bench_tile(threads: int = 2) -> None:
 
 
 def bench_pyramid() -> None:
-    from napari_bci.generate.losses import PyramidL1, gaussian_blur
+    from napari_bci.train.losses import PyramidL1, gaussian_blur
 
     def reference(fake, real):  # four successive 3x3 blurs then [::2, ::2], per octave
         total = torch.nn.functional.l1_loss(fake, real) * 25

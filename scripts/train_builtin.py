@@ -6,13 +6,13 @@ aligned with their registration truth), the initialisation and every training cr
 
 1. training set: 128 pairs of 512x512 px at 0.5 um/px (20x), the four HER2 levels cycled,
    seeds 1000-1127; per-epoch validation: 8 pairs of 512 px, seeds 500000-500007;
-2. training (``napari_bci.generate.train.train``) of the ``level_aware`` architecture;
+2. training (``napari_bci.train.loop.train``) of the ``level_aware`` architecture;
 3. model card: metrics on a held-out set of 16 pairs of 1024x1024 px (4 per level, seeds
    900000-900015) for the model and for the classical ``baseline`` generator, the mean DAB OD of
    the output per level, the HER2 accuracy of the level head, and the figures of the small
    test subset (4 pairs of 384 px, seeds 910000-910003, frozen in tests/data/builtin_subset.npz)
    that ``tests/test_builtin.py`` checks;
-4. writes ``src/napari_bci/generate/weights/builtin.{safetensors,json}`` and
+4. writes ``src/napari_bci/models/weights/builtin.{safetensors,json}`` and
    ``docs/model_card.md``.
 
 Run from the repository root: ``python scripts/train_builtin.py`` (15-45 min on 2 shared CPU cores, one thread;
@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from napari_bci.generate import train as T  # noqa: E402
+from napari_bci.train import loop as T  # noqa: E402
 
 TRAIN = {"n": 128, "size": 512, "seed": 1000}
 VAL = {"n": 8, "size": 512, "seed": 500_000}
@@ -90,7 +90,7 @@ def tile_time(gen, size: int = 512, repeats: int = 5) -> float:
 
 
 def evaluate(gen, ps) -> dict:
-    from napari_bci.generate.baseline import BaselineGenerator
+    from napari_bci.models.baseline import BaselineGenerator
 
     model = T.evaluate_pairs(gen.module, ps, multiple=16, device=gen.device)
     base = T.evaluate_pairs(None, ps, multiple=16, generator=BaselineGenerator())
@@ -121,7 +121,7 @@ def model_card_md(cfg: dict) -> str:
 > your checkpoint with `--model PATH`.
 
 ## What it is
-- Architecture `level_aware` (`napari_bci.generate.level_aware`): a compact U-Net-style
+- Architecture `level_aware` (`napari_bci.models.level_aware`): a compact U-Net-style
   encoder-decoder (stride-2 encoder {'/'.join(str(c) for c in cfg['channels'])} channels, {cfg['n_blocks']} residual blocks at 1/8
   resolution, bilinear decoder with skips, BatchNorm) whose encoder feeds a HER2-level head;
   the head's level probabilities modulate the decoder (FiLM), in the spirit of BCIStainer. The
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         cfg["history"] = ck["history"]
         T.export_model(G, cfg, run / "model.safetensors")
 
-    from napari_bci.generate.level_aware import load_weights
+    from napari_bci.models.level_aware import load_weights
 
     gen = load_weights(run / "model.safetensors", device="cpu", name="builtin")
     heldout, subset = pairs(HELDOUT, None), pairs(TEST_SUBSET, None)  # fresh: never a stale cache

@@ -15,7 +15,7 @@ import pytest
 import tifffile
 
 from napari_bci.errors import Cancelled, ModelError
-from napari_bci.generate.baseline import BaselineGenerator
+from napari_bci.models.baseline import BaselineGenerator
 from napari_bci.generate.batch import (
     generate_folder,
     generate_slide,

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_bci.generate.baseline import BaselineGenerator
-from napari_bci.generate.level_aware import BUILTIN_CONFIG, BUILTIN_WEIGHTS, builtin_config
-from napari_bci.generate.registry import load_generator
-from napari_bci.generate.train import Pair, evaluate_pairs, valid_box
+from napari_bci.models.baseline import BaselineGenerator
+from napari_bci.models.level_aware import BUILTIN_CONFIG, BUILTIN_WEIGHTS, builtin_config
+from napari_bci.models.registry import load_generator
+from napari_bci.train.loop import Pair, evaluate_pairs, valid_box
 
 torch.set_num_threads(2)
 

@@ -14,7 +14,7 @@ import tifffile
 
 distributed = pytest.importorskip("distributed")
 
-from napari_bci.generate.baseline import BaselineGenerator  # noqa: E402
+from napari_bci.models.baseline import BaselineGenerator  # noqa: E402
 from napari_bci.generate.batch import generate_folder, generate_slide  # noqa: E402
 from napari_bci.generate.distributed import pick_device, worker_index  # noqa: E402
 from napari_bci.io.writers import write_pyramid  # noqa: E402

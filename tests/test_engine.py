@@ -11,8 +11,8 @@ import torch
 from _helpers import randomise_bn
 
 from napari_bci.errors import Cancelled
-from napari_bci.generate.architectures import receptive_radius, resnet_generator
-from napari_bci.generate.base import FunctionGenerator, Generator, TorchGenerator
+from napari_bci.models.architectures import receptive_radius, resnet_generator
+from napari_bci.models.base import FunctionGenerator, Generator, TorchGenerator
 from napari_bci.generate.cache import TileCache
 from napari_bci.generate.engine import OutputPyramid, TileEngine, TileGrid, pick_level, view_box
 

@@ -14,10 +14,10 @@ from _helpers import randomise_bn
 
 from napari_bci import stain
 from napari_bci.errors import CheckpointSecurityError, InputError, ModelError
-from napari_bci.generate import registry
-from napari_bci.generate.architectures import infer_config, register_arch, resnet_generator, unet_generator
-from napari_bci.generate.base import TorchGenerator
-from napari_bci.generate.registry import available, load_generator
+from napari_bci.models import registry
+from napari_bci.models.architectures import infer_config, register_arch, resnet_generator, unet_generator
+from napari_bci.models.base import TorchGenerator
+from napari_bci.models.registry import available, load_generator
 
 torch.set_num_threads(2)
 
@@ -254,7 +254,7 @@ def test_builtin_missing_gives_clear_error(tmp_path, monkeypatch):
 
 
 def test_register_custom_factory():
-    from napari_bci.generate.base import FunctionGenerator
+    from napari_bci.models.base import FunctionGenerator
 
     registry.register("invert-test", lambda device=None: FunctionGenerator(lambda t: 255 - t, name="invert-test",
                                                                            tile=64, halo=0),
@@ -274,7 +274,7 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     pkg.mkdir()
     (pkg / "__init__.py").write_text(textwrap.dedent("""
         import numpy as np
-        from napari_bci.generate.base import Generator
+        from napari_bci.models.base import Generator
 
         class Grey(Generator):
             name = "grey-plugin"

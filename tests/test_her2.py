@@ -221,8 +221,8 @@ def test_learned_map_and_disagreement(pairs):
 def test_level_aware_torch_head_per_tile_and_region(pairs):
     """The real level-aware architecture (untrained, small) through the generator interface."""
     torch = pytest.importorskip("torch")
-    from napari_bci.generate.base import TorchGenerator
-    from napari_bci.generate.level_aware import build
+    from napari_bci.models.base import TorchGenerator
+    from napari_bci.models.level_aware import build
     from napari_bci.her2.learned import compare, predict_map, predict_polygon
 
     torch.manual_seed(0)

@@ -109,9 +109,9 @@ def test_learned_level_next_to_rule_score(viewer_with_ihc, qtbot):
     """A registered generator with a HER2 head (the real level-aware architecture, untrained)
     gives the learned level per tile and the comparison with the rule-based score."""
     torch = pytest.importorskip("torch")
-    from napari_bci.generate import registry
-    from napari_bci.generate.base import TorchGenerator
-    from napari_bci.generate.level_aware import build
+    from napari_bci.models import registry
+    from napari_bci.models.base import TorchGenerator
+    from napari_bci.models.level_aware import build
     from napari_bci.widgets.her2 import LEARNED_LAYER, HER2Widget
 
     def factory(device=None, **_):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from napari_bci.generate import losses
-from napari_bci.generate.level_aware import FiLM, LevelAwareGenerator, build
-from napari_bci.generate.patchgan import NLayerDiscriminator
-from napari_bci.generate.train import (
+from napari_bci.train import losses
+from napari_bci.models.level_aware import FiLM, LevelAwareGenerator, build
+from napari_bci.train.patchgan import NLayerDiscriminator
+from napari_bci.train.loop import (
     CropDataset,
     Pair,
     bci_psnr_ssim,
@@ -100,7 +100,7 @@ def test_patchgan_has_pix2pix_keys_and_70px_patches():
 
 # -- the level-aware architecture --------------------------------------------------------------------
 def test_level_aware_shapes_any_size_and_registry():
-    from napari_bci.generate import architectures
+    from napari_bci.models import architectures
 
     m = build(TINY).eval()
     with torch.no_grad():
@@ -169,7 +169,7 @@ def _weights(path):
 
 
 def test_train_level_aware_decreases_loss_resumes_exactly_and_loads(tiny_pairs, tmp_path):
-    from napari_bci.generate.registry import load_generator
+    from napari_bci.models.registry import load_generator
 
     tr, va = tiny_pairs
     kw = dict(arch="level_aware", steps=10, epochs=2, batch=2, crop=64, lr=2e-3, ssim_weight=1.0,
@@ -203,7 +203,7 @@ def test_train_level_aware_decreases_loss_resumes_exactly_and_loads(tiny_pairs, 
 
 
 def test_train_pyramid_pix2pix_with_gan(tiny_pairs, tmp_path):
-    from napari_bci.generate.registry import load_generator
+    from napari_bci.models.registry import load_generator
 
     tr, va = tiny_pairs
     rep = train(tr, va[:1], tmp_path / "p2p", arch="resnet_6blocks", steps=2, batch=2, crop=64,

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from napari_bci.generate import registry
-from napari_bci.generate.base import FunctionGenerator
+from napari_bci.models import registry
+from napari_bci.models.base import FunctionGenerator
 from napari_bci.io import layers as L
 
 pytestmark = pytest.mark.gui
@@ -159,7 +159,7 @@ def test_errors_become_notifications(he_viewer, qtbot):
 def test_checkpoint_file_generator(he_viewer, qtbot, tmp_path):
     import torch
 
-    from napari_bci.generate.architectures import resnet_generator
+    from napari_bci.models.architectures import resnet_generator
 
     viewer, he = he_viewer
     exp = tmp_path / "user_model"

@@ -24,7 +24,8 @@ _COMMAND_MODULES = (
     "napari_bci.widgets._cli",  # demo, view (import napari lazily)
     "napari_bci.io._cli",  # info
     "napari_bci.samples._cli",  # sample
-    "napari_bci.generate._cli",  # models, generate, train
+    "napari_bci.generate._cli",  # models, generate
+    "napari_bci.train._cli",  # train
     "napari_bci.registration._cli",  # register, transform
     "napari_bci.metrics._cli",  # evaluate, ssim
     "napari_bci.her2._cli",  # score

@@ -1,4 +1,4 @@
-"""Subcommands ``models``, ``generate`` and ``train`` (the latter from ``generate/train.py``).
+"""Subcommands ``models`` and ``generate``.
 
 ``generate`` hands whole slides (multi-level inputs, or ``--out`` ending in ``.ome.tif(f)``) to
 ``batch.run_slide``, and folders to ``batch.run_folder`` when ``batch.folder_request`` says the
@@ -19,9 +19,8 @@ OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 
 
 def register(sub) -> None:
-    """Add ``models``, ``generate`` and ``train`` to the parser."""
+    """Add ``models`` and ``generate`` to the parser."""
     from . import batch
-    from .train import register_train
 
     p = sub.add_parser("models", help="list the available generators")
     add_json_flag(p)
@@ -40,11 +39,9 @@ def register(sub) -> None:
     batch.add_arguments(p)
     p.set_defaults(func=run_generate)
 
-    register_train(sub)
-
 
 def run_models(args) -> dict:
-    from .registry import available
+    from ..models.registry import available
 
     return {"models": available()}
 
@@ -93,7 +90,7 @@ def _is_ome_out(out: str) -> bool:
 
 def run_generate(args) -> dict:
     from ..io.patches import IMAGE_SUFFIXES
-    from .registry import default_generator_name, load_generator
+    from ..models.registry import default_generator_name, load_generator
 
     src = Path(args.input)
     out = Path(args.out)

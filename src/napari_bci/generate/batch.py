@@ -579,7 +579,7 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     ``resources``: dask resources each task needs (e.g. ``{"GPU": 1}`` on workers started with
     ``--resources GPU=1``)
     """
-    from .registry import load_generator
+    from ..models.registry import load_generator
 
     out = Path(out)
     check_output_path(out)
@@ -668,7 +668,7 @@ def _compression(args) -> str | None:
 
 
 def _model_arg(args) -> str:
-    from .registry import default_generator_name
+    from ..models.registry import default_generator_name
 
     return args.model or default_generator_name()
 
@@ -754,7 +754,7 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     ``out_dir/<stem>.ome.tif``. Outputs already present are kept when ``resume`` (each is written
     atomically, so a present file is complete). Patches go to dask workers as tasks when
     ``workers``/``scheduler`` is given; slides are tiled as in :func:`generate_slide`."""
-    from .registry import load_generator
+    from ..models.registry import load_generator
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -868,7 +868,7 @@ def save_generated_layer(path: str | os.PathLike, data: Any, meta: dict, *,
     ``data``, whose level 0 is the generation level): those tiles are taken from ``data``
     instead of being recomputed.
     """
-    from .registry import load_generator
+    from ..models.registry import load_generator
 
     gen = load_generator(meta["model"], device=device)
     level = meta.get("source_level", meta.get("generation_level"))

@@ -69,7 +69,7 @@ class GeneratorPlugin(WorkerPlugin):
         self._engines: dict = {}  # spec key -> (engine, slide), most recent last
 
     def setup(self, worker=None) -> None:
-        from .registry import load_generator
+        from ..models.registry import load_generator
 
         from . import batch, engine  # noqa: F401  (import once at start-up, not in the first task)
         from ..io import slide  # noqa: F401

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import Cancelled, InputError, ModelError
-from .base import Generator, check_tiles
+from ..models.base import Generator, check_tiles
 from .cache import TileCache, default_cache
 
 TileIndex = tuple[int, int]
@@ -140,7 +140,7 @@ class TileEngine:
 
     Parameters
     ----------
-    generator: the :class:`Generator` (see :func:`napari_bci.generate.registry.load_generator`)
+    generator: the :class:`Generator` (see :func:`napari_bci.models.registry.load_generator`)
     levels: one ``(H, W, 3)`` array or a list of pyramid levels (level 0 first)
     mpp: level-0 microns per pixel (None: unknown; then level 0 is used)
     image_id: cache key of the image (default: derived from the array object)
@@ -296,7 +296,7 @@ class TileEngine:
     # -- generation ------------------------------------------------------------------------------
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Run the generator on a batch with the OOM policy: halve the batch, then go to CPU."""
-        from .device import empty_cache, is_oom
+        from ..models.device import empty_cache, is_oom
 
         out: list[np.ndarray] = []
         i = 0

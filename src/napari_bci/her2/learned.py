@@ -25,7 +25,7 @@ def level_model(name: str = "builtin", device: str | None = None):
     if key in _MODELS:
         return _MODELS[key]
     try:
-        from ..generate.registry import load_generator
+        from ..models.registry import load_generator
 
         gen = load_generator(name, device=device)
     except Exception:  # weights not installed, torch missing, bad checkpoint: no learned level

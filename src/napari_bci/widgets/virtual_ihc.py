@@ -141,7 +141,7 @@ class VirtualIHCWidget(QWidget):
 
     # -- choices --------------------------------------------------------------------------------
     def _fill_models(self) -> None:
-        from ..generate.registry import available, default_generator_name
+        from ..models.registry import available, default_generator_name
 
         self.model_combo.clear()
         for m in available():
@@ -152,7 +152,7 @@ class VirtualIHCWidget(QWidget):
         self.model_combo.setCurrentIndex(max(i, 0))
 
     def _fill_devices(self) -> None:
-        from ..generate.device import available_devices
+        from ..models.device import available_devices
 
         self.device_combo.clear()
         self.device_combo.addItems(["auto", *available_devices()])
@@ -210,7 +210,7 @@ class VirtualIHCWidget(QWidget):
 
         from ..errors import BCIError
         from ..generate.engine import OutputPyramid, TileEngine
-        from ..generate.registry import load_generator
+        from ..models.registry import load_generator
 
         he = self._he_layer()
         if he is None:
@@ -225,7 +225,7 @@ class VirtualIHCWidget(QWidget):
                 self.generator = load_generator(spec, device=device)
                 self._gen_key = (spec, device)
                 if self.generator.device == "cpu" and (os.cpu_count() or 1) > 1:
-                    from ..generate.device import set_cpu_threads
+                    from ..models.device import set_cpu_threads
 
                     set_cpu_threads((os.cpu_count() or 2) - 1)  # leave a core to the GUI thread
             tile = self.tile_spin.value() or None

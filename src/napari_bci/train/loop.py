@@ -6,7 +6,7 @@ registration truth (the H&E is warped onto the IHC frame, as BCI aligned its pai
 fully valid crops are used).
 
 Objective (generator): PyramidPix2pix's L1 at full, 1/2, 1/4, 1/8 scale (each weight 25,
-:class:`~napari_bci.generate.losses.PyramidL1`) + ``gan_weight`` x GAN loss against a
+:class:`~napari_bci.train.losses.PyramidL1`) + ``gan_weight`` x GAN loss against a
 conditional PatchGAN + ``ssim_weight`` x (1 - SSIM) + for the level-aware model
 ``focal_weight`` x focal loss of its HER2 head on the slide-level label.
 
@@ -14,7 +14,7 @@ Every epoch: validation PSNR/SSIM (BCI-exact, :func:`bci_psnr_ssim`), HER2 level
 mean DAB optical density of the output per level, a resumable checkpoint
 (``checkpoint.pt`` of plain tensors, loaded with ``weights_only=True``, + ``checkpoint.json``).
 At the end: ``model.safetensors`` + ``model.json`` (config and model card) that
-:func:`napari_bci.generate.registry.load_generator` loads.
+:func:`napari_bci.models.registry.load_generator` loads.
 
 Crops are drawn by a per-sample seeded RNG (``(seed, sample index)``), so a run is reproducible
 and a resumed run sees exactly the batches an uninterrupted one would have.
@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .base import HER2_CLASSES
+from ..models.base import HER2_CLASSES
 
 LEVEL_INDEX = {name: i for i, name in enumerate(HER2_CLASSES)}
 ARCHS = ("level_aware", "resnet_9blocks", "resnet_6blocks", "unet_256")
@@ -223,10 +223,10 @@ class CropDataset:
 def model_config(arch: str, *, name: str, mpp: float | None = 0.5, norm: str = "batch",
                  use_dropout: bool = False, ngf: int = 64, extra: dict | None = None) -> dict:
     """The JSON config (base.py convention) for an architecture trained here."""
-    from . import architectures
+    from ..models import architectures
 
     if arch == "level_aware":
-        from . import level_aware
+        from ..models import level_aware
 
         cfg = {"arch": arch, **level_aware.DEFAULTS, "name": name, "tile": 512, "halo": 64, "mpp": mpp,
                "multiple": level_aware.LevelAwareGenerator.multiple, "predicts_her2": True,
@@ -245,10 +245,10 @@ def model_config(arch: str, *, name: str, mpp: float | None = 0.5, norm: str = "
 
 
 def build_generator(config: dict):
-    from . import architectures
+    from ..models import architectures
 
     if config["arch"] == "level_aware":
-        from . import level_aware  # noqa: F401  (registers the arch)
+        from ..models import level_aware  # noqa: F401  (registers the arch)
     return architectures.build(config)
 
 
@@ -392,7 +392,7 @@ def train(
     import torch
     from tqdm import tqdm
 
-    from .device import resolve_device
+    from ..models.device import resolve_device
     from .losses import GANLoss, PyramidL1, focal_loss, ssim_loss
     from .patchgan import NLayerDiscriminator, init_weights
 
@@ -599,94 +599,3 @@ def train(
             "last_loss": losses_log[-1] if losses_log else None, "metrics": config["metrics"],
             "history": [{k: h.get(k) for k in ("epoch", "step", "loss", "psnr", "ssim", "her2_accuracy")}
                         for h in state["history"]]}
-
-
-# -- command line ---------------------------------------------------------------------------------
-def register_train(sub) -> None:
-    """Add ``napari-bci train`` to the CLI's subparsers."""
-    from ..cli import add_json_flag
-
-    p = sub.add_parser(
-        "train", help="train a generator (PyramidPix2pix or HER2-level-aware) on BCI data or synthetic pairs",
-        description="Train on a BCI-layout folder (HE/{train,test}, IHC/{train,test}) or on synthetic pairs "
-                    "(DATAROOT 'synthetic' or --synthetic N). Writes OUT/model.safetensors + OUT/model.json "
-                    "(loadable with --model OUT/model.safetensors) and a resumable checkpoint.",
-    )
-    p.add_argument("dataroot", nargs="?", default=None, metavar="DATAROOT",
-                   help="BCI dataset folder, or 'synthetic'")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--arch", default="level_aware", choices=ARCHS)
-    p.add_argument("--epochs", type=int, default=None, help="epochs (validation + checkpoint after each)")
-    p.add_argument("--steps", type=int, default=None, help="total optimisation steps")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--crop", type=int, default=256, help="training crop size (px)")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--l1-weight", type=float, default=25.0, help="weight of each pyramid L1 scale")
-    p.add_argument("--ssim-weight", type=float, default=0.0)
-    p.add_argument("--gan-weight", type=float, default=1.0, help="0 trains without the PatchGAN")
-    p.add_argument("--focal-weight", type=float, default=1.0, help="HER2 head loss (level_aware)")
-    p.add_argument("--norm", default="batch", choices=("batch", "instance", "none"), help="pix2pix archs")
-    p.add_argument("--dropout", action="store_true", help="dropout in pix2pix generators")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop with a checkpoint at this step (continue later with --resume)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
-    p.add_argument("--synthetic", type=int, default=None, metavar="N", help="train on N synthetic pairs")
-    p.add_argument("--synthetic-size", type=int, default=512, help="synthetic pair size (px)")
-    p.add_argument("--val", type=int, default=8, help="validation pairs (held out / the test split)")
-    p.add_argument("--name", default=None, help="model name (default: the output folder's name)")
-    p.add_argument("--mpp", type=float, default=0.5, help="training magnification, um/px")
-    add_json_flag(p)
-    p.set_defaults(func=run_train)
-
-
-def run_train(args) -> dict:
-    from .device import set_cpu_threads
-
-    set_cpu_threads(None)
-    root = args.dataroot
-    synthetic = args.synthetic
-    if root is not None and root != "synthetic" and synthetic is not None:
-        raise InputError(root, "give either a dataset folder or --synthetic N, not both")
-    if root is None and synthetic is None:
-        raise InputError(None, "give a DATAROOT folder, 'synthetic', or --synthetic N")
-    for flag in ("batch", "val"):
-        if getattr(args, flag) < (1 if flag == "batch" else 0):
-            raise InputError(None, f"--{flag} must be positive")
-    if root is None or root == "synthetic":
-        n = synthetic if synthetic is not None else 32
-        if n < 1:
-            raise InputError(None, "--synthetic must be >= 1")
-        size = args.synthetic_size
-        if size < args.crop:
-            raise InputError(None, f"--synthetic-size {size} is smaller than --crop {args.crop}")
-        base = 1000 + 100_000 * args.seed
-        train_pairs = synthetic_pairs(n, size, seed=base, progress=True)
-        val_pairs = synthetic_pairs(args.val, size, seed=base + 50_000) if args.val else []
-        data = {"source": "synthetic (napari_bci.samples.synthetic.make_pair, aligned by its registration truth)",
-                "train_pairs": n, "train_seeds": [base, base + n - 1], "val_pairs": args.val,
-                "val_seeds": [base + 50_000, base + 50_000 + args.val - 1], "size": size, "mpp": 0.5}
-    else:
-        if not Path(root).is_dir():
-            raise InputError(root, "not a directory")
-        train_pairs = read_bci_folder(root, "train")
-        try:
-            val_pairs = read_bci_folder(root, "test")
-        except InputError:
-            val_pairs = []
-        if args.val < len(val_pairs):  # an evenly spread, deterministic subset
-            idx = np.linspace(0, len(val_pairs) - 1, args.val).round().astype(int) if args.val else []
-            val_pairs = [val_pairs[i] for i in idx]
-        data = {"source": f"BCI folder {Path(root).resolve()}", "train_pairs": len(train_pairs),
-                "val_pairs": len(val_pairs)}
-    report = train(
-        train_pairs, val_pairs, args.out, arch=args.arch, epochs=args.epochs, steps=args.steps, batch=args.batch,
-        crop=args.crop, lr=args.lr, l1_weight=args.l1_weight, ssim_weight=args.ssim_weight,
-        gan_weight=args.gan_weight, focal_weight=args.focal_weight, seed=args.seed, device=args.device,
-        resume=args.resume, stop_at=args.stop_at, workers=args.workers, name=args.name, mpp=args.mpp, norm=args.norm,
-        use_dropout=args.dropout, data_info=data,
-        log=(lambda s: None) if getattr(args, "json", False) else None,
-    )
-    return report

@@ -1,16 +1,16 @@
 """Generator registry: built-ins, user registrations, third-party entry points, checkpoint files.
 
->>> from napari_bci.generate.registry import available, load_generator
+>>> from napari_bci.models.registry import available, load_generator
 >>> [m["name"] for m in available()]          # doctest: +SKIP
 ['baseline', 'builtin', ...]
 >>> gen = load_generator("baseline")           # or "builtin", a name, or a checkpoint path
 
 Third-party packages add generators through the entry-point group ``napari_bci.generators``;
-an entry point resolves to a :class:`~napari_bci.generate.base.Generator` subclass or to a
+an entry point resolves to a :class:`~napari_bci.models.base.Generator` subclass or to a
 factory ``f(device=None) -> Generator``. The entry point's name is the generator's name.
 
-``builtin`` is the shipped HER2-level-aware model: ``generate/weights/builtin.safetensors`` with
-its config/model card ``builtin.json``, loaded by ``napari_bci.generate.level_aware.load_builtin``
+``builtin`` is the shipped HER2-level-aware model: ``models/weights/builtin.safetensors`` with
+its config/model card ``builtin.json``, loaded by ``napari_bci.models.level_aware.load_builtin``
 when that exists, else by the generic safetensors + JSON loader.
 """
 

@@ -2,7 +2,7 @@
 
 Supported: pix2pix/PyramidPix2pix ``latest_net_G.pth`` state dicts (architecture inferred from
 keys and shapes), TorchScript files, ``.safetensors`` with a JSON config (see
-:mod:`napari_bci.generate.base`), a JSON config naming its weights, and a folder holding one
+:mod:`napari_bci.models.base`), a JSON config naming its weights, and a folder holding one
 of those. Pickles load only through ``torch.load(..., weights_only=True)``; anything that would
 need code execution is refused with :class:`~napari_bci.errors.CheckpointSecurityError`.
 """

@@ -208,7 +208,7 @@ def _kind(config: dict) -> str:
 
 
 def build(config: dict):
-    """A ``torch.nn.Module`` from a config dict (see :mod:`napari_bci.generate.base`)."""
+    """A ``torch.nn.Module`` from a config dict (see :mod:`napari_bci.models.base`)."""
     arch = config.get("arch")
     if not arch:
         raise ModelError("model config has no 'arch'")
@@ -227,7 +227,7 @@ def build(config: dict):
         return unet_generator(num_downs=int(n), **common)
     if arch not in _custom_archs and re.fullmatch(r"[a-z_][a-z0-9_]*", arch):
         try:
-            __import__(f"napari_bci.generate.{arch}")
+            __import__(f"napari_bci.models.{arch}")
         except ImportError:
             pass
     if arch not in _custom_archs:

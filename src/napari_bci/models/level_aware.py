@@ -156,7 +156,7 @@ register_arch(ARCH, build)
 def load_weights(weights: str | Path, config: dict | None = None, device: str | None = None,
                  name: str | None = None):
     """Load a level-aware safetensors checkpoint (+ its JSON config, beside it or in the
-    safetensors metadata) into a :class:`~napari_bci.generate.base.TorchGenerator`."""
+    safetensors metadata) into a :class:`~napari_bci.models.base.TorchGenerator`."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -17,7 +17,7 @@ Attributes
 
 Torch models are wrapped by :class:`TorchGenerator`, the one place that converts uint8 RGB
 ``(N, H, W, 3)`` to float ``(N, 3, H, W)`` in [-1, 1] and back, keeps the module in eval mode
-and applies the device policy (:mod:`napari_bci.generate.device`).
+and applies the device policy (:mod:`napari_bci.models.device`).
 
 Safetensors + JSON config (how ``load_checkpoint`` reads ``model.safetensors``)
 -----------------------------------------------------------------------------
@@ -36,7 +36,7 @@ string stored under the ``"config"`` key of the safetensors header metadata). Ke
     }
 
 Architectures other than the built-in pix2pix ones are registered with
-:func:`napari_bci.generate.architectures.register_arch` ``(name, builder)`` where
+:func:`napari_bci.models.architectures.register_arch` ``(name, builder)`` where
 ``builder(config: dict) -> torch.nn.Module``; when ``arch`` is unknown the loader imports
 ``napari_bci.generate.<arch>`` once (so ``level_aware.py`` can register ``"level_aware"`` at
 import). A module whose ``forward`` returns ``(image, her2_logits)`` (logits ``(N, 4)``) is a
