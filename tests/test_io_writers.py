@@ -177,3 +177,93 @@ def test_openslide_reads_written_pyramids(cmu, tmp_path):
     assert np.abs(region.astype(int) - cmu[512:712, 256:556]).mean() < 4
     with openslide.OpenSlide(str(ome)) as o:  # SubIFD levels are invisible to OpenSlide: level 0 only
         assert o.level_count == 1 and o.level_dimensions[0] == (1200, 1000)
+
+
+# --- write_image_atomic: the one atomic single-image writer -------------------------------------
+
+def _smooth(h=64, w=80):
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 3, y * 3, x + y], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".jpg"])
+def test_write_image_atomic_round_trip_mode_and_no_temporaries(tmp_path, suffix):
+    import os
+    import stat
+
+    from napari_bci.io.patches import read_patch
+    from napari_bci.io.writers import write_image_atomic
+
+    img = _smooth()
+    out = write_image_atomic(tmp_path / f"o{suffix}", img)
+    back = read_patch(out)
+    err = np.abs(back.astype(int) - img)
+    assert (err.mean() < 2 and err.max() <= 12) if suffix == ".jpg" else err.max() == 0
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644 & ~_umask()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def _umask():
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_write_image_atomic_bad_targets_name_the_file_and_leave_nothing(tmp_path):
+    import os
+
+    from napari_bci.io.writers import write_image_atomic
+
+    img = _smooth()
+    with pytest.raises(InputError, match=r"nope/o\.png: cannot write: the directory does not exist"):
+        write_image_atomic(tmp_path / "nope" / "o.png", img)
+    with pytest.raises(InputError, match=r"o\.bmp: unsupported output type"):
+        write_image_atomic(tmp_path / "o.bmp", img)
+    # an image JPEG cannot hold fails before any file exists
+    with pytest.raises(InputError, match=r"o\.jpg: JPEG is limited to 65535 px"):
+        write_image_atomic(tmp_path / "o.jpg", np.zeros((1, 70000, 3), np.uint8))
+    with pytest.raises(InputError, match=r"o\.png: cannot write a \(4, 4, 7\)"):
+        write_image_atomic(tmp_path / "o.png", np.zeros((4, 4, 7), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root: permissions are not enforced")
+        with pytest.raises(InputError, match=r"ro/o\.tif: cannot write: permission denied"):
+            write_image_atomic(ro / "o.tif", img)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_existing_file_kept_when_a_write_fails(tmp_path):
+    from napari_bci.io.writers import write_image_atomic
+
+    out = write_image_atomic(tmp_path / "o.jpg", _smooth())
+    before = out.read_bytes()
+    with pytest.raises(InputError):
+        write_image_atomic(out, np.zeros((1, 70000, 3), np.uint8))
+    assert out.read_bytes() == before
+
+
+def test_successful_write_removes_temporaries_of_dead_runs_only(tmp_path):
+    import subprocess
+    import sys
+
+    from napari_bci.io.writers import temp_path, write_image_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    out = tmp_path / "o.png"
+    stale = tmp_path / f".o.png.{dead}-0123abcd.tmp"
+    stale.write_bytes(b"half a png")
+    live = temp_path(out)  # this process: a run in progress
+    live.write_bytes(b"being written")
+    other = tmp_path / f".other.png.{dead}-0123abcd.tmp"
+    other.write_bytes(b"not ours")
+    write_image_atomic(out, _smooth())
+    assert not stale.exists() and live.exists() and other.exists()

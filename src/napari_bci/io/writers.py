@@ -1,4 +1,11 @@
-"""Streaming writer of tiled, compressed, pyramidal OME-TIFF.
+"""Atomic output files: single images (``write_image_atomic``) and streamed pyramidal OME-TIFF.
+
+Every output goes through a hidden temporary file in the destination folder
+(``.<name>.<pid>-<random>.tmp``) that ``os.replace`` renames over the target only when
+complete: no partial file, ever. A successful write removes the temporaries that killed runs
+(SIGKILL, power loss) left for the same target (``remove_stale_temps``).
+
+Streaming writer of tiled, compressed, pyramidal OME-TIFF:
 
 ``write_pyramid`` takes level 0 as an array (numpy/dask), a list of ready levels, a
 ``Slide``, a tile callable ``tile(y, x, h, w)`` or an iterator of tiles in row-major order, and
@@ -25,6 +32,7 @@ Both carry XResolution/YResolution in pixels per centimetre when ``mpp`` is know
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import tempfile
@@ -36,6 +44,169 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import Cancelled, InputError
+
+
+IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+JPEG_MAX_SIDE = 65535
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh hidden temporary path beside ``path`` naming this process: ``.<name>.<pid>-<hex>.tmp``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``path`` left by processes that no longer run; returns them.
+
+    Only names written by :func:`temp_path` (``.<name>.<pid>-<hex>.tmp``, or the older
+    ``.<name>.<hex>.tmp`` / ``.<name>.tmp-<pid>``) are considered; a temporary whose process is
+    alive (another run writing now) is kept.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    removed = []
+    prefix = f".{path.name}."
+    try:
+        candidates = [c for c in parent.iterdir() if c.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for c in candidates:
+        rest = c.name[len(prefix):]
+        if rest.endswith(".tmp"):
+            tag = rest[:-4]
+            pid_text = tag.split("-", 1)[0] if "-" in tag else None
+        elif rest.startswith("tmp-"):
+            pid_text = rest[4:]
+        else:
+            continue
+        if pid_text is not None:
+            if not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+        elif not all(ch in "0123456789abcdef" for ch in tag) or _age(c) < 3600:
+            continue  # an old-style name without a PID: only when clearly abandoned
+        try:
+            c.unlink()
+            removed.append(c)
+        except OSError:
+            pass
+    return removed
+
+
+def _age(p: Path) -> float:
+    import time
+
+    try:
+        return time.time() - p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; InputError (naming it) when its folder is missing or not writable."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(path, "cannot write: is a directory")
+    if not parent.is_dir():
+        raise InputError(path, "cannot write: the directory does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(path, "cannot write: permission denied")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(path, "cannot write: the file is read-only")
+    return path
+
+
+def _encode_image(path: Path, arr: np.ndarray) -> bytes | None:
+    """Encoded bytes for PNG/JPEG (None for TIFF, which tifffile writes to the file itself)."""
+    import imagecodecs
+
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return imagecodecs.png_encode(arr)
+    if suffix in (".jpg", ".jpeg"):
+        if arr.dtype != np.uint8:
+            raise InputError(path, f"JPEG holds 8-bit images only, not {arr.dtype}")
+        if max(arr.shape[:2]) > JPEG_MAX_SIDE:
+            raise InputError(path, f"JPEG is limited to {JPEG_MAX_SIDE} px a side, the image is "
+                                   f"{arr.shape[1]} x {arr.shape[0]}; write .ome.tif instead")
+        return imagecodecs.jpeg8_encode(arr, level=95)
+    return None
+
+
+def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95) -> Path:
+    """Write one image at ``path`` (format by suffix: .png, .jpg/.jpeg, .tif/.tiff); returns the path.
+
+    ``array``: ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 (PNG/TIFF also uint16), numpy
+    or dask. The file appears complete or not at all (temporary file in the same folder,
+    ``os.replace``), with mode 0644 (less the umask), and stale temporaries of earlier killed
+    runs are removed. Raises InputError naming the file for an unsupported suffix, a missing or
+    read-only folder, or an image the format cannot hold.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_OUTPUT_SUFFIXES:
+        raise InputError(path, "unsupported output type (use .png, .jpg, .tif, or .ome.tif for slides)")
+    check_writable(path)
+    arr = np.ascontiguousarray(np.asarray(array))
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or arr.dtype not in (np.uint8, np.uint16):
+        raise InputError(path, f"cannot write a {arr.shape} {arr.dtype} array as an image "
+                               "(expected (H, W[, 3|4]) uint8 or uint16)")
+    if min(arr.shape[:2]) < 1:
+        raise InputError(path, f"cannot write an empty image {arr.shape}")
+    if suffix in (".jpg", ".jpeg") and arr.ndim == 3 and arr.shape[2] == 4:
+        raise InputError(path, "JPEG has no alpha channel; write .png or .tif")
+    try:
+        data = _encode_image(path, arr)
+    except InputError:
+        raise
+    except Exception as e:  # imagecodecs' PngError/Jpeg8Error: size or layout it cannot encode
+        raise InputError(path, f"cannot encode the image ({type(e).__name__}: {e})") from None
+    tmp = temp_path(path)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        if data is not None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
+            import tifffile
+
+            tifffile.imwrite(tmp, arr, photometric="minisblack" if arr.ndim == 2 else "rgb",
+                             compression="zlib", bigtiff=arr.nbytes > 2**31 - 2**25,
+                             tile=(512, 512) if max(arr.shape[:2]) > 2048 else None,
+                             extrasamples=("unassalpha",) if arr.ndim == 3 and arr.shape[2] == 4 else None)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(path, f"cannot write: {_os_problem(e)}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    remove_stale_temps(path)
+    return path
+
+
+def _os_problem(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied" if e.errno != errno.EROFS else "read-only file system"
+    return e.strerror or type(e).__name__
 
 
 def pyramid_shapes(shape: tuple[int, int], tile: int, n_levels: int | None = None) -> list[tuple[int, int]]:
@@ -258,7 +429,7 @@ def write_pyramid(
             progress(done, total)
 
     spills: list[_Spill] = []
-    tmp = parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = temp_path(path)
     try:
         cascade = None
         if given_levels is None:
@@ -342,4 +513,5 @@ def write_pyramid(
     finally:
         for s in spills:
             s.close()
+    remove_stale_temps(path)
     return path
