@@ -227,17 +227,30 @@ def test_write_image_atomic_bad_targets_name_the_file_and_leave_nothing(tmp_path
     with pytest.raises(InputError, match=r"o\.png: cannot write a \(4, 4, 7\)"):
         write_image_atomic(tmp_path / "o.png", np.zeros((4, 4, 7), np.uint8))
     assert list(tmp_path.iterdir()) == []
+    (tmp_path / "x.txt").write_text("")
+    with pytest.raises(InputError, match=r"o\.png: cannot write: .*x\.txt is not a folder"):
+        write_image_atomic(tmp_path / "x.txt" / "o.png", img)
+    ro = _unwritable_folder(tmp_path)
+    with pytest.raises(InputError, match=r"o\.tif: cannot write: (permission denied|read-only file system)"):
+        write_image_atomic(ro / "o.tif", img)
+    assert not (ro / "o.tif").exists()
+
+
+def _unwritable_folder(tmp_path):
+    """A folder no file can be created in: mode 0555, or (as root, who ignores modes) /sys."""
+    import os
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
+    if not os.access(ro, os.W_OK):
+        return ro
+    sysfs = __import__("pathlib").Path("/sys")
     try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: permissions are not enforced")
-        with pytest.raises(InputError, match=r"ro/o\.tif: cannot write: permission denied"):
-            write_image_atomic(ro / "o.tif", img)
-        assert list(ro.iterdir()) == []
-    finally:
-        ro.chmod(0o755)
+        os.close(os.open(sysfs / ".napari-bci-probe", os.O_WRONLY | os.O_CREAT, 0o644))
+    except OSError:
+        return sysfs
+    pytest.skip("no unwritable folder available")
 
 
 def test_existing_file_kept_when_a_write_fails(tmp_path):

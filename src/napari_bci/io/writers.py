@@ -116,17 +116,27 @@ def _age(p: Path) -> float:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """``path`` as a Path; InputError (naming it) when its folder is missing or not writable."""
+    """``path`` as a Path; InputError (naming it) unless a file can be created there.
+
+    Checks by creating (and removing) a temporary file beside it, so read-only file systems
+    and folders that permissions close even to root are caught before any work starts.
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise InputError(path, "cannot write: is a directory")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(path, f"cannot write: {parent} is not a folder")
     if not parent.is_dir():
         raise InputError(path, "cannot write: the directory does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(path, "cannot write: permission denied")
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(path, "cannot write: the file is read-only")
+    probe = temp_path(path)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except OSError as e:
+        raise InputError(path, f"cannot write: {_os_problem(e)}") from None
+    probe.unlink(missing_ok=True)
     return path
 
 
@@ -385,10 +395,7 @@ def write_pyramid(
     if tile % 16:
         raise ValueError(f"tile must be a multiple of 16, not {tile}")
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(path, "cannot write: the directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(path, "cannot write: permission denied")
+    check_writable(path)
 
     given_levels: list | None = None
     if isinstance(source, Slide):

@@ -3,6 +3,39 @@
 from __future__ import annotations
 
 SAMPLES = ("bci-0", "bci-1+", "bci-2+", "bci-3+", "wsi-pair", "cmu-small")
+#: napari's dask chunk cache (default: a tenth of RAM, which a long session fills with slide
+#: tiles it never shows again): at most this, and at most 1/16 of RAM.
+DASK_CACHE_BYTES = 1 << 30
+
+
+def dask_cache_budget() -> int:
+    """Bytes of napari's dask cache for ``view``/``demo``: min(1 GiB, RAM / 16)."""
+    import os
+
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return DASK_CACHE_BYTES
+    return int(min(DASK_CACHE_BYTES, ram // 16))
+
+
+def check_screenshot_target(path: str | None) -> None:
+    """InputError (one line, exit 2) unless a screenshot can be saved at ``path``: checked
+    before napari starts, so a bad target never leaves a window open."""
+    if path is None:
+        return
+    from ..errors import InputError
+    from ..io.writers import check_writable
+
+    if not path.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
+        raise InputError(path, "screenshot must be an image file (.png, .jpg, .tif)")
+    check_writable(path)
+
+
+def _setup_napari() -> None:
+    from napari.utils import resize_dask_cache
+
+    resize_dask_cache(dask_cache_budget())
 
 
 def register(sub) -> None:
@@ -27,8 +60,10 @@ def register(sub) -> None:
 
 
 def run_demo(args):
+    check_screenshot_target(args.screenshot)
     from .app import launch_demo
 
+    _setup_napari()
     launch_demo(
         size=args.size,
         seed=args.seed,
@@ -45,6 +80,7 @@ def run_view(args):
     from ..errors import InputError
     from ..io._npe2 import get_reader
 
+    check_screenshot_target(args.screenshot)
     layers = []  # read before napari starts, so bad input fails fast with one line
     for p in args.paths:
         if not Path(p).exists():
@@ -55,4 +91,5 @@ def run_view(args):
         layers.extend(reader(str(p)))
     from .app import launch_view
 
+    _setup_napari()
     launch_view(layers, samples=args.sample, model=args.model, screenshot=args.screenshot)
