@@ -92,10 +92,30 @@ def _fail(command: str | None, message: str, code: int) -> int:
     return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what batch schedulers send): handled like Ctrl-C (SIGINT)."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _handle_sigterm() -> Callable[[], None]:
+    """Raise :class:`Terminated` on SIGTERM in the main thread; returns the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
+    restore = _handle_sigterm()
     try:
         result = func(args)
     except InputError as e:
@@ -106,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, f"{e.filename}: no such file or directory", 2)
     except PermissionError as e:
         return _fail(args.command, f"{e.filename}: permission denied", 2)
-    except KeyboardInterrupt:
-        return _fail(args.command, "interrupted", 130)
+    except KeyboardInterrupt as e:
+        return _fail(args.command, "terminated" if isinstance(e, Terminated) else "interrupted", 130)
     except Exception as e:  # the contract: one readable line, never a traceback
         if os.environ.get("NAPARI_BCI_DEBUG"):
             raise
         return _fail(args.command, f"{type(e).__name__}: {e}", 1)
+    finally:
+        restore()
     if result is not None:
         if getattr(args, "json", False):
             sys.stdout.write(json.dumps(result) + "\n")
