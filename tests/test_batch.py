@@ -350,9 +350,12 @@ def test_pages_layout_for_openslide(slide_path, reference, tmp_path, run_cli):
 
 
 def test_save_generated_layer_shows_napari_progress(slide_path, tmp_path):
-    """Inside napari (napari loaded), saving a generated layer reports through napari's progress."""
-    napari_utils = pytest.importorskip("napari.utils")
-    progress = napari_utils.progress
+    """The npe2 front end saves a generated layer with napari's progress bar (the core only takes a
+    callback)."""
+    from napari.utils import progress
+
+    from napari_bci._npe2 import save_generated
+
     finished = []
 
     def on_change(event):
@@ -362,7 +365,7 @@ def test_save_generated_layer_shows_napari_progress(slide_path, tmp_path):
     try:
         meta = {"role": "generated", "source_path": str(slide_path), "model": "baseline", "tile": TILE}
         out = tmp_path / "g.ome.tif"
-        save_generated_layer(out, [np.full((1280, 1792, 3), 255, np.uint8)], meta)
+        save_generated(str(out), [np.full((1280, 1792, 3), 255, np.uint8)], meta)
     finally:
         progress._all_instances.events.changed.disconnect(on_change)
     n = len(_expected_tissue_tiles())
@@ -372,7 +375,7 @@ def test_save_generated_layer_shows_napari_progress(slide_path, tmp_path):
 def test_npe2_writer_completes_a_generated_layer(slide_path, reference, tmp_path):
     """The plugin's OME-TIFF writer hands a generated layer (with its source in the metadata) to
     ``save_generated_layer``: the saved file is the whole slide, as the CLI writes it."""
-    from napari_bci.io._npe2 import write_ome_tiff
+    from napari_bci._npe2 import write_ome_tiff
 
     meta = {"role": "generated", "source_path": str(slide_path), "model": "baseline", "generation_level": 0,
             "tile": TILE, "tiles_done": []}

@@ -14,7 +14,9 @@ from napari_bci.errors import Cancelled
 from napari_bci.models.architectures import receptive_radius, resnet_generator
 from napari_bci.models.base import FunctionGenerator, Generator, TorchGenerator
 from napari_bci.generate.cache import TileCache
-from napari_bci.generate.engine import OutputPyramid, TileEngine, TileGrid, pick_level, view_box
+from napari_bci.generate.display import OutputPyramid
+from napari_bci.generate.engine import TileEngine, TileGrid
+from napari_bci.pyramid import pick_level, view_box
 
 torch.set_num_threads(2)
 

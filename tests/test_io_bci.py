@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from napari_bci.errors import InputError
-from napari_bci.io._npe2 import get_reader, write_ome_tiff
+from napari_bci._npe2 import get_reader, write_ome_tiff
 from napari_bci.io.bci import find_ihc_partner, open_bci_folder, parse_bci_name
 from napari_bci.io.layers import HE, IHC_TRUTH
 from napari_bci.io.patches import read_patch

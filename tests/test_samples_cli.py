@@ -93,7 +93,7 @@ def test_sample_out_is_a_file_exits_2(run_cli, tmp_path):
 
 
 def test_npe2_bci_samples_return_named_pairs():
-    from napari_bci.samples import _npe2
+    from napari_bci import _npe2
 
     layers = _npe2.pair_layers("1+", size=128, seed=2)
     (he, he_meta, he_kind), (ihc, ihc_meta, ihc_kind) = layers
@@ -110,7 +110,7 @@ def test_npe2_bci_samples_return_named_pairs():
 
 
 def test_npe2_wsi_and_cmu_samples():
-    from napari_bci.samples import _npe2
+    from napari_bci import _npe2
 
     (he, he_meta, _), (ihc, ihc_meta, _) = _npe2.wsi_pair(size=2048)
     assert he_meta["multiscale"] and isinstance(he, list) and he[0].shape == (2048, 2048, 3)

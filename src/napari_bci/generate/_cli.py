@@ -1,27 +1,25 @@
-"""Subcommands ``models`` and ``generate``.
-
-``generate`` hands whole slides (multi-level inputs, or ``--out`` ending in ``.ome.tif(f)``) to
-``batch.run_slide``, and folders to ``batch.run_folder`` when ``batch.folder_request`` says the
-folder needs it (BCI roots, slides, dask options); plain folders of patches run here.
-"""
+"""Subcommands ``models`` and ``generate``: argparse stays here; the work is keyword calls into
+:mod:`.batch` (slides, folders needing batch options) and :mod:`.tiles` (single images, plain
+folders of patches). The model is loaded once and a slide opened once per run."""
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
 import time
 from pathlib import Path
 
 from ..cli import add_json_flag
-from ..errors import InputError
+from ..errors import BCIError, InputError
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
+#: Largest ``--tile``: the engine's windows and the OME-TIFF tile size stay within bounds the
+#: writer and the models handle (a 16k x 16k RGB window is 768 MB).
+MAX_TILE = 16384
 
 
 def register(sub) -> None:
     """Add ``models`` and ``generate`` to the parser."""
-    from . import batch
-
     p = sub.add_parser("models", help="list the available generators")
     add_json_flag(p)
     p.set_defaults(func=run_models)
@@ -36,8 +34,52 @@ def register(sub) -> None:
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
     add_json_flag(p)
-    batch.add_arguments(p)
+    _add_batch_arguments(p)
     p.set_defaults(func=run_generate)
+
+
+class _Flag(argparse.Action):
+    """Stores the value and marks that a batch option was given (``args._batch_requested``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+        namespace._batch_requested = True
+
+
+def _add_batch_arguments(p: argparse.ArgumentParser) -> None:
+    """Whole-slide and distributed options of ``napari-bci generate``."""
+    g = p.add_argument_group("whole slides and cohorts")
+    g.add_argument("--workers", type=int, default=None, action=_Flag, metavar="N",
+                   help="compute tiles on a local dask cluster of N worker processes (1 thread each)")
+    g.add_argument("--scheduler", default=None, action=_Flag, metavar="ADDRESS",
+                   help="join an existing dask scheduler (e.g. tcp://host:8786 from dask-jobqueue)")
+    g.add_argument("--on-error", choices=("stop", "skip"), default="stop", action=_Flag,
+                   help="a tile whose input cannot be read: stop (default) or fill it white and go on")
+    g.add_argument("--level", type=int, default=None, help="generate at this pyramid level "
+                   "(default: the level matching the model's magnification)")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="ignore tiles kept from an interrupted run (and outputs already in OUTDIR)")
+    g.add_argument("--all-tiles", dest="tissue", action="store_false",
+                   help="generate every tile, not only tissue (the default skips white background)")
+    g.add_argument("--compression", default="jpeg", help="OME-TIFF tile compression: jpeg (default), "
+                   "zlib, zstd, lzw, webp or none")
+    g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default 90)")
+    g.add_argument("--layout", choices=("subifd", "pages"), default="subifd",
+                   help="subifd: OME-TIFF with SubIFD levels (QuPath, Bio-Formats, napari; default); "
+                        "pages: levels as top-level pages (OpenSlide's generic-tiff sees every level)")
+    g.add_argument("--keep-parts", action="store_true", help="keep the tile store OUT.parts after success")
+    g.add_argument("--window", type=int, default=None, help="dask: most tasks in flight (default 4 per worker)")
+    g.add_argument("--tiles-per-task", type=int, default=1, help="dask: tiles per task (default 1)")
+    g.add_argument("--task-resources", type=_resources, default=None, metavar="NAME=N[,...]",
+                   help="dask: resources each task needs, e.g. GPU=1 (workers started with --resources GPU=1)")
+    p.set_defaults(_batch_requested=False)
+
+
+def _resources(text: str) -> dict:
+    try:
+        return {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N], got {text!r}") from None
 
 
 def run_models(args) -> dict:
@@ -46,126 +88,125 @@ def run_models(args) -> dict:
     return {"models": available()}
 
 
-def _write_image_atomic(path: Path, arr) -> None:
-    import imagecodecs
-    import numpy as np
-
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        data = imagecodecs.png_encode(np.ascontiguousarray(arr))
-    elif suffix in (".jpg", ".jpeg"):
-        data = imagecodecs.jpeg8_encode(np.ascontiguousarray(arr), level=95)
-    elif suffix in (".tif", ".tiff"):
-        import io
-
-        import tifffile
-
-        buf = io.BytesIO()
-        tifffile.imwrite(buf, arr, photometric="rgb", compression="zlib")
-        data = buf.getvalue()
-    else:
-        raise InputError(path, "unsupported output type (use .png, .jpg, .tif, or .ome.tif for slides)")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _check_numbers(args) -> None:
+    """Bad numeric options fail before any work, with one line each."""
+    if args.tile is not None and not 16 <= args.tile <= MAX_TILE:
+        raise InputError(None, f"--tile {args.tile}: must be between 16 and {MAX_TILE}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(None, f"--batch-size {args.batch_size}: must be at least 1")
+    for flag in ("workers", "window", "tiles_per_task"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            raise InputError(None, f"--{flag.replace('_', '-')} {v}: must be at least 1")
+    if args.level is not None and args.level < 0:
+        raise InputError(None, f"--level {args.level}: must be 0 or more")
+    if not 1 <= args.quality <= 100:
+        raise InputError(None, f"--quality {args.quality}: must be between 1 and 100")
 
 
-def generate_image(generator, image, *, tile=None, batch_size=None, cancel=None, progress=None):
-    """Whole-image virtual IHC of an in-memory ``(H, W, 3)`` image through the tile engine."""
-    from .cache import TileCache
-    from .engine import TileEngine
+def _slide_options(args) -> dict:
+    """The keyword arguments of :func:`.batch.generate_slide` / ``generate_folder`` given on the
+    command line."""
+    c = args.compression
+    return dict(device=None if args.device == "auto" else args.device, level=args.level, tile=args.tile,
+                batch_size=args.batch_size, workers=args.workers, scheduler=args.scheduler,
+                on_error=args.on_error, resume=args.resume, tissue=args.tissue,
+                compression=None if c in (None, "none", "None", "") else c, quality=args.quality,
+                keep_parts=args.keep_parts, window=args.window, tiles_per_task=args.tiles_per_task,
+                layout=args.layout, resources=args.task_resources)
 
-    eng = TileEngine(generator, image, tile=tile, batch_size=batch_size, cache=TileCache(64 * 2**20))
-    return eng.compute_all(cancel=cancel, progress=progress), eng
 
-
-def _is_ome_out(out: str) -> bool:
-    return out.lower().endswith(OME_SUFFIXES)
+def _slide_out(src: Path, out: Path) -> Path:
+    if out.is_dir():
+        return out / (src.name.split(".")[0] + ".ome.tif")
+    if not out.name.lower().endswith(OME_SUFFIXES + (".tif", ".tiff")):
+        raise InputError(out, "whole-slide output must be an OME-TIFF (name ending in .ome.tif)")
+    return out
 
 
 def run_generate(args) -> dict:
-    from ..io.patches import IMAGE_SUFFIXES
     from ..models.registry import default_generator_name, load_generator
+    from . import batch
 
     src = Path(args.input)
     out = Path(args.out)
     if not src.exists():
         raise InputError(src, "no such file or folder")
-    if args.tile is not None and args.tile < 16:
-        raise InputError(None, f"--tile {args.tile}: must be at least 16")
+    _check_numbers(args)
+    files = None
     if src.is_dir():
-        from . import batch  # BCI roots, folders of slides, dask options: batch.run_folder
-
-        requested = batch.folder_request(args, src)
-        if requested:
-            args._batch_requested = True
-        files = requested or sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                                    and not p.name.startswith("."))
+        files, needs_batch = batch.folder_files(src, batch_options=args._batch_requested)
         if not files:
             raise InputError(src, "folder holds no images (.png, .jpg, .tif)")
         if out.exists() and not out.is_dir():
             raise InputError(out, "output for a folder must be a folder")
     model = args.model or default_generator_name()
-    gen = load_generator(model, device=args.device)
-    if src.is_dir():
-        return _run_folder(args, gen, files, out)
-    return _run_file(args, gen, src, out)
+    distributed = bool(args.workers) or bool(args.scheduler)
+    gen = load_generator(model, device="cpu" if distributed else args.device)
+    try:
+        if files is not None:
+            if needs_batch:
+                opts = _slide_options(args)
+                opts.pop("resources")
+                return batch.generate_folder(files, model, out, generator=gen, **opts)
+            return _run_patch_folder(args, gen, files, out)
+        return _run_file(args, model, gen, src, out)
+    except KeyboardInterrupt:
+        err = BCIError(f"{out}: interrupted; finished tiles are kept in {batch.parts_dir(out)}, "
+                       f"run the same command again to resume")
+        err.exit_code = 130
+        raise err from None
 
 
-def _run_file(args, gen, src: Path, out: Path) -> dict:
-    from ..io.slide import open_slide
-
-    with open_slide(src) as slide:
-        is_slide = slide.native_levels > 1 or _is_ome_out(str(out))
-        if is_slide:
-            from . import batch
-
-            return batch.run_slide(args, gen)
-        image = slide.levels[0]
-        mpp = slide.mpp
-    if out.is_dir():
-        out = out / (src.stem + ".png")
-    if not out.parent.is_dir():
-        raise InputError(out.parent, "output folder does not exist")
+def _run_file(args, model, gen, src: Path, out: Path) -> dict:
     import numpy as np
 
+    from ..io.slide import open_slide
+    from ..io.writers import write_image_atomic
+    from . import batch
+    from .tiles import generate_image
+
+    with open_slide(src) as slide:
+        if slide.native_levels > 1 or out.name.lower().endswith(OME_SUFFIXES):
+            return batch.generate_slide(slide, model, _slide_out(src, out), generator=gen, **_slide_options(args))
+        if out.is_dir():
+            out = out / (src.stem + ".png")
+        if not out.parent.is_dir():
+            raise InputError(out.parent, "output folder does not exist")
+        image = np.asarray(slide.levels[0])
+        mpp = slide.mpp
     t0 = time.perf_counter()
-    res, eng = generate_image(gen, np.asarray(image), tile=args.tile, batch_size=args.batch_size)
-    _write_image_atomic(out, res)
+    res, eng = generate_image(gen, image, tile=args.tile, batch_size=args.batch_size)
+    write_image_atomic(out, res)
     dt = time.perf_counter() - t0
     return {"n": 1, "out": str(out), "model": gen.name, "device": gen.device, "shape": list(res.shape[:2]),
             "mpp": mpp, "tiles": eng.computed, "seconds": round(dt, 3)}
 
 
-def _run_folder(args, gen, files: list[Path], out: Path) -> dict:
-    import numpy as np
+def _run_patch_folder(args, gen, files: list[Path], out: Path) -> dict:
+    """A plain folder of patches: every patch rewritten as ``out/<stem>.png``."""
     from tqdm import tqdm
 
+    import numpy as np
+
     from ..io.patches import read_patch
+    from ..io.writers import write_image_atomic
+    from .tiles import generate_image
 
-    if getattr(args, "_batch_requested", False):
-        from . import batch
-
-        return batch.run_folder(args, gen, files)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tiles = 0
     written, failed = [], []
     for f in tqdm(files, desc="generate", unit="image", file=sys.stderr, disable=not sys.stderr.isatty()):
         try:
-            img = read_patch(f)
+            img = np.asarray(read_patch(f))
         except InputError as e:
             failed.append({"file": str(f), "error": str(e)})
             continue
-        res, eng = generate_image(gen, np.asarray(img), tile=args.tile, batch_size=args.batch_size)
+        res, eng = generate_image(gen, img, tile=args.tile, batch_size=args.batch_size)
         tiles += eng.computed
         dst = out / (f.stem + ".png")
-        _write_image_atomic(dst, res)
+        write_image_atomic(dst, res)
         written.append(dst.name)
     dt = time.perf_counter() - t0
     if failed and not written:

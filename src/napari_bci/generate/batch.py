@@ -25,7 +25,6 @@ Distributed runs (``workers=N`` or ``scheduler=ADDRESS``) are in
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -42,6 +41,7 @@ import numpy as np
 
 from ..errors import BCIError, Cancelled, InputError, ModelError
 from .engine import cancel_requested
+from .tiles import Result, TileFailure, compute_tiles, patch_image
 
 OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 #: The tissue mask is computed on the coarsest level with at most this many pixels that still
@@ -229,29 +229,6 @@ class _Progress:
 
 # -- the plan of one slide ------------------------------------------------------------------------------
 @dataclass
-class TileFailure:
-    """A tile whose input could not be read (or generated), reported with its coordinates."""
-
-    index: tuple[int, int]
-    box: tuple[int, int, int, int]  # y0, y1, x0, x1 at the generation level
-    level: int
-    downsample: float
-    error: str
-
-    def describe(self, source: Any) -> str:
-        y0, y1, x0, x1 = self.box
-        ds = self.downsample
-        return (f"tile ({self.index[0]}, {self.index[1]}) at level {self.level} pixels y={y0}:{y1}, x={x0}:{x1} "
-                f"(level-0 x={int(x0 * ds)}, y={int(y0 * ds)}): {self.error}")
-
-    def as_dict(self) -> dict:
-        y0, y1, x0, x1 = self.box
-        return {"tile": list(self.index), "level": self.level, "y": y0, "x": x0, "height": y1 - y0,
-                "width": x1 - x0, "level0_x": int(x0 * self.downsample), "level0_y": int(y0 * self.downsample),
-                "error": self.error}
-
-
-@dataclass
 class SlidePlan:
     """What a whole-slide run computes: the engine (geometry, level), the tissue tiles, the store."""
 
@@ -281,15 +258,6 @@ class SlidePlan:
     def out_mpp(self) -> float | None:
         return None if self.mpp is None else float(self.mpp) * float(self.engine.downsample[1])
 
-
-
-def tile_failure(engine, idx, exc: BaseException) -> TileFailure:
-    """A :class:`TileFailure` for tile ``idx`` of ``engine``'s grid."""
-    msg = str(exc) or type(exc).__name__
-    if not isinstance(exc, BCIError):
-        msg = f"{type(exc).__name__}: {msg}"
-    return TileFailure(tuple(int(i) for i in idx), engine.grid.core(idx), engine.level,
-                       float(engine.downsample[1]), " ".join(msg.split()))
 
 
 def _file_id(p: Path) -> dict:
@@ -343,43 +311,6 @@ def plan_slide(source: Any, generator, *, model: Any = None, mpp: float | None =
     }
     return SlidePlan(str(path) if path else None, levels, mpp, eng, mask, fp,
                      {"batch_size": batch_size, "opened": opened})
-
-
-# -- tile producers -------------------------------------------------------------------------------------
-#: ``(index, tile or None, failure or None)``; ``None`` tile = failed and skipped (white).
-Result = tuple[tuple[int, int], "np.ndarray | None", "TileFailure | None"]
-
-
-def compute_tiles(engine, todo: Sequence[tuple[int, int]], *, cancel: Any = None) -> Iterator[Result]:
-    """Compute ``todo`` with ``engine`` batch by batch, in the given order. A batch whose input
-    cannot be read is retried tile by tile so that the failing tile is found (and reported with
-    its coordinates); generator failures (:class:`ModelError`) propagate. Used in this process
-    and, unchanged, by dask workers."""
-    i = 0
-    while i < len(todo):
-        if cancel_requested(cancel):
-            raise Cancelled("generation cancelled")
-        chunk = [(int(a), int(b)) for a, b in todo[i:i + max(1, engine.batch_size)]]
-        try:
-            got = dict(engine.generate(chunk, use_cache=False))
-        except (ModelError, Cancelled):
-            raise
-        except Exception:
-            got = None
-        if got is not None:
-            for idx in chunk:
-                yield idx, got[idx], None
-        else:
-            for idx in chunk:
-                try:
-                    tile = dict(engine.generate([idx], use_cache=False))[idx]
-                except (ModelError, Cancelled):
-                    raise
-                except Exception as e:
-                    yield idx, None, tile_failure(engine, idx, e)
-                else:
-                    yield idx, tile, None
-        i += len(chunk)
 
 
 def local_results(plan: SlidePlan, todo: Sequence[tuple[int, int]], *, cancel: Any = None) -> Iterator[Result]:
@@ -617,92 +548,6 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     return report
 
 
-# -- command line (hooks called by napari_bci.generate._cli) -----------------------------------------------
-class _Flag(argparse.Action):
-    """Stores the value and marks that a batch option was given (``args._batch_requested``)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, True if self.nargs == 0 else values)
-        namespace._batch_requested = True
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Whole-slide and distributed options of ``napari-bci generate``."""
-    g = p.add_argument_group("whole slides and cohorts")
-    g.add_argument("--workers", type=int, default=None, action=_Flag, metavar="N",
-                   help="compute tiles on a local dask cluster of N worker processes (1 thread each)")
-    g.add_argument("--scheduler", default=None, action=_Flag, metavar="ADDRESS",
-                   help="join an existing dask scheduler (e.g. tcp://host:8786 from dask-jobqueue)")
-    g.add_argument("--on-error", choices=("stop", "skip"), default="stop", action=_Flag,
-                   help="a tile whose input cannot be read: stop (default) or fill it white and go on")
-    g.add_argument("--level", type=int, default=None, help="generate at this pyramid level "
-                   "(default: the level matching the model's magnification)")
-    g.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="ignore tiles kept from an interrupted run (and outputs already in OUTDIR)")
-    g.add_argument("--all-tiles", dest="tissue", action="store_false",
-                   help="generate every tile, not only tissue (the default skips white background)")
-    g.add_argument("--compression", default="jpeg", help="OME-TIFF tile compression: jpeg (default), "
-                   "zlib, zstd, lzw, webp or none")
-    g.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default 90)")
-    g.add_argument("--layout", choices=("subifd", "pages"), default="subifd",
-                   help="subifd: OME-TIFF with SubIFD levels (QuPath, Bio-Formats, napari; default); "
-                        "pages: levels as top-level pages (OpenSlide's generic-tiff sees every level)")
-    g.add_argument("--keep-parts", action="store_true", help="keep the tile store OUT.parts after success")
-    g.add_argument("--window", type=int, default=None, help="dask: most tasks in flight (default 4 per worker)")
-    g.add_argument("--tiles-per-task", type=int, default=1, help="dask: tiles per task (default 1)")
-    g.add_argument("--task-resources", type=_resources, default=None, metavar="NAME=N[,...]",
-                   help="dask: resources each task needs, e.g. GPU=1 (workers started with --resources GPU=1)")
-    p.set_defaults(_batch_requested=False)
-
-
-def _resources(text: str) -> dict:
-    try:
-        return {k.strip(): float(v) for k, v in (kv.split("=") for kv in text.split(",") if kv.strip())}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=N[,NAME=N], got {text!r}") from None
-
-
-def _compression(args) -> str | None:
-    c = getattr(args, "compression", "jpeg")
-    return None if c in (None, "none", "None", "") else c
-
-
-def _model_arg(args) -> str:
-    from ..models.registry import default_generator_name
-
-    return args.model or default_generator_name()
-
-
-def _slide_out(src: Path, out: Path) -> Path:
-    if out.is_dir():
-        return out / (src.name.split(".")[0] + ".ome.tif")
-    if not out.name.lower().endswith(OME_SUFFIXES + (".tif", ".tiff")):
-        raise InputError(out, "whole-slide output must be an OME-TIFF (name ending in .ome.tif)")
-    return out
-
-
-def run_slide(args, generator) -> dict:
-    """``napari-bci generate SLIDE --out OUT.ome.tif`` (the generator is already loaded)."""
-    src, out = Path(args.input), _slide_out(Path(args.input), Path(args.out))
-    distributed = bool(getattr(args, "workers", None)) or bool(getattr(args, "scheduler", None))
-    try:
-        return generate_slide(
-            src, _model_arg(args), out, device=None if args.device == "auto" else args.device,
-            level=getattr(args, "level", None), tile=args.tile, batch_size=getattr(args, "batch_size", None),
-            workers=getattr(args, "workers", None), scheduler=getattr(args, "scheduler", None),
-            on_error=getattr(args, "on_error", "stop"), resume=getattr(args, "resume", True),
-            tissue=getattr(args, "tissue", True), compression=_compression(args),
-            quality=getattr(args, "quality", 90), keep_parts=getattr(args, "keep_parts", False),
-            window=getattr(args, "window", None), tiles_per_task=getattr(args, "tiles_per_task", 1),
-            layout=getattr(args, "layout", "subifd"), resources=getattr(args, "task_resources", None),
-            generator=None if distributed else generator)
-    except KeyboardInterrupt:
-        err = BCIError(f"{out}: interrupted; finished tiles are kept in {parts_dir(out)}, "
-                       f"run the same command again to resume")
-        err.exit_code = 130
-        raise err from None
-
-
 def bci_test_files(root: Path) -> list[Path] | None:
     """``HE/test/*.png`` of a BCI dataset root (or ``HE/`` when there is no split), else None."""
     for sub in (("HE", "test"), ("HE",)):
@@ -727,22 +572,18 @@ def _is_slide_file(p: Path) -> bool:
         return False
 
 
-def folder_request(args, src: Path) -> list[Path] | None:
-    """Files of folder ``src`` this module should handle, or None (the plain patch loop does):
-    a BCI root, a folder holding slides, or any batch option given."""
+def folder_files(src: Path, *, batch_options: bool = False) -> tuple[list[Path], bool]:
+    """The input files of folder ``src`` and whether they need this module (a BCI root, a folder
+    holding slides, or batch options given) rather than the plain patch loop of the CLI."""
     from ..io.patches import IMAGE_SUFFIXES
 
     src = Path(src)
     bci = bci_test_files(src)
     if bci is not None:
-        return bci
+        return bci, True
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
-    if not files:
-        return None
-    if getattr(args, "_batch_requested", False) or any(_is_slide_file(p) for p in files):
-        return files
-    return None
+    return files, bool(files) and (batch_options or any(_is_slide_file(p) for p in files))
 
 
 def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLike, *, generator=None,
@@ -754,6 +595,7 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     ``out_dir/<stem>.ome.tif``. Outputs already present are kept when ``resume`` (each is written
     atomically, so a present file is complete). Patches go to dask workers as tasks when
     ``workers``/``scheduler`` is given; slides are tiled as in :func:`generate_slide`."""
+    from ..io.writers import write_image_atomic
     from ..models.registry import load_generator
 
     out_dir = Path(out_dir)
@@ -787,7 +629,7 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
                     if on_error == "stop":
                         raise res
                 else:
-                    _write_png(out_dir / (f.stem + ".png"), res)
+                    write_image_atomic(out_dir / (f.stem + ".png"), res)
                     written.append(f.stem + ".png")
                 bar.update()
     finally:
@@ -805,48 +647,16 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
             "seconds": round(dt, 3), "images_per_s": round(len(written) / dt, 3) if dt > 0 and written else None}
 
 
-def _write_png(path: Path, arr: np.ndarray) -> None:
-    from ._cli import _write_image_atomic
-
-    _write_image_atomic(path, arr)
-
-
 def _patch_results(files, model, generator, *, device, tile, batch_size, workers, scheduler):
     """``(file, image | exception)`` per patch, in order: here, or as dask tasks."""
     if not (workers or scheduler):
         for f in files:
-            yield f, _patch(generator, f, tile, batch_size)
+            yield f, patch_image(generator, f, tile=tile, batch_size=batch_size)
         return
     from .distributed import patch_results
 
     yield from patch_results(files, model, device=device, tile=tile, batch_size=batch_size,
                              workers=workers, scheduler=scheduler)
-
-
-def _patch(generator, f: Path, tile, batch_size):
-    from ..io.patches import read_patch
-    from ._cli import generate_image
-
-    try:
-        img = np.asarray(read_patch(f))
-    except InputError as e:
-        return e
-    return generate_image(generator, img, tile=tile, batch_size=batch_size)[0]
-
-
-def run_folder(args, generator, files: Sequence[Path]) -> dict:
-    """``napari-bci generate DIR --out OUTDIR`` for folders this module handles (see :func:`folder_request`)."""
-    distributed = bool(getattr(args, "workers", None)) or bool(getattr(args, "scheduler", None))
-    return generate_folder(
-        files, _model_arg(args), args.out, generator=None if distributed else generator,
-        device=None if args.device == "auto" else args.device, tile=args.tile,
-        batch_size=getattr(args, "batch_size", None), workers=getattr(args, "workers", None),
-        scheduler=getattr(args, "scheduler", None), resume=getattr(args, "resume", True),
-        on_error=getattr(args, "on_error", "stop"), level=getattr(args, "level", None),
-        tissue=getattr(args, "tissue", True), compression=_compression(args),
-        quality=getattr(args, "quality", 90), keep_parts=getattr(args, "keep_parts", False),
-        window=getattr(args, "window", None), tiles_per_task=getattr(args, "tiles_per_task", 1),
-        layout=getattr(args, "layout", "subifd"))
 
 
 # -- napari writer: save a generated layer, computing the tiles the viewer has not -----------------------
@@ -885,38 +695,13 @@ def save_generated_layer(path: str | os.PathLike, data: Any, meta: dict, *,
                 y0, y1, x0, x1 = plan.grid.core((r, c))
                 prefilled[(int(r), int(c))] = np.ascontiguousarray(np.asarray(level0[y0:y1, x0:x1])[..., :3],
                                                                    dtype=np.uint8)
-    bar = None
-    if progress is None and "napari" in sys.modules:  # called by napari's writer: its progress bar
-        bar = _napari_progress(f"Saving {Path(path).name}")
-        progress = bar.callback if bar is not None else None
     try:
         report = run_plan(plan, path, on_error="skip", progress=progress, show_progress=False, cancel=cancel,
                           prefilled=prefilled, name=Path(plan.source).name.split(".")[0] if plan.source else None)
     finally:
         plan.close()
-        if bar is not None:
-            bar.close()
     report["reused"] = len(prefilled)
     save_generated_layer.last_report = report  # type: ignore[attr-defined]
     return [str(path)]
 
 
-class _napari_progress:
-    """``napari.utils.progress`` as a ``callback(done, total)``, only when napari is already running
-    (the core never imports napari itself; it borrows the loaded module)."""
-
-    def __new__(cls, desc: str):
-        mod = sys.modules.get("napari.utils")
-        if mod is None or not hasattr(mod, "progress"):
-            return None
-        self = super().__new__(cls)
-        self.bar = mod.progress(total=0, desc=desc)
-        return self
-
-    def callback(self, done: int, total: int) -> None:
-        if self.bar.total != total:
-            self.bar.total = total
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        self.bar.close()

@@ -5,7 +5,7 @@ joins an existing scheduler (``scheduler="tcp://host:8786"``, e.g. one started w
 dask-jobqueue on SLURM or dask-kubernetes). A :class:`GeneratorPlugin` (a ``WorkerPlugin``)
 loads the generator once on every worker, on its own GPU when GPUs exist. Each task computes a
 few consecutive tiles with the same tile engine as a single-process run
-(:func:`napari_bci.generate.batch.compute_tiles`), so the output is identical. Results come
+(:func:`napari_bci.generate.tiles.compute_tiles`), so the output is identical. Results come
 back with ``as_completed`` and are put back into row-major order by a reorder buffer: at most
 ``window`` tasks are submitted or waiting to be written at any time, which bounds memory.
 
@@ -71,7 +71,7 @@ class GeneratorPlugin(WorkerPlugin):
     def setup(self, worker=None) -> None:
         from ..models.registry import load_generator
 
-        from . import batch, engine  # noqa: F401  (import once at start-up, not in the first task)
+        from . import engine, tiles  # noqa: F401  (import once at start-up, not in the first task)
         from ..io import slide  # noqa: F401
 
         wname = getattr(worker, "name", 0) if worker is not None else 0
@@ -141,7 +141,7 @@ def tiles_task(indices: Sequence[tuple[int, int]], plugin_name: str, spec: dict)
     plugin's generator. Returns ``[(index, tile | None, TileFailure | None), ...]``."""
     import dask
 
-    from .batch import compute_tiles
+    from .tiles import compute_tiles
 
     with dask.config.set(scheduler="synchronous"):  # slide reads stay in this worker
         eng = _plugin(plugin_name).engine(spec)
@@ -154,10 +154,10 @@ def patch_task(path: str, plugin_name: str, tile: int | None, batch_size: int | 
 
     import dask
 
-    from .batch import _patch
+    from .tiles import patch_image
 
     with dask.config.set(scheduler="synchronous"):
-        return _patch(_plugin(plugin_name).generator, Path(path), tile, batch_size)
+        return patch_image(_plugin(plugin_name).generator, Path(path), tile=tile, batch_size=batch_size)
 
 
 class Cluster:

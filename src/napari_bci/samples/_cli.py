@@ -88,7 +88,7 @@ def run_sample(args) -> dict:
     report: dict = {"sample": name, "out": str(out)}
 
     if name == "cmu-small":
-        from ._npe2 import CMU_SMALL
+        from . import CMU_SMALL
 
         dst = out / CMU_SMALL.name
         tmp = dst.with_name(f".{dst.name}.tmp")

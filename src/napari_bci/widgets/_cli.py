@@ -78,7 +78,7 @@ def run_view(args):
     from pathlib import Path
 
     from ..errors import InputError
-    from ..io._npe2 import get_reader
+    from .._npe2 import get_reader
 
     check_screenshot_target(args.screenshot)
     layers = []  # read before napari starts, so bad input fails fast with one line

@@ -23,7 +23,7 @@ def dock_widgets(viewer, names: Iterable[str] = WIDGETS) -> dict:
 
 def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> list[tuple]:
     """The embedded default data: the synthetic whole-slide H&E / IHC pair as layer tuples."""
-    from ..samples._npe2 import wsi_pair
+    from .._npe2 import wsi_pair
 
     return wsi_pair(size=size, seed=seed, her2=her2)
 

@@ -245,7 +245,7 @@ def _catching(func, *args):
 
 def _load_files(he: str, ihc: str | None) -> list[tuple]:
     """H&E (+ its BCI partner, unless an IHC file is given explicitly)."""
-    from ..io._npe2 import read_file, slide_layer
+    from .._npe2 import read_file, slide_layer
     from ..io.bci import parse_bci_name
     from ..io.slide import open_slide
 
@@ -263,7 +263,7 @@ def _load_folder(path: str):
 
 
 def _load_pair(pair, index: int, count: int, root: str) -> list[tuple]:
-    from ..io._npe2 import slide_layer
+    from .._npe2 import slide_layer
     from ..io.slide import open_slide
 
     info = {"bci": {"root": root, "index": index, "count": count, "name": pair.name, "split": pair.split}}

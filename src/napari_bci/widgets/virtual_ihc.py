@@ -209,7 +209,8 @@ class VirtualIHCWidget(QWidget):
         from napari.utils.notifications import show_error
 
         from ..errors import BCIError
-        from ..generate.engine import OutputPyramid, TileEngine
+        from ..generate.display import OutputPyramid
+        from ..generate.engine import TileEngine
         from ..models.registry import load_generator
 
         he = self._he_layer()
@@ -246,7 +247,7 @@ class VirtualIHCWidget(QWidget):
         return True
 
     def _new_output(self, he) -> None:
-        from ..generate.engine import OutputPyramid
+        from ..generate.display import OutputPyramid
 
         self._remove_output()
         eng = self.engine
@@ -314,7 +315,7 @@ class VirtualIHCWidget(QWidget):
 
     def visible_tiles(self) -> list[tuple[int, int]]:
         """Tiles of the generation level seen by the camera, centre first."""
-        from ..generate.engine import view_box
+        from ..pyramid import view_box
 
         cam = self.viewer.scene.camera
         box = view_box(cam.center, cam.zoom, self.viewer.canvas.size)
@@ -363,7 +364,7 @@ class VirtualIHCWidget(QWidget):
         n_levels = len(self.output.levels)
 
         def run():
-            from ..generate.engine import tile_pyramid
+            from ..generate.display import tile_pyramid
 
             _lower_thread_priority()  # the GUI (and its renderer) first when cores are scarce
 
