@@ -1,125 +1,21 @@
-"""Small images (patches): PNG, JPEG, plain TIFF -> ``(H, W, 3)`` uint8 RGB.
+"""Small images (patches): PNG, JPEG, plain TIFF -> ``(H, W, 3)`` uint8 RGB, read whole.
 
-Also holds the one place that converts other pixel layouts (grayscale, RGBA, 16-bit, float,
-planar) to RGB uint8, with a ``warnings.warn`` naming the file whenever it changes the data.
+Builds on :mod:`.pixels` (decoding, layout conversion) and :mod:`.slide` (TIFF); the names
+``sniff``, ``check_file``, ``to_rgb8`` and the suffix tuples are re-exported from ``pixels``.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
-TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-PATCH_SUFFIXES = (".png", ".jpg", ".jpeg")
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8", ".qptiff")
-IMAGE_SUFFIXES = PATCH_SUFFIXES + TIFF_SUFFIXES
-
-
-def sniff(path: str | os.PathLike) -> str | None:
-    """``"png" | "jpeg" | "tiff"`` from the file's first bytes, or None."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(PNG_MAGIC):
-        return "png"
-    if head.startswith(JPEG_MAGIC):
-        return "jpeg"
-    if head[:4] in TIFF_MAGICS:
-        return "tiff"
-    return None
-
-
-def check_file(path: str | os.PathLike) -> Path:
-    """The path as a ``Path``; InputError when it is missing, a directory, unreadable or empty."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(p, "no such file")
-    if p.is_dir():
-        raise InputError(p, "is a directory, not an image file")
-    if not os.access(p, os.R_OK):
-        raise InputError(p, "permission denied")
-    if p.stat().st_size == 0:
-        raise InputError(p, "empty file (0 bytes)")
-    return p
-
-
-def to_rgb8(arr, source, *, value_range: float | None = None):
-    """``arr`` (numpy or dask; ``(H, W)``, ``(H, W, C)``) as ``(H, W, 3)`` uint8.
-
-    Warns (naming ``source``) when it converts: grayscale -> RGB, RGBA/LA -> RGB over white,
-    16-bit -> 8-bit (scaled by ``value_range``, default the dtype's maximum), float in
-    [0, 1] (or [0, 255] when ``value_range`` is 255) -> uint8.
-    """
-    notes = []
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3:
-        raise InputError(source, f"unsupported image shape {tuple(arr.shape)}; expected a 2-D RGB image")
-    c = arr.shape[2]
-    if c not in (1, 2, 3, 4):
-        raise InputError(source, f"unsupported number of channels ({c}); expected RGB")
-    dt = np.dtype(arr.dtype)
-    if dt == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-        notes.append("1-bit converted to 8-bit")
-    elif dt == np.uint16:
-        vr = float(value_range or 65535)
-        arr = _scale(arr, 255.0 / vr)
-        notes.append(f"16-bit converted to 8-bit (value * 255/{vr:g})")
-    elif dt.kind == "f":
-        vr = float(value_range or 1.0)
-        arr = _scale(arr, 255.0 / vr)
-        notes.append(f"floating point converted to 8-bit (range 0-{vr:g})")
-    elif dt != np.uint8:
-        raise InputError(source, f"unsupported pixel type {dt}; expected 8- or 16-bit RGB")
-    if c in (2, 4):
-        arr = _over_white(arr)
-        notes.append("alpha channel composited over white")
-        c -= 1
-    if c == 1:
-        arr = _gray_to_rgb(arr)
-        notes.append("grayscale shown as RGB")
-    if notes:
-        warnings.warn(f"{source}: {'; '.join(notes)}", UserWarning, stacklevel=3)
-    return arr
-
-
-def _scale(arr, factor):
-    def f(a):
-        return np.clip(np.rint(a.astype(np.float32) * factor), 0, 255).astype(np.uint8)
-
-    return arr.map_blocks(f, dtype=np.uint8) if _is_dask(arr) else f(arr)
-
-
-def _over_white(arr):
-    def f(a):
-        alpha = a[..., -1:].astype(np.float32) / 255.0
-        rgb = a[..., :-1].astype(np.float32)
-        return np.rint(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-
-    if _is_dask(arr):
-        arr = arr.rechunk({2: -1})
-        return arr.map_blocks(f, dtype=np.uint8, chunks=arr.chunks[:2] + ((arr.shape[2] - 1,),))
-    return f(arr)
-
-
-def _gray_to_rgb(arr):
-    if _is_dask(arr):
-        import dask.array as da
-
-        return da.concatenate([arr, arr, arr], axis=2).rechunk({2: 3})
-    return np.repeat(arr, 3, axis=2)
-
-
-def _is_dask(arr) -> bool:
-    return type(arr).__module__.startswith("dask")
+from .pixels import (  # noqa: F401  (re-exported)
+    IMAGE_SUFFIXES, JPEG_MAGIC, PATCH_SUFFIXES, PNG_MAGIC, TIFF_MAGICS, TIFF_SUFFIXES, check_file,
+    decode_png_jpeg, sniff, to_rgb8,
+)
+from .slide import open_slide
 
 
 def read_patch(path: str | os.PathLike) -> np.ndarray:
@@ -128,27 +24,11 @@ def read_patch(path: str | os.PathLike) -> np.ndarray:
     Raises InputError (naming the file) for missing, empty, truncated, corrupt or
     non-image files; warns when it converts the pixel layout.
     """
-    import imagecodecs
-
     p = check_file(path)
     kind = sniff(p)
     if kind is None:
         raise InputError(p, "not an image: the content is not PNG, JPEG or TIFF")
     if kind == "tiff":
-        from .slide import open_slide
-
         with open_slide(p) as s:
             return s.read_region(0, 0, 0, *s.shape[:2])
-    data = p.read_bytes()
-    try:
-        if kind == "png":
-            arr = imagecodecs.png_decode(data)
-        else:
-            if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-                raise InputError(p, "truncated JPEG (no end-of-image marker)")
-            arr = imagecodecs.jpeg8_decode(data)
-    except InputError:
-        raise
-    except Exception as e:  # imagecodecs raises PngError/Jpeg8Error/... with libpng's text
-        raise InputError(p, f"corrupt or truncated {kind.upper()} ({e})") from None
-    return np.ascontiguousarray(to_rgb8(arr, p))
+    return decode_png_jpeg(p, kind)

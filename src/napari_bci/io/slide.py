@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .patches import IMAGE_SUFFIXES, check_file, read_patch, sniff, to_rgb8
+from .pixels import IMAGE_SUFFIXES, check_file, decode_png_jpeg, sniff, to_rgb8
 
 #: Synthesised levels stop once the smaller side is at most this many pixels ...
 MIN_LEVEL_SIZE = 512
@@ -31,6 +31,8 @@ MAX_CHUNK_BYTES = 256 * 2**20
 #: Series that are not pyramid levels (SVS/NDPI/SCN/BIF associated images).
 ASSOCIATED = {"thumbnail", "label", "macro", "map", "overview", "probability"}
 OPENSLIDE_ONLY = (".mrxs", ".vms", ".vmu", ".svslide", ".dcm", ".isyntax", ".czi", ".sis", ".vsi")
+#: Every suffix :func:`open_slide` reads (the OpenSlide-only ones need ``napari-bci[openslide]``).
+SLIDE_SUFFIXES = IMAGE_SUFFIXES + OPENSLIDE_ONLY
 
 _ids = count()
 
@@ -109,6 +111,18 @@ class Slide:
         }
 
 
+def is_slide_file(path: str | os.PathLike) -> bool:
+    """The one "is it a slide" rule: a file :func:`open_slide` takes (a slide/image suffix, or
+    PNG/JPEG/TIFF content under another name). Folders and unreadable paths are not."""
+    p = Path(path)
+    if p.name.lower().endswith(SLIDE_SUFFIXES):
+        return not p.is_dir()
+    try:
+        return p.is_file() and sniff(p) is not None
+    except OSError:
+        return False
+
+
 def open_slide(path: str | os.PathLike) -> Slide:
     """Open a slide or an image file lazily; InputError names the file and the problem."""
     p = check_file(path)
@@ -117,8 +131,7 @@ def open_slide(path: str | os.PathLike) -> Slide:
         return _open_openslide(p, reason=f"{suffix} files")
     kind = sniff(p)
     if kind in ("png", "jpeg"):
-        arr = read_patch(p)
-        return _patch_slide(p, arr, kind)
+        return _patch_slide(p, decode_png_jpeg(p, kind), kind)
     if kind == "tiff":
         return _open_tiff(p)
     if suffix in IMAGE_SUFFIXES:  # all TIFF-based or PNG/JPEG: OpenSlide could not read it either
