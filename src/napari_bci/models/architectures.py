@@ -226,8 +226,9 @@ def build(config: dict):
             n = size.bit_length() - 1
         return unet_generator(num_downs=int(n), **common)
     if arch not in _custom_archs and re.fullmatch(r"[a-z_][a-z0-9_]*", arch):
+        module = "cut" if arch.startswith("cut_") else "bcistainer" if arch.startswith("bcistainer_") else arch
         try:
-            __import__(f"napari_bci.models.{arch}")
+            __import__(f"napari_bci.models.{module}")
         except ImportError:
             pass
     if arch not in _custom_archs:
@@ -291,8 +292,9 @@ def _ignorable(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def load_state(module, sd: dict, config: dict) -> None:
-    """Strict load; a mismatch raises one ModelError naming the keys and the likely option."""
+def load_state(module, sd: dict, config: dict, infer: Callable[[dict], dict] | None = None) -> None:
+    """Strict load; a mismatch raises one ModelError naming the keys and the likely option
+    (what ``infer(sd)``, default :func:`infer_config`, reads from the weights differently)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd and not _ignorable(k)]
     unexpected = [k for k in sd if k not in own and not _ignorable(k)]
@@ -301,8 +303,8 @@ def load_state(module, sd: dict, config: dict) -> None:
     if missing or unexpected or shapes:
         hint = ""
         try:
-            inferred = infer_config(sd)
-            diff = {k: v for k, v in inferred.items() if config.get(k, v) != v}
+            inferred = (infer or infer_config)(sd)
+            diff = {k: v for k, v in inferred.items() if v is not None and config.get(k, v) != v}
             if diff:
                 hint = "; the checkpoint looks like " + ", ".join(f"{k}={v!r}" for k, v in diff.items())
                 if "use_dropout" in diff:
@@ -317,10 +319,16 @@ def load_state(module, sd: dict, config: dict) -> None:
         if shapes:
             parts.append(f"shape mismatch {_few(shapes)}")
         raise ModelError(f"checkpoint does not fit arch '{config.get('arch')}' "
-                         f"({', '.join(f'{k}={v}' for k, v in config.items() if k in ('ngf', 'norm', 'use_dropout', 'n_blocks', 'num_downs'))}): "
+                         f"({', '.join(f'{k}={v}' for k, v in config.items() if k in _OPTION_KEYS)}): "
                          + "; ".join(parts) + hint)
     filtered = {k: v for k, v in sd.items() if k in own}
     module.load_state_dict(filtered, strict=False)
+
+
+#: options named in a mismatch message (pix2pix, CUT, BCIStainer)
+_OPTION_KEYS = ("ngf", "norm", "use_dropout", "n_blocks", "num_downs", "n_downsampling", "no_antialias",
+                "no_antialias_up", "weight_norm", "init_channels", "encoder1_blocks", "style_type",
+                "style_linear", "style_blocks", "norm_type", "attention", "full_size", "dropout", "output_lowres")
 
 
 def _few(items: list[str], n: int = 4) -> str:

@@ -14,6 +14,12 @@ Attributes
 ``predicts_her2``  whether :meth:`predict_her2` works
 ``multiple``       input height and width must be divisible by this (the engine pads)
 ``description``    one line for users
+``window``         native window: the input size the authors run the model at (BCIStainer and
+                   ASP: 1024), or ``None`` (any size)
+``window_dependent`` whether an output pixel depends on the whole input window (instance norm,
+                   SimAM, a global style vector): the engine then runs native windows, feathered
+``quantize``       float -> uint8 rule: ``"truncate"`` (upstream ``astype(uint8)``: BCIStainer's
+                   unnormalize, CUT/pix2pix ``tensor2im``) or ``"round"``
 
 Torch models are wrapped by :class:`TorchGenerator`, the one place that converts uint8 RGB
 ``(N, H, W, 3)`` to float ``(N, 3, H, W)`` in [-1, 1] and back, keeps the module in eval mode
@@ -55,6 +61,24 @@ from ..errors import ModelError
 #: HER2 levels in the order of ``predict_her2`` columns.
 HER2_CLASSES = ("0", "1+", "2+", "3+")
 
+#: BCIStainer's test-time augmentation: identity, rot90 x1..3, flip left-right, flip up-down,
+#: transpose (each its own inverse up to the rotation direction); tiles are ``(N, H, W, 3)``.
+TTA_TRANSFORMS = (
+    (lambda a: a, lambda a: a),
+    (lambda a: np.rot90(a, 1, (1, 2)), lambda a: np.rot90(a, 3, (1, 2))),
+    (lambda a: np.rot90(a, 2, (1, 2)), lambda a: np.rot90(a, 2, (1, 2))),
+    (lambda a: np.rot90(a, 3, (1, 2)), lambda a: np.rot90(a, 1, (1, 2))),
+    (lambda a: a[:, :, ::-1], lambda a: a[:, :, ::-1]),
+    (lambda a: a[:, ::-1], lambda a: a[:, ::-1]),
+    (lambda a: a.transpose(0, 2, 1, 3), lambda a: a.transpose(0, 2, 1, 3)),
+)
+
+
+def quantize(img: np.ndarray, mode: str) -> np.ndarray:
+    """Float RGB in [0, 255] -> uint8 by ``"truncate"`` (numpy ``astype``) or ``"round"``."""
+    img = np.clip(img, 0, 255)
+    return (np.floor(img) if mode == "truncate" else np.rint(img)).astype(np.uint8)
+
 
 class Generator:
     """Base class: override :meth:`__call__` (and :meth:`predict_her2` when it applies)."""
@@ -66,6 +90,9 @@ class Generator:
     predicts_her2: bool = False
     multiple: int = 1
     description: str = ""
+    window: int | None = None
+    window_dependent: bool = False
+    quantize: str = "round"
     #: where it runs ("cpu", "cuda", "cuda:1", "mps"); plain numpy generators stay on "cpu"
     device: str = "cpu"
 
@@ -76,6 +103,30 @@ class Generator:
     def predict_her2(self, tiles: np.ndarray) -> np.ndarray:
         """``(N, H, W, 3)`` uint8 -> ``(N, 4)`` probabilities for HER2 "0", "1+", "2+", "3+"."""
         raise ModelError(f"generator '{self.name}' does not predict a HER2 level")
+
+    def run_float(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(float32 images in [0, 255] before quantisation, HER2 probabilities or None)``."""
+        probs = self.predict_her2(tiles) if self.predicts_her2 else None
+        return self(tiles).astype(np.float32), probs
+
+    def run(self, tiles: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(uint8 images, HER2 probabilities or None)``; ``tta``: the mean of the 7
+        un-transformed :data:`TTA_TRANSFORMS` outputs (probabilities averaged), quantised once."""
+        tiles = check_tiles(tiles)
+        img, probs = self.tta_float(tiles) if tta else self.run_float(tiles)
+        return quantize(img, self.quantize), probs
+
+    def tta_float(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`run_float` averaged over the un-transformed :data:`TTA_TRANSFORMS` outputs."""
+        acc, pacc = None, None
+        for fwd, inv in TTA_TRANSFORMS:
+            img, probs = self.run_float(np.ascontiguousarray(fwd(tiles)))
+            img = inv(img)
+            acc = img.astype(np.float32) if acc is None else acc + img
+            if probs is not None:
+                pacc = probs if pacc is None else pacc + probs
+        n = len(TTA_TRANSFORMS)
+        return acc / n, None if pacc is None else pacc / n
 
     def to(self, device: str | None) -> "Generator":
         """Move to ``device`` (no-op for generators that do not use torch); returns self."""
@@ -90,6 +141,8 @@ class Generator:
             "mpp": None if self.mpp is None else float(self.mpp),
             "predicts_her2": bool(self.predicts_her2),
             "multiple": int(self.multiple),
+            "window": None if self.window is None else int(self.window),
+            "window_dependent": bool(self.window_dependent),
             "description": self.description,
             "device": self.device,
         }
@@ -132,6 +185,10 @@ class TorchGenerator(Generator):
         device: str | None = None,
         config: dict | None = None,
         source: str | None = None,
+        window: int | None = None,
+        window_dependent: bool = False,
+        quantize: str = "round",
+        family: str | None = None,
     ):
         import torch
 
@@ -144,6 +201,12 @@ class TorchGenerator(Generator):
         self.description = description
         self.config = dict(config or {})
         self.source = source
+        self.window = None if window is None else int(window)
+        self.window_dependent = bool(window_dependent)
+        if quantize not in ("round", "truncate"):
+            raise ModelError(f"unknown quantize rule '{quantize}' (round or truncate)")
+        self.quantize = quantize
+        self.family = family
         self._lock = threading.Lock()
         self.module.eval()
         for p in self.module.parameters():
@@ -202,7 +265,21 @@ class TorchGenerator(Generator):
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         img, _ = self._forward(tiles)
+        if self.quantize == "truncate":
+            return quantize(self._to_float(img), "truncate")
         return self._to_uint8(img)
+
+    def _to_float(self, img) -> np.ndarray:
+        """[-1, 1] -> [0, 255] float32 as upstream ``tensor2im``/unnormalize compute it."""
+        out = img.float().clamp(-1.0, 1.0).add(1.0).div(2.0).mul(255.0)
+        return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+    def run_float(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        img, logits = self._forward(tiles)
+        probs = None
+        if self.predicts_her2 and logits is not None:
+            probs = self._torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return self._to_float(img), probs
 
     def predict_her2(self, tiles: np.ndarray) -> np.ndarray:
         if not self.predicts_her2:
@@ -213,7 +290,7 @@ class TorchGenerator(Generator):
         return self._torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def _probe_her2(self) -> bool:
-        s = max(64, self.multiple)
+        s = max(64, self.multiple, min(self.window or 0, 256))
         try:
             _, logits = self._forward(np.full((1, s, s, 3), 200, np.uint8))
         except Exception:
@@ -225,6 +302,9 @@ class TorchGenerator(Generator):
         d["parameters"] = int(sum(p.numel() for p in self.module.parameters()))
         if self.config.get("arch"):
             d["arch"] = self.config["arch"]
+        if self.family:
+            d["family"] = self.family
+        d["quantize"] = self.quantize
         if self.source:
             d["source"] = self.source
         return d
@@ -241,3 +321,46 @@ class FunctionGenerator(Generator):
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         return np.asarray(self.func(check_tiles(tiles)), dtype=np.uint8)
+
+
+class TTAGenerator(Generator):
+    """``generator`` with BCIStainer's test-time augmentation (:meth:`Generator.run` with
+    ``tta=True``): 7x the compute; its own name so caches keep the two apart."""
+
+    def __init__(self, generator: Generator):
+        self.base = generator
+        for k in ("tile", "halo", "mpp", "predicts_her2", "multiple", "window", "window_dependent",
+                  "quantize", "device"):
+            setattr(self, k, getattr(generator, k))
+        self.name = f"{generator.name}+tta"
+        self.source = getattr(generator, "source", None)
+        self.config = getattr(generator, "config", {})
+        self.description = f"{generator.description} (test-time augmentation: 7 flips/rotations averaged)"
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        return self.base.run(tiles, tta=True)[0]
+
+    def run_float(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.base.tta_float(check_tiles(tiles))
+
+    def tta_float(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.run_float(tiles)
+
+    def predict_her2(self, tiles: np.ndarray) -> np.ndarray:
+        probs = self.base.run(tiles, tta=True)[1]
+        if probs is None:
+            return self.base.predict_her2(tiles)
+        return probs
+
+    def to(self, device: str | None) -> "TTAGenerator":
+        self.base.to(device)
+        self.device = self.base.device
+        return self
+
+    def info(self) -> dict:
+        return {**self.base.info(), "name": self.name, "tta": True, "description": self.description}
+
+
+def with_tta(generator: Generator) -> Generator:
+    """``generator`` wrapped with test-time augmentation (unchanged if already wrapped)."""
+    return generator if isinstance(generator, TTAGenerator) else TTAGenerator(generator)
