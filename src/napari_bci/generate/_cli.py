@@ -33,6 +33,12 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--tile", type=int, default=None, help="tile size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: mean of 7 flips/rotations (BCIStainer's; 7x the compute)")
+    p.add_argument("--model-config", default=None, metavar="FILE",
+                   help="options of a checkpoint: JSON, a BCIStainer training YAML or a CUT/pix2pix train_opt.txt")
+    p.add_argument("--mpp", type=float, default=None, metavar="UM",
+                   help="pixel size of PNG/JPEG input in micrometres (they carry none); warns when far from the model's")
     add_json_flag(p)
     _add_batch_arguments(p)
     p.set_defaults(func=run_generate)
@@ -83,9 +89,10 @@ def _resources(text: str) -> dict:
 
 
 def run_models(args) -> dict:
+    from ..models.checkpoints import families
     from ..models.registry import available
 
-    return {"models": available()}
+    return {"models": available(), "families": families()}
 
 
 def _check_numbers(args) -> None:
@@ -102,6 +109,8 @@ def _check_numbers(args) -> None:
         raise InputError(None, f"--level {args.level}: must be 0 or more")
     if not 1 <= args.quality <= 100:
         raise InputError(None, f"--quality {args.quality}: must be between 1 and 100")
+    if args.mpp is not None and not 0.01 <= args.mpp <= 100:
+        raise InputError(None, f"--mpp {args.mpp}: must be between 0.01 and 100 micrometres per pixel")
 
 
 def _slide_options(args) -> dict:
@@ -142,7 +151,16 @@ def run_generate(args) -> dict:
             raise InputError(out, "output for a folder must be a folder")
     model = args.model or default_generator_name()
     distributed = bool(args.workers) or bool(args.scheduler)
-    gen = load_generator(model, device="cpu" if distributed else args.device)
+    kwargs = {}
+    if args.model_config:
+        if not Path(model).expanduser().exists():
+            raise InputError(args.model_config, f"--model-config applies to checkpoint files, not the registered model '{model}'")
+        kwargs["config"] = args.model_config
+    gen = load_generator(model, device="cpu" if distributed else args.device, **kwargs)
+    if args.tta:
+        from ..models.base import with_tta
+
+        gen = with_tta(gen)
     try:
         if files is not None:
             if needs_batch:
@@ -175,12 +193,52 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
             raise InputError(out.parent, "output folder does not exist")
         image = np.asarray(slide.levels[0])
         mpp = slide.mpp
+    mpp = args.mpp if args.mpp is not None else mpp
+    warning = mpp_warning(gen, mpp, src)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     res, eng = generate_image(gen, image, tile=args.tile, batch_size=args.batch_size)
     write_image_atomic(out, res)
     dt = time.perf_counter() - t0
-    return {"n": 1, "out": str(out), "model": gen.name, "device": gen.device, "shape": list(res.shape[:2]),
-            "mpp": mpp, "tiles": eng.computed, "seconds": round(dt, 3)}
+    result = {"n": 1, "out": str(out), "model": gen.name, "device": gen.device, "shape": list(res.shape[:2]),
+              "mpp": mpp, "tiles": eng.computed, "seconds": round(dt, 3), "tta": bool(args.tta)}
+    result.update(her2_level(gen, image))
+    if warning:
+        result["warning"] = warning
+    return result
+
+
+def mpp_warning(gen, mpp: float | None, src) -> str | None:
+    """A line when the input's pixel size is far (over 1.5x) from the model's training one."""
+    want = getattr(gen, "mpp", None)
+    if mpp is None or want is None or not mpp > 0:
+        return None
+    ratio = float(mpp) / float(want)
+    if 1 / 1.5 <= ratio <= 1.5:
+        return None
+    return (f"{src}: input at {mpp:g} um/px but '{gen.name}' was trained at {want:g} um/px "
+            f"({ratio:.2g}x): resample the image to the model's magnification for trustworthy output")
+
+
+def her2_level(gen, image) -> dict:
+    """The generator's own HER2 level for an image (BCIStainer's head), on its central native
+    window; empty for generators without one."""
+    from ..models.base import HER2_CLASSES
+
+    if not getattr(gen, "predicts_her2", False):
+        return {}
+    w = int(getattr(gen, "window", None) or 1024)
+    h, wd = image.shape[:2]
+    y0, x0 = max(0, (h - w) // 2), max(0, (wd - w) // 2)
+    crop = image[y0:y0 + w, x0:x0 + w, :3]
+    m = max(1, int(getattr(gen, "multiple", 1)))
+    ch, cw = crop.shape[0] // m * m, crop.shape[1] // m * m
+    if ch < m or cw < m:
+        return {}
+    probs = gen.predict_her2(crop[None, :ch, :cw])[0]
+    return {"her2_level": HER2_CLASSES[int(probs.argmax())],
+            "her2_probabilities": {c: round(float(p), 4) for c, p in zip(HER2_CLASSES, probs)}}
 
 
 def _run_patch_folder(args, gen, files: list[Path], out: Path) -> dict:
@@ -194,6 +252,9 @@ def _run_patch_folder(args, gen, files: list[Path], out: Path) -> dict:
     from .tiles import generate_image
 
     out.mkdir(parents=True, exist_ok=True)
+    warning = mpp_warning(gen, args.mpp, files[0].parent)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     tiles = 0
     written, failed = [], []

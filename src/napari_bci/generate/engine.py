@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import Cancelled, InputError, ModelError
-from ..models.base import Generator, check_tiles
+from ..models.base import Generator, check_tiles, with_tta
 from .cache import TileCache, default_cache
 from ..pyramid import pick_level
 
@@ -134,14 +134,21 @@ class TileEngine:
         windows covering it along each axis (weights sum to one), so tile borders fall where a
         window's weight is zero: no seams, and each tile stays a pure function of its input
         (9 windows per tile, shared with neighbours through the cache). Default: on for
-        ``norm: instance`` configs, else off (halo cropping is exact for the others).
+        window-dependent generators (``generator.window_dependent``: instance norm, SimAM, a
+        global style vector), else off (halo cropping is exact for the others). A level that
+        fits in one window runs as a single pass on the whole image (no halo, no blending), so a
+        native-size patch gives exactly the upstream forward pass.
+    tta: run the generator with test-time augmentation (:func:`napari_bci.models.base.with_tta`)
     """
 
     def __init__(self, generator: Generator, levels: Any, *, mpp: float | None = None,
                  image_id: Any = None, level: int | None = None, tile: int | None = None,
                  halo: int | None = None, batch_size: int | None = None, cache: TileCache | None = None,
                  scale: Sequence[float] = (1.0, 1.0), translate: Sequence[float] = (0.0, 0.0),
-                 on_warning: Callable[[str], None] | None = None, blend: bool | None = None):
+                 on_warning: Callable[[str], None] | None = None, blend: bool | None = None,
+                 tta: bool = False):
+        if tta:
+            generator = with_tta(generator)
         self.generator = generator
         self.levels = list(levels) if isinstance(levels, (list, tuple)) else [levels]
         for i, lv in enumerate(self.levels):
@@ -160,8 +167,13 @@ class TileEngine:
         t = max(align, int(round(t / align)) * align)
         hl = int(generator.halo if halo is None else halo)
         hl = int(math.ceil(hl / align) * align) if hl else 0
+        dependent = bool(getattr(generator, "window_dependent", False)) or \
+            (getattr(generator, "config", None) or {}).get("norm") == "instance"
+        lh, lw = int(self.array.shape[0]), int(self.array.shape[1])
+        if dependent and tile is None and halo is None and lh <= t and lw <= t:
+            blend, hl, t = False, 0, max(align, int(math.ceil(max(lh, lw) / align)) * align)
         if blend is None:
-            blend = (getattr(generator, "config", None) or {}).get("norm") == "instance"
+            blend = dependent
         self.blend = bool(blend)
         if self.blend:  # windows at a stride of half a tile
             t = max(2 * align, int(round(t / (2 * align))) * 2 * align)
