@@ -74,24 +74,29 @@ def test_generated_layer_added_later_becomes_default(make_napari_viewer, pair):
     viewer.add_image(data, **attrs)
     assert w.gen_combo.currentText() == L.generated_name("later")
     # an explicit choice sticks
-    w.set_layers(L.HE, L.IHC_TRUTH)
     data, attrs, _ = L.image_layer(gen, L.generated_name("other"), mpp=MPP, role="generated")
     viewer.add_image(data, **attrs)
-    assert w.gen_combo.currentText() == L.HE
+    w.set_layers(L.generated_name("other"), L.IHC_TRUTH)
+    data, attrs, _ = L.image_layer(gen, L.generated_name("third"), mpp=MPP, role="generated")
+    viewer.add_image(data, **attrs)
+    assert w.gen_combo.currentText() == L.generated_name("other")
+    # the H&E is never offered as either side
+    for combo in (w.gen_combo, w.truth_combo):
+        assert L.HE not in [combo.itemText(i) for i in range(combo.count())]
     w.close()
 
 
 def test_heatmap_layer_extent_and_mean(viewer_widget, qtbot, pair):
     from skimage.metrics import structural_similarity
 
-    from napari_bci.widgets.compare import visible_world_box
+    from napari_bci.pyramid import view_box
 
     viewer, w = viewer_widget
     _, ihc, gen = pair
     viewer.scene.camera.center = (60.0, 70.0)  # um
     viewer.scene.camera.zoom = 8.0  # screen px per um: a zoomed-in view inside the image
     vb = viewer.canvas.viewbox_size(viewer.layers)
-    y0, y1, x0, x1 = visible_world_box(viewer.scene.camera.center, viewer.scene.camera.zoom, vb)
+    y0, y1, x0, x1 = view_box(viewer.scene.camera.center, viewer.scene.camera.zoom, vb)
     # pixels whose centres are in view, clipped to the image
     r0, r1 = max(int(np.ceil(y0 / MPP)), 0), min(int(np.floor(y1 / MPP)) + 1, 320)
     c0, c1 = max(int(np.ceil(x0 / MPP)), 0), min(int(np.floor(x1 / MPP)) + 1, 320)
@@ -128,10 +133,10 @@ def test_region_table_from_drawn_shapes(viewer_widget, qtbot, pair, tmp_path):
     regions.add_rectangles(np.array([[19.5, 29.5], [99.5, 149.5]]))
     regions.add_polygons([np.array([[150.0, 150.0], [300.0, 160.0], [220.0, 300.0]])])
     w.measure_regions()
-    qtbot.waitUntil(lambda: w._region_worker is None and len(w.scores) == 2, timeout=60000)
+    qtbot.waitUntil(lambda: not w._regions.busy and len(w.scores) == 2, timeout=60000)
     assert w.table.rowCount() == 2
     headers = [w.table.horizontalHeaderItem(i).text() for i in range(w.table.columnCount())]
-    assert headers[:5] == ["Region", "Level", "Area", "PSNR", "SSIM"]
+    assert headers[:4] == ["Region", "HER2 pred", "HER2 truth", "SSIM"]  # what fits a dock first
     rect = w.scores[0]
     assert rect.level == 0 and rect.error is None
     assert rect.area_px == pytest.approx(80 * 120)
@@ -145,8 +150,9 @@ def test_region_table_from_drawn_shapes(viewer_widget, qtbot, pair, tmp_path):
     assert tri.area_px == pytest.approx(0.5 * abs(ax * (by - cy) + bx * (cy - ay) + cx * (ay - by)))
     assert tri.her2_truth == "3+"
     assert w.table.item(1, headers.index("HER2 truth")).text() == "3+"
-    # a predicted level comes from the HER2 scorer on the generated pixels
-    assert tri.her2_pred in ("0", "1+", "2+", "3+")
+    # a predicted level (or why there is none) comes from the HER2 scorer on the generated pixels
+    assert tri.her2_pred in ("0", "1+", "2+", "3+") or tri.her2_pred.startswith("not assessable (")
+    assert w.table.item(1, headers.index("HER2 pred")).text() == tri.her2_pred
     # clicking a row centres the view on the region
     w.centre_on_row(0)
     np.testing.assert_allclose(viewer.scene.camera.center[-2:], (59.5 * MPP, 89.5 * MPP))
@@ -177,13 +183,15 @@ def test_geojson_import_into_regions(viewer_widget, qtbot, tmp_path):
     }]}
     p = tmp_path / "in.geojson"
     p.write_text(json.dumps(fc))
-    assert w.import_geojson(p) == 1
+    added = []
+    w.import_geojson(p, on_done=added.append)  # read in a worker
+    qtbot.waitUntil(lambda: added == [1], timeout=30000)
     ly = viewer.layers[L.REGIONS]
     assert list(ly.shape_type) == ["rectangle"]
     assert ly.features["name"][0] == "ROI 1" and ly.features["region_id"][0] == "abc"
     np.testing.assert_allclose(ly.edge_color[0], [1, 0, 0, 1])
     w.measure_regions()
-    qtbot.waitUntil(lambda: w._region_worker is None and len(w.scores) == 1, timeout=60000)
+    qtbot.waitUntil(lambda: not w._regions.busy and len(w.scores) == 1, timeout=60000)
     assert w.scores[0].region.label == "ROI 1" and w.scores[0].area_px == pytest.approx(5000)
     assert w.table.item(0, 0).text() == "ROI 1"
 
@@ -191,7 +199,7 @@ def test_geojson_import_into_regions(viewer_widget, qtbot, tmp_path):
 def test_region_on_a_pyramid_is_measured_at_a_bounded_level(monkeypatch, pair):
     """Headless: a region too big for level 0 is read at the finest level under the bound."""
     from napari_bci.regions import Region
-    from napari_bci.widgets import compare as C
+    from napari_bci.metrics import compare as C
 
     _, ihc, gen = pair
     levels_t = [ihc, ihc[::2, ::2], ihc[::4, ::4]]
@@ -250,3 +258,54 @@ def test_heatmap_on_a_pyramid_uses_the_displayed_level(make_napari_viewer, qtbot
     np.testing.assert_allclose(ly.data_to_world((0, 0)), viewer.layers[L.IHC_TRUTH].data_to_world((2 * r0, 2 * c0)))
     assert "level 1" in w.mean_label.text()
     w.close()
+
+
+def test_a_single_slide_is_not_compared_with_itself(make_napari_viewer, qtbot, pair):
+    """With only an H&E open (`napari-bci view slide.svs`), Compare stays idle and says why: no
+    SSIM map, no change to the H&E's display, no HER2 prediction from the H&E."""
+    from napari_bci.widgets.compare import CompareWidget
+
+    he, ihc, gen = pair
+    viewer = make_napari_viewer()
+    data, attrs, _ = L.image_layer(he, L.HE, mpp=MPP, role="he")
+    h = viewer.add_image(data, **attrs)
+    w = CompareWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    assert w.gen_layer is None and w.truth_layer is None
+    assert "Waiting for a generated IHC layer" in w.status.text() and not w.measure_btn.isEnabled()
+    w.update_heatmap()
+    qtbot.wait(400)
+    assert L.SSIM not in viewer.layers
+    assert h.opacity == 1.0 and h.visible and h.blending == attrs.get("blending", "translucent_no_depth")
+    assert w.measure_regions() is None and not w.scores
+    # the real IHC alone is still not enough
+    data, attrs, _ = L.image_layer(ihc, L.IHC_TRUTH, mpp=MPP, role="ihc")
+    viewer.add_image(data, **attrs)
+    assert "generated IHC" in w.status.text()
+    data, attrs, _ = L.image_layer(gen, L.generated_name("x"), mpp=MPP, role="generated")
+    viewer.add_image(data, **attrs)
+    assert w.status.text() == "" and w.measure_btn.isEnabled()
+    w.close()
+
+
+def test_compare_restores_the_layers_it_changed(make_napari_viewer, pair):
+    from napari_bci.widgets.compare import CompareWidget
+
+    he, ihc, gen = pair
+    viewer = make_napari_viewer()
+    for data, attrs, _ in (
+        L.image_layer(he, L.HE, mpp=MPP, role="he"),
+        L.image_layer(ihc, L.IHC_TRUTH, mpp=MPP, role="ihc"),
+        L.image_layer(gen, L.generated_name("test"), mpp=MPP, role="generated"),
+        L.image_layer(he[::-1], "unrelated", mpp=MPP),
+    ):
+        viewer.add_image(data, **attrs)
+    before = {ly.name: (ly.opacity, str(ly.blending), ly.visible) for ly in viewer.layers}
+    w = CompareWidget(viewer)
+    g = viewer.layers[L.generated_name("test")]
+    assert g.opacity == pytest.approx(0.5) and str(g.blending) == "translucent"  # the overlay
+    w.side_radio.setChecked(True)
+    assert not viewer.layers["unrelated"].visible and g.opacity == 1.0 and viewer.canvas.grid.enabled
+    w.close()
+    assert {ly.name: (ly.opacity, str(ly.blending), ly.visible) for ly in viewer.layers} == before
+    assert not viewer.canvas.grid.enabled

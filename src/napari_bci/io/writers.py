@@ -32,6 +32,7 @@ Both carry XResolution/YResolution in pixels per centimetre when ``mpp`` is know
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -209,6 +210,31 @@ def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95
         raise
     remove_stale_temps(path)
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8",
+                  newline: str | None = ""):
+    """``with atomic_output(path) as f: ...``: a file object on a hidden temporary beside
+    ``path``, renamed over it (mode 0644 less the umask) only when the block succeeds; on any
+    error the temporary is removed and ``path`` is untouched. For text (``"w"``) and bytes
+    (``"wb"``); :func:`write_image_atomic` and :func:`write_pyramid` use the same temporaries."""
+    path = Path(path)
+    check_writable(path)
+    tmp = temp_path(path)
+    binary = "b" in mode
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(path, f"cannot write: {_os_problem(e)}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    remove_stale_temps(path)
 
 
 def _os_problem(e: OSError) -> str:

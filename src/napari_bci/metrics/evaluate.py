@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -131,21 +129,11 @@ def _csv(f, rows):
 
 
 def write_atomic_text(path: Path, write: Callable) -> None:
-    """Write a text file through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise InputError(path, f"folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Write a text file with ``write(f)``, atomically (:func:`napari_bci.io.writers.atomic_output`)."""
+    from ..io.writers import atomic_output
+
+    with atomic_output(path) as f:
+        write(f)
 
 
 def json_safe(obj):

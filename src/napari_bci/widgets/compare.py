@@ -1,20 +1,18 @@
-"""The "Compare" dock widget: generated vs real IHC side by side or blended, a live local-SSIM
-heatmap of the visible region, and per-region scores (table, CSV, QuPath GeoJSON).
+"""The "Compare" dock widget: a generated IHC layer vs the real IHC, side by side or blended, a
+live local-SSIM heatmap of the visible region, and per-region scores (table, CSV, QuPath
+GeoJSON). The computing is headless, in :mod:`napari_bci.metrics.compare`.
 
-Geometry: layers map data to world coordinates by ``scale`` and ``translate`` only (rotation,
-shear and affine are not supported here). The ground-truth layer defines the sampling grid; the
-generated layer is read at the matching level, resampled only if its grid differs.
+It compares only what can be compared: it stays idle, saying why, until a generated layer and a
+real IHC are open; it never takes an H&E layer for either side; and it changes the opacity,
+blending and visibility only of the layers it shows, restoring them when it stops.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
+import napari
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor, QImage, QPixmap
@@ -39,287 +37,67 @@ from qtpy.QtWidgets import (
 )
 
 from ..io import layers as L
+from ..metrics.compare import (
+    MAX_REGION_PIXELS,
+    MAX_VIEW_SIDE,
+    HeatmapResult,
+    LayerGeom,
+    RegionScore,
+    compute_heatmap,
+    export_csv,
+    export_geojson,
+    fit_window,
+    measure_region,
+)
+from ..pyramid import view_box
 from ._layers import levels, rgb_layers
+from ._worker import Jobs
 
-#: The heatmap reads at most this many pixels per side of the visible region (else coarser).
-MAX_VIEW_SIDE = 2048
-#: A region is measured at the finest level where its bounding box has at most this many pixels
-#: (two RGB windows plus ~15 float32 planes for SSIM: about 300 MB at the bound).
-MAX_REGION_PIXELS = 2048 * 2048
-#: Cells need about 1 um/px to be scored; coarser region reads report no predicted level.
-MAX_HER2_MPP = 1.0
 DEBOUNCE_MS = 300
 HEATMAP_COLORMAP = "viridis"
 
 TABLE_COLUMNS = (
     ("region", "Region"),
-    ("level", "Level"),
-    ("area", "Area"),
-    ("psnr", "PSNR"),
+    ("her2_pred", "HER2 pred"),
+    ("her2_truth", "HER2 truth"),
     ("ssim", "SSIM"),
     ("ssim_local", "Local SSIM"),
+    ("psnr", "PSNR"),
     ("dab_mae", "DAB |Δ|"),
     ("dab_corr", "DAB r"),
     ("delta_e", "ΔE00"),
-    ("her2_pred", "HER2 pred"),
-    ("her2_truth", "HER2 truth"),
+    ("area", "Area"),
+    ("level", "Level"),
 )
 
 
-# ---------------------------------------------------------------- geometry (no Qt)
-
-
-@dataclass
-class LayerGeom:
+def layer_geom(layer) -> LayerGeom:
     """What the workers need from an image layer, captured on the main thread."""
-
-    name: str
-    levels: list
-    scale: tuple[float, float]
-    translate: tuple[float, float]
-    downsamples: list[tuple[float, float]]
-    mpp: float | None = None
-    her2: str | None = None
-
-    @classmethod
-    def from_layer(cls, layer) -> "LayerGeom":
-        lvls = levels(layer)
-        if layer.multiscale:
-            ds = [tuple(float(v) for v in f[-2:]) for f in layer.downsample_factors]
-        else:
-            ds = [(1.0, 1.0)]
-        meta = layer.metadata or {}
-        mpp = meta.get("mpp")
-        return cls(
-            name=layer.name,
-            levels=lvls,
-            scale=tuple(float(v) for v in layer.scale[-2:]),
-            translate=tuple(float(v) for v in layer.translate[-2:]),
-            downsamples=ds,
-            mpp=float(mpp) if mpp else None,
-            her2=meta.get("her2"),
-        )
-
-    def shape(self, level: int) -> tuple[int, int]:
-        return tuple(int(v) for v in self.levels[level].shape[:2])
-
-    def world_to_level(self, level: int, yx_world) -> np.ndarray:
-        """World (y, x) -> pixel (row, col) of ``level`` (pixel centres at integers)."""
-        p = np.asarray(yx_world, dtype=np.float64)
-        d = (p - np.asarray(self.translate)) / np.asarray(self.scale)
-        return d / np.asarray(self.downsamples[level])
-
-    def level_to_world(self, level: int, yx_px) -> np.ndarray:
-        p = np.asarray(yx_px, dtype=np.float64) * np.asarray(self.downsamples[level])
-        return p * np.asarray(self.scale) + np.asarray(self.translate)
-
-    def pixel_world_size(self, level: int) -> float:
-        return float(np.mean(np.asarray(self.scale) * np.asarray(self.downsamples[level])))
-
-    def level_mpp(self, level: int, step: int = 1) -> float | None:
-        return None if not self.mpp else self.mpp * float(np.mean(self.downsamples[level])) * step
+    if layer.multiscale:
+        ds = [tuple(float(v) for v in f[-2:]) for f in layer.downsample_factors]
+    else:
+        ds = [(1.0, 1.0)]
+    meta = layer.metadata or {}
+    mpp = meta.get("mpp")
+    return LayerGeom(name=layer.name, levels=levels(layer), scale=tuple(float(v) for v in layer.scale[-2:]),
+                     translate=tuple(float(v) for v in layer.translate[-2:]), downsamples=ds,
+                     mpp=float(mpp) if mpp else None, her2=meta.get("her2"))
 
 
-@dataclass
-class Window:
-    """A sampling grid on a layer: level, pixel rows ``y0:y1:step`` and cols ``x0:x1:step``."""
-
-    level: int
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    step: int = 1
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (len(range(self.y0, self.y1, self.step)), len(range(self.x0, self.x1, self.step)))
-
-    @property
-    def empty(self) -> bool:
-        return self.y1 <= self.y0 or self.x1 <= self.x0
+def _role(layer) -> str | None:
+    return (layer.metadata or {}).get("role")
 
 
-def visible_world_box(center, zoom: float, viewbox_size) -> tuple[float, float, float, float]:
-    """``(y0, y1, x0, x1)`` in world units seen by a 2-D camera (``zoom``: screen px per world
-    unit) in a viewbox of ``viewbox_size`` (h, w) screen px."""
-    cy, cx = float(center[-2]), float(center[-1])
-    hh, hw = viewbox_size[0] / zoom / 2.0, viewbox_size[1] / zoom / 2.0
-    return cy - hh, cy + hh, cx - hw, cx + hw
+def is_generated(layer) -> bool:
+    return _role(layer) == "generated" or layer.name.startswith("IHC (generated")
 
 
-def window_for_box(geom: LayerGeom, box_world, level: int, max_side: int | None = None,
-                   max_pixels: int | None = None) -> Window:
-    """The pixels of ``level`` whose centres fall in ``box_world`` (clipped to the image); the
-    ``step`` grows until the window fits ``max_side`` per side and ``max_pixels`` in all."""
-    y0w, y1w, x0w, x1w = box_world
-    (py0, px0), (py1, px1) = geom.world_to_level(level, [(y0w, x0w), (y1w, x1w)])
-    h, w = geom.shape(level)
-    y0, x0 = max(int(math.ceil(py0)), 0), max(int(math.ceil(px0)), 0)
-    y1, x1 = min(int(math.floor(py1)) + 1, h), min(int(math.floor(px1)) + 1, w)
-    win = Window(level, y0, max(y1, y0), x0, max(x1, x0))
-    step = 1
-    while not win.empty:
-        sh = Window(level, y0, y1, x0, x1, step).shape
-        if (max_side is None or max(sh) <= max_side) and (max_pixels is None or sh[0] * sh[1] <= max_pixels):
-            break
-        step += 1
-    win.step = step
-    return win
+def is_real_ihc(layer) -> bool:
+    return _role(layer) == "ihc" or layer.name == L.IHC_TRUTH
 
 
-def choose_level(geom: LayerGeom, box_world, *, start: int = 0, max_side: int | None = None,
-                 max_pixels: int | None = None) -> Window:
-    """The finest level ``>= start`` whose window over ``box_world`` fits the bounds (then a
-    pixel step on the coarsest level if even that is too big)."""
-    last = len(geom.levels) - 1
-    for lv in range(min(start, last), last + 1):
-        win = window_for_box(geom, box_world, lv)
-        h, w = win.shape
-        if (max_side is None or max(h, w) <= max_side) and (max_pixels is None or h * w <= max_pixels):
-            return win
-    return window_for_box(geom, box_world, last, max_side, max_pixels)
-
-
-def read_window(geom: LayerGeom, win: Window) -> np.ndarray:
-    arr = geom.levels[win.level]
-    out = np.asarray(arr[win.y0:win.y1:win.step, win.x0:win.x1:win.step])
-    if out.ndim == 3 and out.shape[2] == 4:
-        out = out[..., :3]
-    return np.ascontiguousarray(out.astype(np.uint8, copy=False))
-
-
-def same_grid(a: LayerGeom, b: LayerGeom) -> bool:
-    return (np.allclose(a.scale, b.scale) and np.allclose(a.translate, b.translate)
-            and [a.shape(i) for i in range(len(a.levels))] == [b.shape(i) for i in range(len(b.levels))])
-
-
-def read_on_grid(src: LayerGeom, ref: LayerGeom, win: Window) -> np.ndarray:
-    """``src`` sampled on ``ref``'s window ``win`` (direct read when the grids agree, else the
-    best ``src`` level resampled bilinearly; outside ``src`` is white)."""
-    if same_grid(src, ref):
-        return read_window(src, win)
-    from scipy import ndimage
-
-    target = ref.pixel_world_size(win.level) * win.step
-    lv = 0
-    for i in range(len(src.levels)):
-        if src.pixel_world_size(i) <= target * 1.01:
-            lv = i
-    ys = np.arange(win.y0, win.y1, win.step, dtype=np.float64)
-    xs = np.arange(win.x0, win.x1, win.step, dtype=np.float64)
-    corners = ref.level_to_world(win.level, [(ys[0], xs[0]), (ys[-1], xs[-1])])
-    (sy0, sx0), (sy1, sx1) = src.world_to_level(lv, corners)
-    h, w = src.shape(lv)
-    ry0, rx0 = max(int(math.floor(min(sy0, sy1))) - 1, 0), max(int(math.floor(min(sx0, sx1))) - 1, 0)
-    ry1, rx1 = min(int(math.ceil(max(sy0, sy1))) + 2, h), min(int(math.ceil(max(sx0, sx1))) + 2, w)
-    out = np.full((len(ys), len(xs), 3), 255, np.uint8)
-    if ry1 <= ry0 or rx1 <= rx0:
-        return out
-    crop = np.asarray(src.levels[lv][ry0:ry1, rx0:rx1])[..., :3].astype(np.float32)
-    gy = np.linspace(sy0, sy1, len(ys)) - ry0
-    gx = np.linspace(sx0, sx1, len(xs)) - rx0
-    yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    for c in range(3):
-        out[..., c] = np.clip(np.rint(ndimage.map_coordinates(crop[..., c], [yy, xx], order=1, cval=255.0)), 0, 255)
-    return out
-
-
-# ---------------------------------------------------------------- work done in threads
-
-
-@dataclass
-class HeatmapResult:
-    request: int
-    smap: np.ndarray
-    mean: float
-    window: Window
-    scale: tuple[float, float]
-    translate: tuple[float, float]
-
-
-def compute_heatmap(request: int, gen: LayerGeom, truth: LayerGeom, win: Window, kind: str) -> HeatmapResult:
-    """Local SSIM of the generated vs ground-truth pixels in ``win`` (truth's grid), and where the
-    map goes in world coordinates."""
-    from ..metrics.ssim import ssim_map, ssim_mean, window as ssim_window
-
-    b = read_window(truth, win)
-    a = read_on_grid(gen, truth, win)
-    if min(a.shape[:2]) < ssim_window(kind).size:
-        raise ValueError("visible region too small for the SSIM window")
-    smap = ssim_map(a, b, kind=kind, data_range=255.0)
-    ds = np.asarray(truth.downsamples[win.level]) * win.step
-    scale = tuple(float(v) for v in np.asarray(truth.scale) * ds)
-    translate = tuple(float(v) for v in truth.level_to_world(win.level, (win.y0, win.x0)))
-    return HeatmapResult(request, smap.astype(np.float32), ssim_mean(smap, kind), win, scale, translate)
-
-
-@dataclass
-class RegionScore:
-    region: Any  # napari_bci.regions.Region (level-0 px of the truth layer)
-    level: int
-    step: int
-    metrics: dict = field(default_factory=dict)
-    area_um2: float | None = None
-    area_px: float = 0.0
-    her2_pred: str | None = None
-    her2_truth: str | None = None
-    error: str | None = None
-
-    def row(self) -> dict:
-        d = {"region": self.region.label, "level": self.level if self.step == 1 else f"{self.level} (1/{self.step})",
-             "area": self.area_um2 if self.area_um2 is not None else self.area_px,
-             "her2_pred": self.her2_pred or "", "her2_truth": self.her2_truth or ""}
-        d.update(self.metrics)
-        return d
-
-
-def _her2_level(rgb: np.ndarray, mpp: float, mask: np.ndarray) -> str:
-    from ..her2 import score
-
-    return score(rgb, mpp=mpp, mask=mask).her2
-
-
-def measure_region(region, gen: LayerGeom, truth: LayerGeom, *, predict_her2: bool = True) -> RegionScore:
-    """All metrics of one region at the finest level whose read fits :data:`MAX_REGION_PIXELS`."""
-    from ..metrics import compare_pair
-
-    x0, y0, x1, y1 = region.bounds
-    # region coordinates are GeoJSON-style level-0 px of the truth layer; world box of the pixels
-    (wy0, wx0), (wy1, wx1) = truth.level_to_world(0, [(y0 - 0.5, x0 - 0.5), (y1 - 0.5, x1 - 0.5)])
-    win = choose_level(truth, (wy0, wy1, wx0, wx1), max_pixels=MAX_REGION_PIXELS)
-    mpp0 = truth.mpp
-    sc = RegionScore(region, win.level, win.step, area_px=region.area_px, her2_truth=truth.her2)
-    if mpp0:
-        sc.area_um2 = region.area_px * mpp0 * mpp0
-    if win.empty or min(win.shape) < 7:
-        sc.error = "outside the image or smaller than the 7x7 SSIM window"
-        return sc
-    # grid pixel i is level pixel y0 + i * step, centred at GeoJSON (y0 + i * step) * dl + 0.5
-    dl = float(np.mean(truth.downsamples[win.level]))
-    ds = dl * win.step
-    off = (win.x0 * dl + 0.5 - 0.5 * ds, win.y0 * dl + 0.5 - 0.5 * ds)
-    mask = region.mask(win.shape, offset_xy=off, downsample=ds)
-    if not mask.any():
-        sc.error = "region covers no pixel at this level"
-        return sc
-    b = read_window(truth, win)
-    a = read_on_grid(gen, truth, win)
-    lmpp = truth.level_mpp(win.level, win.step)
-    sc.metrics = compare_pair(a, b, mpp=lmpp, mask=mask)
-    if predict_her2:
-        m = lmpp or 0.5
-        if m <= MAX_HER2_MPP:
-            try:
-                sc.her2_pred = _her2_level(a, m, mask)
-            except Exception as e:  # a scorer failure must not lose the metrics
-                sc.her2_pred = f"error: {e}"
-        else:
-            sc.her2_pred = "n/a (too coarse)"
-    return sc
-
-
-# ---------------------------------------------------------------- the widget
+def is_he(layer) -> bool:
+    return _role(layer) == "he" or layer.name in (L.HE, "H&E (registered)")
 
 
 def _colorbar_pixmap(name: str, width: int = 160, height: int = 12) -> QPixmap:
@@ -343,27 +121,33 @@ def _fmt(v) -> str:
 
 
 class CompareWidget(QWidget):
-    """Compare a generated IHC layer with the ground truth (see the module docstring)."""
+    """Compare a generated IHC layer with the real IHC (see the module docstring)."""
+
+    NONE = "–"
 
     def __init__(self, viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = viewer
         self.scores: list[RegionScore] = []
         self.heatmap_mean: float | None = None
-        self._request = 0
-        self._heat_worker = None
+        self._heat = Jobs(self)
         self._heat_pending = False
-        self._region_worker = None
-        self._cancel = threading.Event()
-        self._hidden_by_us: list = []
+        self._regions = Jobs(self)
+        self._saved: dict[str, dict] = {}  # layer name -> the display state we changed
         self._active = True
         self._user_chose: set = set()
         self._closed = False
 
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
         self.gen_combo = QComboBox()
+        self.gen_combo.setToolTip("The virtual IHC layer (made by the Virtual IHC widget)")
         self.truth_combo = QComboBox()
+        self.truth_combo.setToolTip("The real IHC of the same tissue (registered to the H&E, or the H&E registered to it)")
         self.side_radio = QRadioButton("Side by side")
+        self.side_radio.setToolTip("One panel per layer on a shared camera: H&&E, generated, real IHC, SSIM")
         self.blend_radio = QRadioButton("Overlay")
+        self.blend_radio.setToolTip("The generated layer blended over the real IHC")
         self.blend_radio.setChecked(True)
         mode = QButtonGroup(self)
         mode.addButton(self.side_radio)
@@ -371,23 +155,27 @@ class CompareWidget(QWidget):
         self.opacity = QSlider(Qt.Horizontal)
         self.opacity.setRange(0, 100)
         self.opacity.setValue(50)
+        self.opacity.setToolTip("Opacity of the generated layer over the real IHC (overlay view)")
         self.heat_check = QCheckBox("Local SSIM heatmap of the visible region")
+        self.heat_check.setToolTip("Computed for the view once the camera rests; shown as its own panel "
+                                   "side by side (in the overlay view only its mean is shown)")
         self.heat_check.setChecked(True)
         self.window_combo = QComboBox()
         self.window_combo.addItem("7x7 uniform (BCI)", "uniform")
         self.window_combo.addItem("11x11 Gaussian σ 1.5", "gaussian")
+        self.window_combo.setToolTip("SSIM window: the BCI challenge's 7x7 uniform, or Wang et al.'s Gaussian")
         self.mean_label = QLabel("Mean local SSIM: –")
         bar = QLabel()
         bar.setPixmap(_colorbar_pixmap(HEATMAP_COLORMAP))
         legend = QHBoxLayout()
-        legend.addWidget(QLabel("0"))
+        legend.addWidget(QLabel("SSIM 0"))
         legend.addWidget(bar)
         legend.addWidget(QLabel("1"))
         legend.addStretch(1)
 
         form = QFormLayout()
         form.addRow("Generated", self.gen_combo)
-        form.addRow("Ground truth", self.truth_combo)
+        form.addRow("Real IHC", self.truth_combo)
         modes = QHBoxLayout()
         modes.addWidget(self.blend_radio)
         modes.addWidget(self.side_radio)
@@ -396,12 +184,16 @@ class CompareWidget(QWidget):
         form.addRow("SSIM window", self.window_combo)
 
         self.add_regions_btn = QPushButton("Add Regions layer")
+        self.add_regions_btn.setToolTip("A Shapes layer on the real IHC's grid: draw rectangles or polygons")
         self.import_btn = QPushButton("Import GeoJSON…")
+        self.import_btn.setToolTip("Regions from a QuPath GeoJSON export (read in the background)")
         self.measure_btn = QPushButton("Measure regions")
+        self.measure_btn.setToolTip("PSNR, SSIM, tolerant metrics and the HER2 level of every region")
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.csv_btn = QPushButton("Export CSV…")
         self.geojson_btn = QPushButton("Export GeoJSON…")
+        self.geojson_btn.setToolTip("QuPath GeoJSON: the HER2 level as classification, metrics as measurements")
         self.progress = QProgressBar()
         self.progress.setVisible(False)
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
@@ -409,11 +201,14 @@ class CompareWidget(QWidget):
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.table.setHorizontalScrollMode(QAbstractItemView.ScrollPerPixel)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.setToolTip("Click a row to centre the view on its region")
         self.table_note = QLabel("")
         self.table_note.setWordWrap(True)
 
         lay = QVBoxLayout(self)
+        lay.addWidget(self.status)
         lay.addLayout(form)
         lay.addWidget(self.heat_check)
         lay.addLayout(legend)
@@ -467,48 +262,44 @@ class CompareWidget(QWidget):
 
     # ---------------------------------------------------------- layer choice
 
+    def _candidates(self) -> list:
+        """RGB layers either side may be: never an H&E, never our heatmap."""
+        return [ly for ly in rgb_layers(self.viewer) if not is_he(ly) and ly.name != L.SSIM]
+
     def _refresh_layers(self, event=None) -> None:
-        names = [ly.name for ly in rgb_layers(self.viewer)]
+        cands = self._candidates()
+        names = [ly.name for ly in cands]
         before = (self.gen_combo.currentText(), self.truth_combo.currentText())
-        for combo, pick in ((self.gen_combo, self._default_gen), (self.truth_combo, self._default_truth)):
+        defaults = {self.gen_combo: next((ly.name for ly in cands if is_generated(ly)), None),
+                    self.truth_combo: next((ly.name for ly in cands if is_real_ihc(ly)), None)}
+        for combo, default in defaults.items():
             current = combo.currentText()
             combo.blockSignals(True)
             combo.clear()
-            combo.addItems(names)
+            combo.addItems([self.NONE, *names])
             # keep what the user picked; otherwise follow the defaults (a generated layer that
-            # appears later takes over from the placeholder choice)
+            # appears later is taken up)
             if current in names and combo in self._user_chose:
                 combo.setCurrentText(current)
             else:
-                default = pick(names)
-                if default is not None:
-                    combo.setCurrentText(default)
+                combo.setCurrentText(default if default is not None else self.NONE)
             combo.blockSignals(False)
         if (self.gen_combo.currentText(), self.truth_combo.currentText()) != before:
             self._on_layers_chosen()
+        else:
+            self._show_status()
 
-    def _default_gen(self, names: Sequence[str]) -> str | None:
-        for ly in rgb_layers(self.viewer):
-            if (ly.metadata or {}).get("role") == "generated" or ly.name.startswith("IHC (generated"):
-                return ly.name
-        return names[0] if names else None
-
-    def _default_truth(self, names: Sequence[str]) -> str | None:
-        for ly in rgb_layers(self.viewer):
-            if (ly.metadata or {}).get("role") == "ihc" or ly.name == L.IHC_TRUTH:
-                return ly.name
-        others = [n for n in names if n != self.gen_combo.currentText()]
-        return others[0] if others else (names[0] if names else None)
+    def _layer(self, combo):
+        n = combo.currentText()
+        return self.viewer.layers[n] if n != self.NONE and n in self.viewer.layers else None
 
     @property
     def gen_layer(self):
-        n = self.gen_combo.currentText()
-        return self.viewer.layers[n] if n in self.viewer.layers else None
+        return self._layer(self.gen_combo)
 
     @property
     def truth_layer(self):
-        n = self.truth_combo.currentText()
-        return self.viewer.layers[n] if n in self.viewer.layers else None
+        return self._layer(self.truth_combo)
 
     def set_layers(self, generated: str, truth: str) -> None:
         """Choose the layers (as a user would: later layer changes keep this choice)."""
@@ -516,57 +307,100 @@ class CompareWidget(QWidget):
         self.gen_combo.setCurrentText(generated)
         self.truth_combo.setCurrentText(truth)
 
-    def _pair(self):
+    def idle_reason(self) -> str | None:
+        """Why there is nothing to compare, or None."""
         g, t = self.gen_layer, self.truth_layer
-        if g is None or t is None or g is t:
-            return None
-        return g, t
+        if g is None and t is None:
+            return ("Waiting for a generated IHC layer (Virtual IHC widget) and a real IHC "
+                    "(open it in the Slides widget).")
+        if g is None:
+            return "Waiting for a generated IHC layer: generate one in the Virtual IHC widget."
+        if t is None:
+            return "Waiting for a real IHC layer to compare with: open it in the Slides widget."
+        if g is t:
+            return "Choose two different layers: the generated IHC and the real IHC."
+        return None
+
+    def _pair(self):
+        return None if self.idle_reason() else (self.gen_layer, self.truth_layer)
+
+    def _show_status(self) -> None:
+        reason = self.idle_reason()
+        self.status.setText(reason or "")
+        self.status.setVisible(bool(reason))
+        for wdg in (self.measure_btn, self.side_radio, self.blend_radio, self.opacity, self.heat_check):
+            wdg.setEnabled(reason is None)
 
     def _on_layers_chosen(self, *_):
+        self._restore()
+        self._show_status()
         self._apply_mode()
-        self.schedule_heatmap()
 
     # ---------------------------------------------------------- side by side / overlay
 
+    def _touch(self, layer, **changes) -> None:
+        """Change ``layer``'s display, remembering its state before our first change."""
+        saved = self._saved.setdefault(layer.name, {})
+        for k, v in changes.items():
+            saved.setdefault(k, getattr(layer, k))
+            setattr(layer, k, v)
+
+    def _restore(self) -> None:
+        """Give every layer we changed its display state back (and the canvas its single view)."""
+        saved, self._saved = self._saved, {}
+        try:
+            for name, state in saved.items():
+                if name in self.viewer.layers:
+                    ly = self.viewer.layers[name]
+                    for k, v in state.items():
+                        setattr(ly, k, v)
+            if self.viewer.canvas.grid.enabled and saved:
+                self.viewer.canvas.grid.enabled = False
+        except RuntimeError:
+            # Viewer.close() shuts the slicer down, then removes the layers one by one: a
+            # visibility change then cannot be sliced, and nothing is left to show anyway.
+            pass
+
     def _apply_opacity(self, *_):
         g = self.gen_layer
-        if g is not None and self.blend_radio.isChecked():
-            g.opacity = self.opacity.value() / 100.0
+        if g is not None and self._pair() is not None and self.blend_radio.isChecked():
+            self._touch(g, opacity=self.opacity.value() / 100.0)
 
     def _apply_mode(self, *_):
         pair = self._pair()
+        if pair is None:
+            self.schedule_heatmap()
+            return
+        g, t = pair
         grid = self.viewer.canvas.grid
-        if self.side_radio.isChecked() and pair is not None:
-            g, t = pair
-            keep = {g.name, t.name, L.SSIM, L.REGIONS}
-            for ly in rgb_layers(self.viewer):  # the H&E source stays, as the first panel
-                if ly.name not in keep and ly.visible and (ly.metadata or {}).get("role") != "he":
-                    ly.visible = False
-                    self._hidden_by_us.append(ly.name)
-            g.opacity = 1.0
-            g.visible = t.visible = True
-            grid.shape = (-1, -1)
-            grid.enabled = True  # one viewbox per visible layer, all on the shared camera
-        else:
-            grid.enabled = False
-            try:
-                for n in self._hidden_by_us:
-                    if n in self.viewer.layers:
-                        self.viewer.layers[n].visible = True
-                self._hidden_by_us = []
-                if pair is not None:
-                    g, t = pair
-                    g.visible = t.visible = True
-                    g.blending = "translucent"
-                    # the generated layer blends over the truth: keep it above
-                    gi, ti = self.viewer.layers.index(g), self.viewer.layers.index(t)
-                    if gi < ti:
-                        self.viewer.layers.move(gi, ti)
-                    g.opacity = self.opacity.value() / 100.0
-            except RuntimeError:
-                # Viewer.close() shuts the slicer down, then removes the layers one by one: a
-                # visibility change then cannot be sliced, and nothing is left to show anyway.
-                self._hidden_by_us = []
+        try:
+            if self.side_radio.isChecked():
+                keep = {g.name, t.name, L.SSIM, L.REGIONS}
+                for ly in rgb_layers(self.viewer):  # the H&E source stays, as the first panel
+                    if ly.name not in keep and ly.visible and not is_he(ly):
+                        self._touch(ly, visible=False)
+                self._touch(g, opacity=1.0, visible=True)
+                self._touch(t, visible=True)
+                if L.SSIM in self.viewer.layers:
+                    self.viewer.layers[L.SSIM].visible = self.heat_check.isChecked()
+                grid.shape = (-1, -1)
+                grid.enabled = True  # one viewbox per visible layer, all on the shared camera
+            else:
+                if grid.enabled:
+                    grid.enabled = False
+                for name in [n for n, st in self._saved.items() if "visible" in st and n not in (g.name, t.name)]:
+                    if name in self.viewer.layers:
+                        self.viewer.layers[name].visible = self._saved[name].pop("visible")
+                self._touch(g, visible=True, blending="translucent", opacity=self.opacity.value() / 100.0)
+                self._touch(t, visible=True)
+                # the generated layer blends over the truth: keep it above
+                gi, ti = self.viewer.layers.index(g), self.viewer.layers.index(t)
+                if gi < ti:
+                    self.viewer.layers.move(gi, ti)
+                if L.SSIM in self.viewer.layers:  # the map would cover the blend
+                    self.viewer.layers[L.SSIM].visible = False
+        except RuntimeError:
+            pass
         self.opacity.setEnabled(self.blend_radio.isChecked())
         self.schedule_heatmap()
 
@@ -577,7 +411,7 @@ class CompareWidget(QWidget):
             self.schedule_heatmap()
         else:
             self._timer.stop()
-            self._request += 1  # drop results in flight
+            self._heat.drop()  # drop results in flight
             if L.SSIM in self.viewer.layers:
                 self.viewer.layers[L.SSIM].visible = False
 
@@ -586,17 +420,17 @@ class CompareWidget(QWidget):
         if not self._closed and self._active and self.heat_check.isChecked() and self.viewer.dims.ndisplay == 2:
             self._timer.start()
 
-    def heatmap_window(self) -> tuple[Window, LayerGeom, LayerGeom] | None:
-        """The truth-layer window of the visible region at the displayed level (or coarser to stay
-        within :data:`MAX_VIEW_SIDE`)."""
+    def heatmap_window(self):
+        """``(window, generated geometry, truth geometry)`` of the visible region at the displayed
+        level (or coarser to stay within :data:`MAX_VIEW_SIDE`), or None."""
         pair = self._pair()
         if pair is None:
             return None
         g, t = pair
-        gen, truth = LayerGeom.from_layer(g), LayerGeom.from_layer(t)
+        gen, truth = layer_geom(g), layer_geom(t)
         cam = self.viewer.scene.camera
         vb = self.viewer.canvas.viewbox_size(self.viewer.layers)
-        box = visible_world_box(cam.center, cam.zoom, vb)
+        box = view_box(cam.center, cam.zoom, vb)
         start = 0
         if t.multiscale:
             # napari's rule: the coarsest level whose pixels are no bigger than a screen pixel
@@ -604,14 +438,14 @@ class CompareWidget(QWidget):
             for i in range(len(truth.levels)):
                 if truth.pixel_world_size(i) <= screen_px_world * 1.0001:
                     start = i
-        win = choose_level(truth, box, start=start, max_side=MAX_VIEW_SIDE)
+        win = fit_window(truth, box, start=start, max_side=MAX_VIEW_SIDE)
         return win, gen, truth
 
     def update_heatmap(self) -> None:
         """Start computing the heatmap of the current view in a worker (one at a time)."""
         if self._closed or not (self._active and self.heat_check.isChecked()):
             return
-        if self._heat_worker is not None:
+        if self._heat.busy:
             self._heat_pending = True  # recompute once the running one returns
             return
         got = self.heatmap_window()
@@ -619,21 +453,13 @@ class CompareWidget(QWidget):
             return
         win, gen, truth = got
         if win.empty or min(win.shape) < 11:
-            self.mean_label.setText("Mean local SSIM: – (no overlap with the ground truth in view)")
+            self.mean_label.setText("Mean local SSIM: – (no overlap with the real IHC in view)")
             return
-        from napari.qt.threading import create_worker
-
-        self._request += 1
-        kind = self.window_combo.currentData()
-        w = create_worker(compute_heatmap, self._request, gen, truth, win, kind, _start_thread=False)
-        w.returned.connect(self._on_heatmap)
-        w.errored.connect(self._on_heat_error)
-        w.finished.connect(self._on_heat_finished)
-        self._heat_worker = w
-        w.start()
+        self._heat.start(compute_heatmap, 0, gen, truth, win, self.window_combo.currentData(),
+                         on_done=self._on_heatmap, on_error=self._on_heat_error,
+                         on_finished=self._on_heat_finished)
 
     def _on_heat_finished(self):
-        self._heat_worker = None
         if self._heat_pending and not self._closed:
             self._heat_pending = False
             self.schedule_heatmap()
@@ -641,38 +467,40 @@ class CompareWidget(QWidget):
     def _on_heat_error(self, e):
         from napari.utils.notifications import show_warning
 
-        if self._closed:
-            return
         show_warning(f"SSIM heatmap: {e}")
 
     def _on_heatmap(self, res: HeatmapResult) -> None:
-        if self._closed or res.request != self._request or not self.heat_check.isChecked():
-            return  # stale: the view moved on
+        if not self.heat_check.isChecked() or self._pair() is None:
+            return
         self.heatmap_mean = res.mean
-        kw = dict(scale=res.scale, translate=res.translate)
+        shown = self.side_radio.isChecked()
         if L.SSIM in self.viewer.layers:
             ly = self.viewer.layers[L.SSIM]
             ly.data = res.smap
             ly.scale = res.scale
             ly.translate = res.translate
-            ly.visible = True
+            ly.visible = shown
         else:
+            kw = dict(scale=res.scale, translate=res.translate)
             t = self.truth_layer
             if t is not None and (t.metadata or {}).get("mpp"):
                 kw["units"] = ("µm", "µm")
-            self.viewer.add_image(
+            ly = self.viewer.add_image(
                 res.smap, name=L.SSIM, colormap=HEATMAP_COLORMAP, contrast_limits=(0.0, 1.0),
-                opacity=0.6, blending="translucent", metadata={"role": "ssim"}, **kw,
+                opacity=0.8, blending="translucent", metadata={"role": "ssim"}, visible=shown, **kw,
             )
+            ly.colorbar.visible = True  # the legend on the canvas, beside its panel
             # the heatmap must not become the camera's or the combos' subject
             self.viewer.layers.selection.active = self.truth_layer
         lvl = res.window.level if res.window.step == 1 else f"{res.window.level}, every {res.window.step}th px"
-        self.mean_label.setText(f"Mean local SSIM (visible, level {lvl}): {res.mean:.3f}")
+        where = "" if shown else " (the map is shown side by side)"
+        self.mean_label.setText(f"Mean local SSIM (visible, level {lvl}): {res.mean:.3f}{where}")
 
     # ---------------------------------------------------------- regions
 
     def regions_layer(self, *_):
-        """The ``Regions`` Shapes layer (created on the truth layer's grid when missing)."""
+        """The ``Regions`` Shapes layer (created on the truth layer's grid when missing), its
+        shapes labelled with their names on the canvas."""
         from napari.layers import Shapes
 
         if L.REGIONS in self.viewer.layers and isinstance(self.viewer.layers[L.REGIONS], Shapes):
@@ -686,10 +514,29 @@ class CompareWidget(QWidget):
         ly = self.viewer.add_shapes(
             name=L.REGIONS, ndim=2, edge_color="yellow", face_color=[1, 1, 0, 0.08], edge_width=3,
             features={"region_id": np.array([], dtype=object), "name": np.array([], dtype=object),
-                      "classification": np.array([], dtype=object)}, **kw,
+                      "classification": np.array([], dtype=object)},
+            text={"string": "{name}", "color": "yellow", "size": 10, "anchor": "upper_left"}, **kw,
         )
         ly.mode = "add_rectangle"
+        ly.events.data.connect(lambda e: self._name_new_shapes(ly))
         return ly
+
+    @staticmethod
+    def _name_new_shapes(ly) -> None:
+        """Shapes drawn by hand get a name ("Region N") so the canvas label and the table agree."""
+        feats = ly.features
+        if "name" not in feats or not len(feats):
+            return
+        names = feats["name"].astype(object)
+        missing = [i for i, v in enumerate(names) if not isinstance(v, str) or not v]
+        if not missing:
+            return
+        for i in missing:
+            names.iloc[i] = f"Region {i + 1}"
+        feats = feats.copy()
+        feats["name"] = names
+        ly.features = feats
+        ly.refresh_text()
 
     def _regions_from_layer(self) -> list:
         from ..regions import shapes_to_regions
@@ -711,11 +558,10 @@ class CompareWidget(QWidget):
                 r.name = f"Region {i + 1}"
         return regions
 
-    def import_geojson(self, path) -> int:
-        """Add the regions of a QuPath GeoJSON file to the ``Regions`` layer; returns how many."""
-        from ..regions import read_geojson, regions_to_shapes
+    def add_regions(self, regions) -> int:
+        """Add regions (read from a GeoJSON) to the ``Regions`` layer; returns how many."""
+        from ..regions import regions_to_shapes
 
-        regions = read_geojson(path)
         if not regions:
             return 0
         ly = self.regions_layer()
@@ -731,29 +577,48 @@ class CompareWidget(QWidget):
             table[k] = table[k].astype(object)
             table.loc[n0:, k] = vals
         ly.features = table
+        ly.refresh_text()
         return len(regions)
+
+    def import_geojson(self, path, *, on_done=None):
+        """Read a QuPath GeoJSON file in a worker and add its regions to the ``Regions`` layer;
+        returns the worker. ``on_done(n)`` is called with the number added."""
+        from napari.utils.notifications import show_error, show_info
+
+        from ..regions import read_geojson
+
+        def done(regions):
+            n = self.add_regions(regions)
+            show_info(f"Imported {n} region(s) from {Path(path).name}")
+            if on_done is not None:
+                on_done(n)
+
+        self.import_btn.setEnabled(False)
+        return self._regions.start(read_geojson, path, on_done=done,
+                                   on_error=lambda e: show_error(f"Compare: {e}"),
+                                   on_finished=lambda: self.import_btn.setEnabled(True))
 
     def measure_regions(self, *_):
         """Score every region in a worker; fills :attr:`scores` and the table."""
         from napari.utils.notifications import show_error, show_warning
 
-        pair = self._pair()
-        if pair is None:
-            show_error("Compare: choose two different RGB layers (generated and ground truth)")
+        reason = self.idle_reason()
+        if reason:
+            show_error(f"Compare: {reason}")
             return None
+        pair = self._pair()
         regions = self._regions_from_layer()
         if not regions:
             show_warning("Compare: draw rectangles or polygons on the 'Regions' layer, or import a GeoJSON")
             return None
-        if self._region_worker is not None:
-            return self._region_worker
-        gen, truth = LayerGeom.from_layer(pair[0]), LayerGeom.from_layer(pair[1])
-        self._cancel.clear()
-        from napari.qt.threading import create_worker
+        if self._regions.busy:
+            return self._regions.worker
+        gen, truth = layer_geom(pair[0]), layer_geom(pair[1])
+        cancel = self._regions.cancel
 
         def work():
             for i, r in enumerate(regions):
-                if self._cancel.is_set():
+                if cancel.is_set():
                     return
                 yield i, measure_region(r, gen, truth)
 
@@ -764,41 +629,33 @@ class CompareWidget(QWidget):
         self.progress.setVisible(True)
         self.measure_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
-        w = create_worker(work, _start_thread=False)
-        w.yielded.connect(self._on_region)
-        w.errored.connect(lambda e: show_error(f"Compare: measuring regions failed: {e}"))
-        w.finished.connect(self._on_regions_done)
-        self._region_worker = w
-        w.start()
-        return w
+        return self._regions.start(work, on_item=self._on_region,
+                                   on_error=lambda e: show_error(f"Compare: measuring regions failed: {e}"),
+                                   on_finished=self._on_regions_done)
 
     def cancel(self, *_):
-        self._cancel.set()
-        if self._region_worker is not None:
-            self._region_worker.quit()
+        self._regions.cancel.set()
 
     def _on_region(self, item):
-        if self._closed:
-            return
         i, sc = item
         self.scores.append(sc)
         self._add_row(sc)
         self.progress.setValue(i + 1)
 
     def _on_regions_done(self):
-        self._region_worker = None
-        if self._closed:
-            return
         self.progress.setVisible(False)
-        self.measure_btn.setEnabled(True)
+        self.measure_btn.setEnabled(self._pair() is not None)
         self.cancel_btn.setEnabled(False)
+        if not self.scores:
+            return
         t = self.truth_layer
         unit = "µm²" if t is not None and (t.metadata or {}).get("mpp") else "px²"
         used = sorted({s.level for s in self.scores})
         self.table_note.setText(
             f"Area in {unit}. Level = pyramid level measured (0 = full resolution), chosen so a region "
             f"reads at most {MAX_REGION_PIXELS:,} px; levels used: {used}. PSNR/SSIM: BCI definition on "
-            "the bounding box; local SSIM, DAB and ΔE00: inside the shape.")
+            "the bounding box; local SSIM, DAB and ΔE00: inside the shape. HER2 pred: the rule-based "
+            "level of the generated IHC in the region, or why it is not assessable.")
         errs = [s for s in self.scores if s.error]
         if errs:
             from napari.utils.notifications import show_warning
@@ -811,10 +668,11 @@ class CompareWidget(QWidget):
         row = sc.row()
         for c, (key, _) in enumerate(TABLE_COLUMNS):
             if sc.error and key not in ("region", "level", "area", "her2_truth"):
-                text = sc.error if key == "psnr" else "–"
+                text = sc.error if key == "her2_pred" else "–"
             else:
                 text = _fmt(row.get(key))
             item = QTableWidgetItem(text)
+            item.setToolTip(text)
             if key in ("ssim", "ssim_local") and isinstance(row.get(key), float) and math.isfinite(row[key]):
                 from napari.utils.colormaps import ensure_colormap
 
@@ -827,7 +685,7 @@ class CompareWidget(QWidget):
         if not (0 <= row < len(self.scores)):
             return
         t = self.truth_layer
-        geom = LayerGeom.from_layer(t) if t is not None else None
+        geom = layer_geom(t) if t is not None else None
         x0, y0, x1, y1 = self.scores[row].region.bounds
         if geom is not None:
             (wy0, wx0), (wy1, wx1) = geom.level_to_world(0, [(y0 - 0.5, x0 - 0.5), (y1 - 0.5, x1 - 0.5)])
@@ -842,60 +700,17 @@ class CompareWidget(QWidget):
     # ---------------------------------------------------------- export
 
     def export_csv(self, path) -> None:
-        """One row per measured region, written atomically."""
-        from ..metrics.evaluate import write_atomic_text
-        from ..metrics.pair import METRIC_KEYS
-
-        if not self.scores:
-            raise ValueError("no measured regions to export")
-        cols = ["region", "id", "level", "step", "area_px", "area_um2", *METRIC_KEYS, "her2_pred", "her2_truth", "error"]
-
-        def write(f):
-            w = csv.writer(f)
-            w.writerow(cols)
-            for s in self.scores:
-                vals = {"region": s.region.label, "id": s.region.id, "level": s.level, "step": s.step,
-                        "area_px": s.area_px, "area_um2": s.area_um2, "her2_pred": s.her2_pred,
-                        "her2_truth": s.her2_truth, "error": s.error, **s.metrics}
-                w.writerow(["" if vals.get(c) is None else (f"{vals[c]:.6g}" if isinstance(vals[c], float)
-                                                           else vals[c]) for c in cols])
-
-        write_atomic_text(Path(path), write)
+        """One row per measured region (:func:`napari_bci.metrics.compare.export_csv`)."""
+        export_csv(self.scores, path)
 
     def export_geojson(self, path) -> None:
-        """The measured regions as QuPath GeoJSON with the metrics as measurements."""
-        from ..her2 import LEVELS
-        from ..regions import write_geojson
-
-        if not self.scores:
-            raise ValueError("no measured regions to export")
-        out = []
-        for s in self.scores:
-            r = s.region
-            m = dict(r.measurements)
-            if s.area_um2 is not None:
-                m["Area µm^2"] = s.area_um2
-            m["Area px^2"] = s.area_px
-            m["Pyramid level"] = s.level
-            m.update({f"Compare: {k}": v for k, v in s.metrics.items()})
-            if s.her2_pred in LEVELS:
-                m["HER2 predicted (0-3)"] = LEVELS.index(s.her2_pred)
-            if s.her2_truth in LEVELS:
-                m["HER2 ground truth (0-3)"] = LEVELS.index(s.her2_truth)
-            r.measurements = m
-            out.append(r)
-        write_geojson(path, out)
+        """The measured regions as QuPath GeoJSON (:func:`napari_bci.metrics.compare.export_geojson`)."""
+        export_geojson(self.scores, path)
 
     def _import_dialog(self, *_):
-        from napari.utils.notifications import show_error, show_info
-
         path, _ = QFileDialog.getOpenFileName(self, "Import QuPath GeoJSON", "", "GeoJSON (*.geojson *.json)")
         if path:
-            try:
-                n = self.import_geojson(path)
-                show_info(f"Imported {n} region(s) from {Path(path).name}")
-            except Exception as e:
-                show_error(f"Compare: {e}")
+            self.import_geojson(path)
 
     def _csv_dialog(self, *_):
         self._save_dialog("CSV (*.csv)", ".csv", self.export_csv)
@@ -904,7 +719,7 @@ class CompareWidget(QWidget):
         self._save_dialog("GeoJSON (*.geojson)", ".geojson", self.export_geojson)
 
     def _save_dialog(self, filt: str, ext: str, fn):
-        from napari.utils.notifications import show_error
+        from napari.utils.notifications import show_error, show_info
 
         if not self.scores:
             show_error("Compare: measure regions first")
@@ -913,6 +728,7 @@ class CompareWidget(QWidget):
         if path:
             try:
                 fn(path)
+                show_info(f"Compare: wrote {Path(path).name}")
             except Exception as e:
                 show_error(f"Compare: export failed: {e}")
 
@@ -929,18 +745,19 @@ class CompareWidget(QWidget):
         self.schedule_heatmap()
 
     def _stop_all(self, *_):
-        """Stop the timer and workers and let no late result touch the viewer."""
+        """Stop the timer and workers, give the layers their display back, and let no late
+        result touch the viewer."""
+        if self._closed:
+            return
         self._closed = True
         self._active = False
-        self._request += 1
         try:
             self._timer.stop()
         except RuntimeError:  # already deleted with the widget
             pass
-        self._cancel.set()
-        for w in (self._heat_worker, self._region_worker):
-            if w is not None:
-                w.quit()
+        self._heat.stop()
+        self._regions.stop()
+        self._restore()
         try:
             cam = self.viewer.scene.camera
             cam.events.center.disconnect(self.schedule_heatmap)
