@@ -221,11 +221,81 @@ def test_untiled_single_strip_too_large_is_refused(tmp_path):
     assert "12000x12000" in msg
 
 
-def test_uncompressed_single_strip_is_memory_mapped(tmp_path, monkeypatch):
-    a = np.random.default_rng(1).integers(0, 256, (1500, 1300, 3), dtype=np.uint8)
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("rps", [3000, 7])  # one strip (the whole image); many odd-sized strips
+def test_uncompressed_strips_are_read_by_windows(tmp_path, rps):
+    import pickle
+
+    a = np.random.default_rng(1).integers(0, 256, (3000, 2600, 3), dtype=np.uint8)
     p = tmp_path / "contig.tif"
-    tifffile.imwrite(p, a, rowsperstrip=1500, photometric="rgb")
-    monkeypatch.setattr(slide_mod, "MAX_CHUNK_BYTES", 2**20)  # 1 MiB: the 5.8 MB strip is "huge"
+    tifffile.imwrite(p, a, rowsperstrip=rps, photometric="rgb")
     with open_slide(p) as s:
         assert s.levels[0].chunksize[:2] == (1024, 1024)
-        np.testing.assert_array_equal(s.read_region(0, 700, 900, 300, 400), a[700:1000, 900:1300])
+        before = _rchar()
+        np.testing.assert_array_equal(s.read_region(0, 1100, 1200, 300, 400), a[1100:1400, 1200:1600])
+        assert _rchar() - before <= 1024 * 1024 * 3 + 4096  # one dask chunk, not the 23 MB image
+        np.testing.assert_array_equal(s.levels[0].compute(), a)  # dask threads, full-width reads
+        np.testing.assert_array_equal(s.read_region(0, 2990, 2590, 20, 20)[:10, :10], a[2990:, 2590:])
+        lowest = s.levels[-1].compute()
+        clone = pickle.loads(pickle.dumps(s.levels[0]))  # dask workers: reopened by path
+        np.testing.assert_array_equal(clone[3:9, 5:7].compute(), a[3:9, 5:7])
+    assert lowest.shape == (375, 325, 3)
+
+
+def test_uncompressed_16bit_big_endian_gray_strips(tmp_path):
+    g = np.random.default_rng(2).integers(0, 65536, (300, 257), dtype=np.uint16)
+    p = tmp_path / "gray16be.tif"
+    tifffile.imwrite(p, g, byteorder=">", rowsperstrip=13)
+    with pytest.warns(UserWarning, match="16-bit"):
+        s = open_slide(p)
+    with s:
+        out = s.read_region(0, 0, 0, 300, 257)
+    np.testing.assert_array_equal(out[..., 0], np.rint(g * (255 / 65535)).astype(np.uint8))
+
+
+@pytest.fixture()
+def corrupt_svs(data_dir, tmp_path):
+    """CMU-1-Small-Region.svs with tile 20 (row 2, column 0) of level 0 overwritten by zeros."""
+    p = tmp_path / "corrupt.svs"
+    shutil.copy(data_dir / "CMU-1-Small-Region.svs", p)
+    with tifffile.TiffFile(p) as tf:
+        off = tf.series[0].pages[0].dataoffsets[20]
+    with open(p, "r+b") as f:
+        f.seek(off)
+        f.write(bytes(64))
+    return p
+
+
+def test_corrupt_tile_names_file_level_and_tile(corrupt_svs):
+    with open_slide(corrupt_svs) as s:  # opening decodes one good tile: fine
+        np.asarray(s.read_region(0, 0, 240, 240, 240))  # a good tile beside the bad one
+        with pytest.raises(InputError) as ei:
+            s.read_region(0, 400, 0, 200, 200)
+        msg = str(ei.value)
+        assert msg.startswith(f"{corrupt_svs}: corrupt image data in level 0 tile 20 (row 2, column 0; y=480, x=0")
+        assert "Jpeg8Error" in msg and "\n" not in msg
+        with pytest.raises(InputError, match="level 0 tile 20"):  # also through the computed levels
+            s.levels[3].compute()
+
+
+def test_corrupt_tile_reads_white_with_one_warning_in_fill_mode(corrupt_svs, data_dir):
+    import warnings
+
+    with open_slide(data_dir / "CMU-1-Small-Region.svs") as good:
+        ref = good.read_region(0, 0, 0, 960, 480)
+    with open_slide(corrupt_svs, on_error="fill") as s:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = s.read_region(0, 0, 0, 960, 480)
+            s.read_region(0, 480, 0, 240, 240)  # the same tile again: no second warning
+    msgs = [str(w.message) for w in caught]
+    assert msgs == [f"{corrupt_svs}: corrupt image data in level 0 tile 20 (row 2, column 0; y=480, x=0, "
+                    f"240x240 px) (Jpeg8Error: Not a JPEG file: starts with 0x00 0x00); shown as white"]
+    assert (out[480:720, :240] == 255).all()
+    bad = np.zeros(out.shape[:2], bool)
+    bad[480:720, :240] = True
+    np.testing.assert_array_equal(out[~bad], ref[~bad])

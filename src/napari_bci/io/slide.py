@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..pyramid import reduce2
 from .pixels import IMAGE_SUFFIXES, check_file, decode_png_jpeg, sniff, to_rgb8
 
 #: Synthesised levels stop once the smaller side is at most this many pixels ...
@@ -123,8 +124,15 @@ def is_slide_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def open_slide(path: str | os.PathLike) -> Slide:
-    """Open a slide or an image file lazily; InputError names the file and the problem."""
+def open_slide(path: str | os.PathLike, *, on_error: str = "raise") -> Slide:
+    """Open a slide or an image file lazily; InputError names the file and the problem.
+
+    ``on_error``: what reading a tile whose data cannot be decoded does later: ``"raise"``
+    (InputError naming the file, level and tile) or ``"fill"`` (white, one warning per tile;
+    for viewing).
+    """
+    if on_error not in ("raise", "fill"):
+        raise ValueError(f"on_error must be 'raise' or 'fill', not {on_error!r}")
     p = check_file(path)
     suffix = p.suffix.lower()
     if suffix in OPENSLIDE_ONLY:
@@ -133,7 +141,7 @@ def open_slide(path: str | os.PathLike) -> Slide:
     if kind in ("png", "jpeg"):
         return _patch_slide(p, decode_png_jpeg(p, kind), kind)
     if kind == "tiff":
-        return _open_tiff(p)
+        return _open_tiff(p, fill=on_error == "fill")
     if suffix in IMAGE_SUFFIXES:  # all TIFF-based or PNG/JPEG: OpenSlide could not read it either
         raise InputError(p, f"not a {suffix[1:].upper()} image: the content is not PNG, JPEG or TIFF")
     if _openslide_available():
@@ -254,7 +262,7 @@ def _normalise_axes(arr, axes: str, src: Path, photometric: int | None, colormap
     return to_rgb8(arr, src)
 
 
-def _open_tiff(p: Path) -> Slide:
+def _open_tiff(p: Path, fill: bool = False) -> Slide:
     import tifffile
 
     try:
@@ -274,7 +282,8 @@ def _open_tiff(p: Path) -> Slide:
         if len(level_series) == 1 and fmt == "tiff":
             level_series += [(s, 0) for s in _generic_reduced_series(tf, series)]
         _check_offsets(p, tf, [s.levels[i] for s, i in level_series])
-        levels = [_tiff_level(p, tf, s, lv, i) for i, (s, lv) in enumerate(level_series)]
+        raws: list[_RawStrips] = []
+        levels = [_tiff_level(p, tf, s, lv, i, fill, raws) for i, (s, lv) in enumerate(level_series)]
         _check_decodes(p, levels[-1])
         mpp = _mpp_from_tiff(tf, series, fmt)
         meta = {
@@ -290,7 +299,13 @@ def _open_tiff(p: Path) -> Slide:
     except BaseException:
         tf.close()
         raise
-    return Slide(p, fmt, levels, mpp, meta, closer=tf.close, native_levels=native)
+
+    def close():
+        for r in raws:
+            r.close()
+        tf.close()
+
+    return Slide(p, fmt, levels, mpp, meta, closer=close, native_levels=native)
 
 
 def _generic_reduced_series(tf, base) -> list:
@@ -323,7 +338,7 @@ def _check_offsets(p: Path, tf, level_series) -> None:
                 warnings.warn(f"{p}: level {i} has missing tiles (shown as empty)", UserWarning, stacklevel=4)
 
 
-def _tiff_level(p: Path, tf, series, level: int, i: int):
+def _tiff_level(p: Path, tf, series, level: int, i: int, fill: bool = False, raws: list | None = None):
     import dask.array as da
     import zarr
 
@@ -332,31 +347,173 @@ def _tiff_level(p: Path, tf, series, level: int, i: int):
     page = page.keyframe if hasattr(page, "keyframe") else page
     chunk_bytes = int(np.prod(page.chunks)) * page.dtype.itemsize if page.chunks else 0
     h, w = _yx(s)
-    if chunk_bytes > MAX_CHUNK_BYTES:
-        mm = _try_memmap(tf, s)
-        if mm is None:
-            kind = "tile" if page.is_tiled else ("strip" if len(page.dataoffsets) > 1 else "single strip")
-            raise InputError(p, f"untiled {w}x{h} image stored as {kind}s of {chunk_bytes / 2**20:.0f} MiB, "
-                                f"too large to read lazily; convert it to a tiled pyramid (e.g. "
-                                f"`vips tiffsave IN OUT --tile --pyramid --compression jpeg`)")
-        arr = da.from_array(mm, chunks=(1024, 1024) + mm.shape[2:], name=f"memmap-{next(_ids)}-{p.name}-L{i}")
+    raw = None if page.is_tiled else _RawStrips.for_level(p, tf, s)
+    if raw is None and chunk_bytes > MAX_CHUNK_BYTES:
+        kind = "tile" if page.is_tiled else ("strip" if len(page.dataoffsets) > 1 else "single strip")
+        raise InputError(p, f"{w}x{h} image stored as compressed {kind}s of {chunk_bytes / 2**20:.0f} MiB, "
+                            f"too large to read lazily; convert it to a tiled pyramid "
+                            f"(e.g. `vips tiffsave IN OUT --tile --pyramid --compression jpeg`)")
+    if raw is not None:
+        if raws is not None:
+            raws.append(raw)
+        arr = da.from_array(raw, chunks=(1024, 1024) + raw.shape[2:], name=f"strips-{next(_ids)}-{p.name}-L{i}",
+                            asarray=False, fancy=False, lock=False, inline_array=True)
     else:
         z = zarr.open_array(series.aszarr(level=level), mode="r")
         # dask chunks of ~512 px group small tiles: one zarr call per group, far fewer tasks
         chunks = tuple(c * max(1, round(512 / c)) if k < 2 else c for k, c in enumerate(z.chunks))
-        arr = da.from_zarr(z, chunks=chunks, name=f"tiff-{next(_ids)}-{p.name}-L{i}", inline_array=True)
+        arr = da.from_array(_Chunks(p, z, page, i, fill), chunks=chunks, name=f"tiff-{next(_ids)}-{p.name}-L{i}",
+                            asarray=False, fancy=False, lock=False, inline_array=True)
     return _normalise_axes(arr, s.axes, p, page.photometric, getattr(page, "colormap", None))
 
 
-def _try_memmap(tf, s):
-    """An uncompressed contiguous level as a read-only numpy memmap, else None."""
-    page = s.pages[0]
-    if len(s.pages) != 1 or not page.is_memmappable:
-        return None
-    off = page.dataoffsets[0]
-    shape = tuple(int(x) for x in s.shape)
-    return np.memmap(tf.filehandle.path, dtype=page.dtype.newbyteorder(tf.byteorder), mode="r",
-                     offset=off, shape=shape)
+class _Chunks:
+    """One TIFF level's zarr array for dask, whose read errors name the file, the level and the
+    tile (or strip). ``fill``: a tile that cannot be decoded reads as white, with one warning
+    naming it (for viewing), instead of raising :class:`InputError`."""
+
+    def __init__(self, path: Path, z, page, level: int, fill: bool = False):
+        self.path, self.z, self.level, self.fill = path, z, level, fill
+        self.shape, self.dtype, self.ndim = z.shape, z.dtype, z.ndim
+        self.tiled = bool(page.is_tiled)
+        self.warned: set = set()
+
+    def __getitem__(self, key):
+        try:
+            return self.z[key]
+        except InputError:
+            raise
+        except Exception as e:
+            return self._locate(key, e)
+
+    def _locate(self, key, first: Exception):
+        """Re-read ``key`` chunk by chunk to name the bad one(s); fill or raise."""
+        (y0, y1, _), (x0, x1, _) = key[0].indices(self.shape[0]), key[1].indices(self.shape[1])
+        th, tw = self.z.chunks[:2]
+        rest = tuple(key[2:])
+        out = np.full((y1 - y0, x1 - x0) + tuple(self.shape[2:]), 255, self.dtype)[(slice(None), slice(None)) + rest]
+        for cy in range(y0 // th, -(-y1 // th)):
+            for cx in range(x0 // tw, -(-x1 // tw)):
+                ty0, tx0 = max(cy * th, y0), max(cx * tw, x0)
+                ty1, tx1 = min((cy + 1) * th, y1), min((cx + 1) * tw, x1)
+                try:
+                    out[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] = self.z[(slice(ty0, ty1), slice(tx0, tx1)) + rest]
+                except Exception as e:
+                    where = self._where(cy, cx, th, tw)
+                    problem = f"corrupt image data in {where} ({type(e).__name__}: {e})"
+                    if not self.fill:
+                        raise InputError(self.path, problem) from None
+                    if (cy, cx) not in self.warned:
+                        self.warned.add((cy, cx))
+                        warnings.warn(f"{self.path}: {problem}; shown as white", UserWarning, stacklevel=2)
+        if not self.fill:  # the chunk-wise re-read worked: report the first error
+            raise InputError(self.path, f"cannot read level {self.level} at y={y0}-{y1}, x={x0}-{x1} "
+                                        f"({type(first).__name__}: {first})") from None
+        return out
+
+    def _where(self, cy: int, cx: int, th: int, tw: int) -> str:
+        if self.tiled:
+            n_cols = -(-self.shape[1] // tw)
+            return (f"level {self.level} tile {cy * n_cols + cx} (row {cy}, column {cx}; "
+                    f"y={cy * th}, x={cx * tw}, {th}x{tw} px)")
+        return f"level {self.level} strip {cy} (rows {cy * th}-{min((cy + 1) * th, self.shape[0]) - 1})"
+
+
+class _RawStrips:
+    """An uncompressed, interleaved strip image read by windows (``os.preadv`` straight into the
+    result): memory per read is the window, never the image; nothing is memory-mapped, so the
+    resident set stays flat however much of the file is read."""
+
+    def __init__(self, path: Path, shape: tuple, dtype, offsets, rows_per_strip: int):
+        self.path, self.shape = path, tuple(int(x) for x in shape)
+        self.stored = np.dtype(dtype)  # the file's byte order; reads come back native
+        self.dtype = self.stored.newbyteorder("=")
+        self.ndim = len(self.shape)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.rps = int(rows_per_strip)
+        self.pixel = self.dtype.itemsize * (self.shape[2] if self.ndim == 3 else 1)
+        self.row = self.shape[1] * self.pixel
+        self._fd, self._pid = None, None
+
+    @classmethod
+    def for_level(cls, p: Path, tf, s) -> "_RawStrips | None":
+        page = s.pages[0]
+        page = page.keyframe if hasattr(page, "keyframe") else page
+        if (len(s.pages) != 1 or page.is_tiled or page.compression != 1 or page.predictor not in (None, 1)
+                or page.fillorder != 1 or page.bitspersample % 8 or (page.samplesperpixel > 1 and page.planarconfig != 1)):
+            return None
+        h, w = _yx(s)
+        shape = (h, w, page.samplesperpixel) if page.samplesperpixel > 1 else (h, w)
+        if s.axes not in ("YXS", "YX"):
+            return None
+        rps = min(int(page.rowsperstrip or h), h)
+        if len(page.dataoffsets) < -(-h // rps):
+            return None
+        return cls(p, shape, page.dtype.newbyteorder(tf.byteorder), page.dataoffsets, rps)
+
+    def __getstate__(self):  # picklable (dask workers): reopened by path in the new process
+        d = dict(self.__dict__)
+        d["_fd"] = d["_pid"] = None
+        return d
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            except OSError as e:
+                raise InputError(self.path, f"cannot read: {e.strerror}") from None
+            self._pid = os.getpid()
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        y0, y1, _ = key[0].indices(self.shape[0])
+        x0, x1, _ = (key[1] if len(key) > 1 else slice(None)).indices(self.shape[1])
+        h, w = max(0, y1 - y0), max(0, x1 - x0)
+        out = np.empty((h, w) + self.shape[2:], self.stored)
+        if h and w:
+            fd, n = self._file(), w * self.pixel
+            flat = out.reshape(h, n // self.dtype.itemsize).view(np.uint8)
+            full = x0 == 0 and w == self.shape[1]
+            r = y0
+            while r < y1:  # full-width windows: one read per strip; else one per row
+                take = min(y1, (r // self.rps + 1) * self.rps) - r if full else 1
+                off = int(self.offsets[r // self.rps]) + (r % self.rps) * self.row + x0 * self.pixel
+                buf, done = flat[r - y0:r - y0 + take].reshape(-1), 0
+                while done < buf.nbytes:
+                    got = _pread_into(fd, buf[done:], off + done)
+                    if got <= 0:
+                        raise InputError(self.path, f"truncated image data: rows {r}-{r + take - 1} end past "
+                                                    f"the end of the file")
+                    done += got
+                r += take
+        if not self.stored.isnative:
+            out = out.byteswap(inplace=True).view(self.dtype)
+        return out[(slice(None), slice(None)) + tuple(key[2:])]
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [memoryview(buf)], offset)
+    data = os.pread(fd, buf.nbytes, offset) if hasattr(os, "pread") else _seek_read(fd, buf.nbytes, offset)
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    return len(data)
+
+
+def _seek_read(fd: int, n: int, offset: int) -> bytes:
+    import threading
+
+    with _SEEK_LOCK.setdefault("lock", threading.Lock()):
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, n)
+
+
+_SEEK_LOCK: dict = {}
 
 
 def _check_decodes(p: Path, level) -> None:
@@ -381,19 +538,12 @@ def downsample2(a):
     cx = _even_chunk(a.chunks[1][0])
     a = a.rechunk((cy, cx, 3))
     out_chunks = (tuple(c // 2 for c in a.chunks[0]), tuple(c // 2 for c in a.chunks[1]), (3,))
-    return a.map_blocks(_mean2, dtype=np.uint8, chunks=out_chunks)
+    return a.map_blocks(reduce2, dtype=np.uint8, chunks=out_chunks)
 
 
 def _even_chunk(native: int, target: int = 1024) -> int:
     c = native * max(1, round(target / native)) if native <= target else target
     return c if c % 2 == 0 else 2 * c
-
-
-def _mean2(b: np.ndarray) -> np.ndarray:
-    """2x2 rounded mean of an even-sized block (strided adds: ~10x faster than a 5-D sum)."""
-    b = b.astype(np.uint16)
-    s = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
-    return ((s + 2) >> 2).astype(np.uint8)
 
 
 def _with_synthesised_levels(levels: list) -> list:
