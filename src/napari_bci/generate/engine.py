@@ -248,7 +248,9 @@ class TileEngine:
         g, s, h = self.grid, self.grid.tile // 2, self.grid.halo
         wkey = lambda w: (self.image_id, self.model_key, self.level, g.tile, h, "window", w[0], w[1])  # noqa: E731
         wins = {}
-        needed = list(dict.fromkeys((2 * ty + i, 2 * tx + j) for ty, tx in chunk for i in (-1, 0, 1) for j in (-1, 0, 1)))
+        # windows starting past the image's end only feather pixels beyond the last core: skipped
+        needed = list(dict.fromkeys((2 * ty + i, 2 * tx + j) for ty, tx in chunk for i in (-1, 0, 1) for j in (-1, 0, 1)
+                                    if (2 * ty + i) * s < g.height and (2 * tx + j) * s < g.width))
         todo = []
         for w in needed:
             hit = self.cache.get(wkey(w))
@@ -274,7 +276,7 @@ class TileEngine:
                     # the part of window (a, b)'s core inside this tile, in tile and window coordinates
                     ty0, ty1 = max(a * s - ty * g.tile, 0), min(a * s + g.tile - ty * g.tile, g.tile)
                     tx0, tx1 = max(b * s - tx * g.tile, 0), min(b * s + g.tile - tx * g.tile, g.tile)
-                    if ty1 <= ty0 or tx1 <= tx0:
+                    if ty1 <= ty0 or tx1 <= tx0 or (a, b) not in wins:
                         continue
                     wy0, wx0 = ty * g.tile + ty0 - a * s, tx * g.tile + tx0 - b * s
                     wy = ramp[wy0:wy0 + ty1 - ty0, None, None]
