@@ -333,12 +333,22 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
     :func:`local_results`; see :meth:`napari_bci.generate.distributed.DaskTiles.results`).
     ``prefilled``: ``{(row, col): tile}`` already generated elsewhere (e.g. by the viewer).
     """
-    from ..io.writers import write_pyramid
+    from ..io.writers import OutputLock
 
     if on_error not in ("stop", "skip"):
         raise InputError(None, f"--on-error must be 'stop' or 'skip', not {on_error!r}")
     out = Path(out)
     check_output_path(out)
+    with OutputLock(out):  # a second run on the same output refuses instead of resetting the store
+        return _run_plan(plan, out, results=results, on_error=on_error, resume=resume, keep_parts=keep_parts,
+                         compression=compression, quality=quality, layout=layout, progress=progress,
+                         show_progress=show_progress, cancel=cancel, name=name, prefilled=prefilled)
+
+
+def _run_plan(plan: SlidePlan, out: Path, *, results, on_error, resume, keep_parts, compression, quality,
+              layout, progress, show_progress, cancel, name, prefilled) -> dict:
+    from ..io.writers import write_pyramid
+
     grid = plan.grid
     t0 = time.perf_counter()
     try:

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import Cancelled, InputError
+from ..pyramid import reduce2
 
 
 IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -237,6 +238,74 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", *, encoding: str | N
     remove_stale_temps(path)
 
 
+class OutputLock:
+    """``with OutputLock(out):`` one run at a time per output path.
+
+    The lock is a hidden file beside the output (``.<name>.lock``) holding the owner's PID, host
+    and start time, created exclusively. A lock whose process is gone (same host) is stale and
+    taken over; a live one makes the second run fail at once with an :class:`InputError` naming
+    the other run. A lock from another host cannot be checked: it is respected, and the message
+    says which file to remove if that run is known to be dead.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.file = self.path.with_name(f".{self.path.name}.lock")
+        self._held = False
+
+    def _owner(self) -> dict | None:
+        import json
+
+        try:
+            return json.loads(self.file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> None:
+        import json
+        import socket
+        import time
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:
+                    continue  # released meanwhile
+                pid, host = owner.get("pid"), owner.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid) or owner == {}:
+                    self.file.unlink(missing_ok=True)  # stale (or unreadable): take it over
+                    continue
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(owner.get("started", 0)))
+                where = f"PID {pid}" + (f" on {host}" if host != me["host"] else "")
+                hint = "" if host == me["host"] else f"; if that run is dead, remove {self.file}"
+                raise InputError(self.path, f"another napari-bci run ({where}, since {when}) is writing "
+                                            f"this output; wait for it or choose another --out{hint}")
+            except OSError as e:
+                raise InputError(self.path, f"cannot write: {_os_problem(e)}") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return
+        raise InputError(self.path, f"could not take the output lock {self.file}")
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.file.unlink(missing_ok=True)
+
+    def __enter__(self) -> "OutputLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def _os_problem(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return "no space left on the device"
@@ -255,14 +324,6 @@ def pyramid_shapes(shape: tuple[int, int], tile: int, n_levels: int | None = Non
             break
         out.append((h, w))
     return out
-
-
-def mean2(block: np.ndarray) -> np.ndarray:
-    """2x2 box filter (rounded mean) of a ``(h, w, 3)`` uint8 block; an odd last row/column is dropped."""
-    h, w = block.shape[0] // 2, block.shape[1] // 2
-    b = block[: 2 * h, : 2 * w].astype(np.uint16)
-    s = b[0::2, 0::2] + b[1::2, 0::2] + b[0::2, 1::2] + b[1::2, 1::2]
-    return ((s + 2) >> 2).astype(np.uint8)
 
 
 class _Spill:
@@ -323,7 +384,7 @@ class _Level:
         if len(strip) % 2:
             self.carry, strip = strip[-1:].copy(), strip[:-1]
         if len(strip):
-            self.below.push(mean2(strip))
+            self.below.push(reduce2(strip, odd="drop"))
 
     def _emit(self, buf: np.ndarray) -> None:
         for x in range(0, self.w, self.tile):
@@ -492,7 +553,7 @@ def write_pyramid(
                 carry.append(strip[-1:].copy())
                 strip = strip[:-1]
             if len(strip):
-                cascade.push(mean2(strip[:, : 2 * shapes[1][1]]))
+                cascade.push(reduce2(strip[:, : 2 * shapes[1][1]], odd="drop"))
 
         def lower_tiles(k):
             if given_levels is not None:
