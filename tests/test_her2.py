@@ -17,9 +17,9 @@ synthetic = pytest.importorskip("napari_bci.samples.synthetic")
 
 #: Seeds never used for calibration (thresholds were tuned on seeds 0-2, see docs/her2.md).
 HELD_OUT = (31, 32)
-#: Image size: 512 px keeps the test module within its time budget (docs/her2.md has the
-#: 1024 px benchmark run; 40/40 images of seeds 31-40 at 512 px were also scored correctly).
-SIZE = 512
+#: Image size: 640 px holds the 100 tumour cells a level needs (some 512 px images hold 99) and
+#: keeps the module within its time budget (docs/her2.md has the 1024 px benchmark run).
+SIZE = 640
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +96,18 @@ def test_real_ihc_scores_high_with_sane_cell_count(real_ihc):
     assert r.explanation.startswith(r.her2 + ":") and f"{r.cells} tumour cells" in r.explanation
 
 
-def test_he_input_is_flagged(data_dir, real_ihc, pairs):
+def test_he_input_is_not_assessable(data_dir, real_ihc, pairs):
     from skimage.io import imread
 
     he = imread(data_dir / "he_tile_240.png")[..., :3]
-    assert score(he, 0.5).warning and "H&E" in score(he, 0.5).to_dict()["warning"]
-    assert score(real_ihc, 0.5).warning is None
+    r = score(he, 0.5)
+    assert r.her2 is None and r.reason_code == "not_ihc" and "H&E" in r.to_dict()["reason"]
+    assert score(real_ihc, 0.5).reason is None
     gray = np.repeat(real_ihc[..., :1], 3, axis=2)
-    assert "grayscale" in score(gray, 0.5).warning
+    assert score(gray, 0.5).reason_code == "grayscale"
     outside = score_polygon(real_ihc, np.array([[900, 900], [990, 900], [990, 990]]), 0.5)
-    assert outside.cells == 0 and "outside" in outside.warning
-    assert score(pairs[("1+", HELD_OUT[0])].ihc, 0.5).warning is None
+    assert outside.cells == 0 and outside.her2 is None and "outside" in outside.reason
+    assert score(pairs[("1+", HELD_OUT[0])].ihc, 0.5).warnings == []
 
 
 def test_unstained_tissue_scores_zero(pairs):
@@ -157,10 +158,14 @@ def test_score_map_on_a_pyramid(pairs):
     levels = [p.ihc, p.ihc[::2, ::2], p.ihc[::4, ::4]]
     seen = []
     m = score_map(levels, 0.5, tile_um=128, progress=lambda d, t: seen.append((d, t)))
-    assert m.labels.shape == (2, 2) and seen[-1] == (4, 4)
+    n = -(-SIZE // 256)  # 128 um tiles = 256 px
+    assert m.labels.shape == (n, n) and seen[-1] == (n * n, n * n)
     assert m.analysis_mpp == 1.0  # the coarsest level with enough resolution for cells
-    assert set(np.unique(m.labels)) <= {0, 1, 2, 3, 4} and (m.labels == 4).any()
-    assert m.overall.her2 == "3+"
+    # 128 um tiles hold fewer tumour cells than the minimum: not assessable (5), yet pooled 3+
+    for t in (t for t in m.tiles if t.result is not None):
+        want = 5 if t.result.cells < t.result.params.min_tumour_cells else 4
+        assert m.labels[t.row, t.col] == want, t.result.explanation
+    assert m.overall.her2 == "3+" and m.overall.cells >= 100
     assert m.overall.centroid[:, 0].max() > 0.7 * SIZE  # level-0 coordinates
     json.dumps(m.to_dict())
 
@@ -183,7 +188,8 @@ def test_bad_input():
     with pytest.raises(InputError):
         score(np.zeros((10, 10, 3), np.uint8), 0.5, mask=np.ones((5, 5), bool))
     blank = score(np.full((64, 64, 3), 250, np.uint8), 0.5)
-    assert blank.her2 == "0" and blank.cells == 0 and "no tumour cells" in blank.explanation
+    assert blank.her2 is None and blank.cells == 0 and blank.reason_code == "no_tissue"
+    assert blank.display().startswith("not assessable (no tissue")
 
 
 # -- learned level ------------------------------------------------------------------------------
@@ -206,13 +212,16 @@ def test_learned_map_and_disagreement(pairs):
 
     p = pairs[("3+", HELD_OUT[0])]
     lm = predict_map(p.ihc, 0.5, _MeanDabHead(), tile_um=128)
-    assert lm.probs.shape == (2, 2, 4) and np.allclose(np.nansum(lm.probs, -1)[lm.labels > 0], 1)
+    n = -(-SIZE // 256)
+    assert lm.probs.shape == (n, n, 4) and np.allclose(np.nansum(lm.probs, -1)[lm.labels > 0], 1)
     rule = score_map(p.ihc, 0.5, tile_um=128)
     dis = disagreement(rule.labels, lm.labels)
     assert dis.shape == rule.labels.shape
     c = compare(rule.overall, lm.region())
     assert c["rule"] == "3+" and c["learned"] in LEVELS and c["agree"] == (c["learned"] == "3+")
     assert "rule-based 3+" in c["text"]
+    na = score(p.ihc[:60, :60], 0.5)  # a few cells: not assessable, shown with its reason
+    assert "rule-based not assessable (too few tumour cells" in compare(na, lm.region())["text"]
     pp = predict_polygon(p.ihc, np.array([[0, 0], [600, 0], [600, 600], [0, 600]]), 0.5, _MeanDabHead())
     assert pp.shape == (4,) and abs(pp.sum() - 1) < 1e-6
     assert compare("2+", None)["learned"] is None
@@ -276,7 +285,9 @@ def test_cli_score(tmp_path, run_cli, pairs):
     code, out, err = run_cli("score", f, "--regions", gj, "--json")
     assert code == 0, err
     d = json.loads(out)
-    assert d["her2"] in LEVELS and d["cells"] > 20
+    assert d["her2"] in LEVELS and d["cells"] > 20 and d["assessable"] and d["reason"] is None
+    assert isinstance(d["warnings"], list) and d["pattern"]["pattern"] == "membranous"
+    assert all("assessable" in r and "warnings" in r for r in d["regions"])
     assert set(d["fractions"]) >= {"none", "faint", "weak_moderate", "intense"}
     assert d["explanation"].startswith(d["her2"])
     assert [r["name"] for r in d["regions"]] == ["left", "Tumor"]

@@ -42,6 +42,13 @@ class CellParams:
     dab_smooth_um: float = 0.25
     #: Half-width of the maximum filter applied to DAB before sampling the ring.
     membrane_reach_um: float = 0.5
+    #: Stain-pattern compartments: the membrane band is the cell's outer rim of this width;
+    #: the cytoplasm lies between it and the dilated nucleus.
+    band_um: float = 1.5
+    #: Nucleus-like DAB blobs (see :func:`dab_nuclei`): OD, opening radius, largest area.
+    blob_od: float = 0.15
+    blob_radius_um: float = 2.0
+    blob_max_area_um2: float = 150.0
 
 
 @dataclass
@@ -56,6 +63,8 @@ class Cells:
     major_um: np.ndarray  # (N,) nucleus major axis
     h_mean: np.ndarray  # (N,) mean hematoxylin OD in the nucleus
     sector_dab: np.ndarray  # (N, sectors) max DAB OD per ring sector (nan: empty sector)
+    #: (N, 3) mean DAB OD in the nucleus, the cytoplasm and the membrane band (the stain pattern)
+    compartments: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.centroid)
@@ -104,6 +113,37 @@ def detect_nuclei(h: np.ndarray, mpp: float, params: CellParams = CellParams(), 
     return lut[labels]
 
 
+def add_dab_nuclei(nuclei: np.ndarray, dab: np.ndarray, mpp: float, params: CellParams = CellParams()) -> np.ndarray:
+    """``nuclei`` plus nucleus-like DAB blobs it missed (a nuclear stain such as Ki67, ER or
+    PR: brown nuclei with little counterstain). A blob is DAB >= ``blob_od`` that survives an
+    opening of radius ``blob_radius_um`` (membranes are thinner and vanish), of nucleus size,
+    without a hole (a stained cell's cytoplasm rings its blue nucleus) and touching no detected
+    nucleus. Without it a brown nucleus would be read as its neighbours' membrane."""
+    from skimage.morphology import disk
+
+    m = dab >= params.blob_od
+    if not m.any():
+        return nuclei
+    r = max(int(round(params.blob_radius_um / mpp)), 1)
+    m = ndi.binary_opening(m, structure=disk(r))
+    lab, n = ndi.label(m)
+    if n == 0:
+        return nuclei
+    idx = np.arange(1, n + 1)
+    area = ndi.sum_labels(np.ones_like(lab), lab, idx) * mpp * mpp
+    filled = np.asarray([ndi.binary_fill_holes(lab[sl] == i + 1).sum() for i, sl in enumerate(ndi.find_objects(lab))])
+    near = ndi.binary_dilation(nuclei > 0, iterations=max(int(round(1.0 / mpp)), 1))
+    touches = ndi.maximum(near, lab, idx).astype(bool)
+    ok = ((area >= params.min_area_um2) & (area <= params.blob_max_area_um2) & ~touches
+          & (filled * mpp * mpp <= 1.1 * area))
+    if not ok.any():
+        return nuclei
+    lut = np.zeros(n + 1, np.int32)
+    lut[1:][ok] = int(nuclei.max()) + np.arange(1, int(ok.sum()) + 1, dtype=np.int32)
+    extra = lut[lab]
+    return np.where(extra > 0, extra, nuclei).astype(np.int32)
+
+
 def _smooth_coarse(a: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur with a large ``sigma`` computed on a block-averaged copy (fast)."""
     f = int(max(sigma // 4, 1))
@@ -138,15 +178,17 @@ def _moments(labels: np.ndarray, n: int):
 
 
 def measure_cells(
-    nuclei: np.ndarray, h: np.ndarray, dab: np.ndarray, mpp: float, params: CellParams = CellParams()
+    nuclei: np.ndarray, h: np.ndarray, dab: np.ndarray, mpp: float, params: CellParams = CellParams(),
+    pattern_dab: np.ndarray | None = None,
 ) -> Cells:
     """Expand nuclei into cells and measure the membrane DAB in ``params.sectors`` angular
-    sectors of each cell's ring (cell minus the slightly dilated nucleus)."""
+    sectors of each cell's ring (cell minus the slightly dilated nucleus), and the mean DAB per
+    compartment (of ``pattern_dab`` when given, e.g. DAB from other stain vectors)."""
     n = int(nuclei.max())
     s = params.sectors
     if n == 0:
         z = np.zeros((0,))
-        return Cells(nuclei, nuclei.copy(), np.zeros((0, 2)), z, z, z, z, np.zeros((0, s)))
+        return Cells(nuclei, nuclei.copy(), np.zeros((0, 2)), z, z, z, z, np.zeros((0, s)), np.zeros((0, 3)))
     # one Euclidean distance transform gives both the cells (nearest nucleus within expand_um,
     # as skimage's expand_labels) and the nucleus dilated by ring_inner_um
     dist, (iy, ix) = ndi.distance_transform_edt(nuclei == 0, return_indices=True)
@@ -158,6 +200,12 @@ def measure_cells(
     ds = dab.astype(np.float32)
     if params.dab_smooth_um:
         ds = ndi.gaussian_filter(ds, params.dab_smooth_um / mpp, truncate=3.0)
+    pd = ds
+    if pattern_dab is not None:
+        pd = pattern_dab.astype(np.float32)
+        if params.dab_smooth_um:
+            pd = ndi.gaussian_filter(pd, params.dab_smooth_um / mpp, truncate=3.0)
+    comp = _compartment_means(nuclei, cells, inner, pd, n, params.band_um / mpp)
     if params.membrane_reach_um:
         # a membrane within this distance of the ring still counts (cell borders from expanded
         # nuclei are only approximately where the membranes are)
@@ -181,4 +229,23 @@ def measure_cells(
         major_um=major * mpp,
         h_mean=h_mean,
         sector_dab=out.reshape(n, s),
+        compartments=comp,
     )
+
+
+def _compartment_means(nuclei, cells, inner, dab, n: int, band_px: float) -> np.ndarray:
+    """(n, 3) mean DAB per cell in the nucleus, the cytoplasm (between the dilated nucleus and
+    the membrane band) and the membrane band (within ``band_px`` of the cell's border with a
+    neighbour or the outside). A compartment without pixels reads 0."""
+    from skimage.segmentation import find_boundaries
+
+    border = find_boundaries(cells, mode="inner") & (cells > 0)
+    band = (ndi.distance_transform_edt(~border) <= max(band_px, 1.0)) & (cells > 0) & ~inner
+    cyto = (cells > 0) & ~inner & ~band
+    out = np.zeros((n, 3), np.float32)
+    for j, (lab, m) in enumerate(((nuclei, nuclei > 0), (cells, cyto), (cells, band))):
+        idx = lab[m]
+        cnt = np.bincount(idx, minlength=n + 1)[1:]
+        tot = np.bincount(idx, dab[m], minlength=n + 1)[1:]
+        out[:, j] = np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
+    return out

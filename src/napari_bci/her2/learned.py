@@ -168,18 +168,24 @@ def predict_map(
 
 
 def compare(rule: HER2Result | str | None, probs: np.ndarray | None) -> dict:
-    """Rule-based score (of the IHC) next to the learned probabilities (from the H&E)."""
-    r = rule.her2 if isinstance(rule, HER2Result) else rule
-    out = {"rule": r, "learned": None, "probabilities": None, "agree": None}
+    """Rule-based score (of the IHC) next to the learned probabilities (from the H&E).
+    ``rule``: a result (a not-assessable one is shown with its reason), a level or None."""
+    from .scoring import display_text
+
+    if isinstance(rule, HER2Result):
+        r, shown = rule.her2, display_text(rule)
+    else:
+        r, shown = rule, (rule if rule is not None else "not assessable")
+    out = {"rule": r, "rule_display": shown, "learned": None, "probabilities": None, "agree": None}
     if probs is not None and np.all(np.isfinite(probs)):
         k = int(np.argmax(probs))
         out.update(learned=LEVELS[k], probabilities={lv: round(float(p), 4) for lv, p in zip(LEVELS, probs)})
         if r is not None:
             out["agree"] = LEVELS[k] == r
     if out["learned"] is None:
-        out["text"] = f"rule-based {r}; no learned prediction (no model with a HER2 head)"
+        out["text"] = f"rule-based {shown}; no learned prediction (no model with a HER2 head)"
     elif r is None:
-        out["text"] = f"learned {out['learned']} (p={max(probs):.2f})"
+        out["text"] = f"rule-based {shown}; learned {out['learned']} (p={max(probs):.2f}) from the H&E"
     else:
         verdict = "agree" if out["agree"] else "DISAGREE"
         out["text"] = f"rule-based {r} vs learned {out['learned']} (p={max(probs):.2f}): {verdict}"
@@ -187,6 +193,7 @@ def compare(rule: HER2Result | str | None, probs: np.ndarray | None) -> dict:
 
 
 def disagreement(rule_labels: np.ndarray, learned_labels: np.ndarray) -> np.ndarray:
-    """Tiles where both maps have a level and the levels differ (bool, same grid)."""
+    """Tiles where both maps have a level (labels 1-4; 0 none, 5 not assessable) and the levels
+    differ (bool, same grid)."""
     a, b = np.asarray(rule_labels), np.asarray(learned_labels)
-    return (a > 0) & (b > 0) & (a != b)
+    return (a > 0) & (a <= 4) & (b > 0) & (b <= 4) & (a != b)

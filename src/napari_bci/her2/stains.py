@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..stain import DAB, HEMATOXYLIN, rgb_to_od, stain_matrix
@@ -67,3 +69,100 @@ def separate_hdab(rgb: np.ndarray, *, estimate: bool = False) -> tuple[np.ndarra
     h = np.maximum(od @ inv[:, 0], 0.0)
     d = np.maximum(od @ inv[:, 1], 0.0)
     return h, d
+
+
+@dataclass(frozen=True)
+class StainModel:
+    """One image's stain optics for the scorer: white point, stain vectors, and the DAB signal
+    that is not membrane staining (hematoxylin cross-talk and the diffuse tissue background).
+
+    ``separate`` returns hematoxylin and *background-corrected* DAB, ``DAB - crosstalk * H``,
+    so that the scorer's OD thresholds mean the same on a real slide (off-white glass, a bluer
+    hematoxylin than Ruifrok's, diffuse DAB) as on the synthetic tiles they were set on.
+    """
+
+    white: tuple[float, float, float] = (255.0, 255.0, 255.0)
+    vectors: tuple = (tuple(HEMATOXYLIN), tuple(DAB))
+    #: DAB OD read per unit hematoxylin OD in hematoxylin-only pixels (a vector mismatch).
+    crosstalk: float = 0.0
+    #: Diffuse DAB background OD of the tissue (a pathologist ignores it), a low percentile.
+    dab_background: float = 0.0
+    #: Median hematoxylin OD over tissue (stroma / cytoplasm tint).
+    h_background: float = 0.0
+    estimated_vectors: bool = False
+
+    def od(self, rgb: np.ndarray) -> np.ndarray:
+        i = np.maximum(np.asarray(rgb, np.float32)[..., :3], 1.0)
+        return np.maximum(-np.log10(i / np.asarray(self.white, np.float32)), 0.0)
+
+    def concentrations(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hematoxylin, raw DAB) OD along this model's vectors (float32, H clipped >= 0)."""
+        inv = np.linalg.inv(stain_matrix(*self.vectors)).astype(np.float32)
+        od = self.od(rgb)
+        return np.maximum(od @ inv[:, 0], 0.0), od @ inv[:, 1]
+
+    def separate(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(hematoxylin, DAB without hematoxylin cross-talk), float32, clipped >= 0."""
+        h, d = self.concentrations(rgb)
+        return h, np.maximum(d - np.float32(self.crosstalk) * h, 0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "white": [round(float(v), 1) for v in self.white],
+            "hematoxylin": [round(float(v), 3) for v in self.vectors[0]],
+            "dab": [round(float(v), 3) for v in self.vectors[1]],
+            "crosstalk": round(float(self.crosstalk), 3),
+            "dab_background": round(float(self.dab_background), 3),
+            "h_background": round(float(self.h_background), 3),
+            "estimated_vectors": bool(self.estimated_vectors),
+        }
+
+
+#: Percentile of the corrected tissue DAB taken as the diffuse background (a low one: in a 3+
+#: nest most tissue pixels are stained).
+BACKGROUND_PERCENTILE = 20
+#: Sampling cap for the per-image estimates (pixels).
+_SAMPLE = 250_000
+
+
+def _sample(rgb: np.ndarray) -> np.ndarray:
+    step = max(1, int(np.sqrt(rgb.shape[0] * rgb.shape[1] / _SAMPLE)))
+    return np.asarray(rgb[::step, ::step, :3])
+
+
+def white_point(rgb: np.ndarray, *, min_brightness: float = 200.0) -> tuple[float, float, float]:
+    """Per-channel intensity of the glass: the median of the brightest 0.5 % of pixels when
+    those are bright (>= ``min_brightness``), else 255 (a tile without glass)."""
+    px = _sample(rgb).reshape(-1, 3).astype(np.float32)
+    if len(px) == 0:
+        return (255.0, 255.0, 255.0)
+    br = px.mean(1)
+    top = px[br >= np.percentile(br, 99.5)]
+    if np.median(top.mean(1)) < min_brightness:
+        return (255.0, 255.0, 255.0)
+    return tuple(float(v) for v in np.clip(np.median(top, 0), min_brightness, 255.0))
+
+
+def estimate_stain_model(rgb: np.ndarray, *, estimate_vectors: bool = False) -> StainModel:
+    """The :class:`StainModel` of one image: white point from the glass; stain vectors
+    (Ruifrok's, or Macenko's when ``estimate_vectors``); the hematoxylin cross-talk into DAB as
+    the 10th percentile of DAB/H over hematoxylin-rich pixels (H >= 0.2 OD: nuclei, whose
+    lowest DAB/H ratios are the unstained ones); the tissue's median H and low-percentile
+    corrected DAB (:data:`BACKGROUND_PERCENTILE`)."""
+    sub = _sample(rgb)
+    white = white_point(sub)
+    vectors = (tuple(HEMATOXYLIN), tuple(DAB))
+    if estimate_vectors:
+        v = macenko_vectors(sub)
+        vectors = (tuple(v[0]), tuple(v[1]))
+    m = StainModel(white=white, vectors=vectors, estimated_vectors=estimate_vectors)
+    h, d = m.concentrations(sub)
+    tissue = m.od(sub).sum(-1) > 0.15
+    if tissue.sum() < 100:
+        return m
+    rich = tissue & (h >= 0.2)
+    k = float(np.clip(np.percentile(d[rich] / h[rich], 10), 0.0, 0.6)) if rich.sum() >= 200 else 0.0
+    dc = np.maximum(d - k * h, 0)
+    return StainModel(white=white, vectors=vectors, crosstalk=k,
+                      dab_background=float(np.percentile(dc[tissue], BACKGROUND_PERCENTILE)), h_background=float(np.median(h[tissue])),
+                      estimated_vectors=estimate_vectors)

@@ -13,17 +13,29 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .scoring import LEVELS, HER2Result, score, summarize
+from .scoring import LEVELS, HER2Result, _image_finding, empty_result, image_check, score
+from .stains import StainModel, estimate_stain_model
 
-#: Fixed display colours (RGBA 0..1) per map label: 0 = not scored, then 0, 1+, 2+, 3+.
+#: Map label of a tile with tissue that is not assessable (too few tumour cells, pattern, ...).
+NOT_ASSESSABLE = 5
+#: Fixed display colours (RGBA 0..1) per map label: 0 = not scored, then 0, 1+, 2+, 3+, n/a.
 LEVEL_COLOURS = {
     0: (0.0, 0.0, 0.0, 0.0),
     1: (0.27, 0.51, 0.71, 0.55),  # 0: steel blue
     2: (1.00, 0.85, 0.20, 0.55),  # 1+: yellow
     3: (1.00, 0.55, 0.10, 0.55),  # 2+: orange
     4: (0.85, 0.10, 0.10, 0.55),  # 3+: red
+    NOT_ASSESSABLE: (0.55, 0.55, 0.55, 0.45),  # not assessable: grey
 }
-LEGEND = {"0": LEVEL_COLOURS[1], "1+": LEVEL_COLOURS[2], "2+": LEVEL_COLOURS[3], "3+": LEVEL_COLOURS[4]}
+LEGEND = {"0": LEVEL_COLOURS[1], "1+": LEVEL_COLOURS[2], "2+": LEVEL_COLOURS[3], "3+": LEVEL_COLOURS[4],
+          "n/a": LEVEL_COLOURS[NOT_ASSESSABLE]}
+
+
+def map_label(res: HER2Result | None) -> int:
+    """A tile's map label: 0 no tissue / not scored, 1-4 the level, :data:`NOT_ASSESSABLE`."""
+    if res is None or res.reason_code == "no_tissue":
+        return 0
+    return NOT_ASSESSABLE if res.her2 is None else 1 + LEVELS.index(res.her2)
 
 
 def as_levels(image) -> list:
@@ -39,6 +51,33 @@ def choose_level(levels: Sequence, mpp: float, max_mpp: float = 1.0) -> tuple[in
         if mpp * ds <= max_mpp * 1.001 and ds >= best[1]:
             best = (i, ds, mpp * ds)
     return best
+
+
+def thumbnail(levels: Sequence, target: int = 2048) -> np.ndarray:
+    """The whole image small (long side about ``target`` to ``2 * target`` px) for per-image
+    estimates: the coarsest level at least ``target`` px long, strided further if needed."""
+    pick = levels[0]
+    for lv in levels[::-1]:
+        if max(lv.shape[:2]) >= target:
+            pick = lv
+            break
+    step = max(1, int(max(pick.shape[:2]) // (2 * target)))
+    a = pick[::step, ::step]
+    if hasattr(a, "compute"):
+        a = a.compute()
+    a = np.asarray(a)
+    return a[..., :3] if a.ndim == 3 and a.shape[-1] == 4 else a
+
+
+def image_context(levels: Sequence, *, estimate_stains: bool = False) -> tuple[StainModel, dict | None]:
+    """One stain model for the whole image (so all tiles share one background) and the colour
+    verdict (H&E-like or grayscale: the finding for every tile; None when the colours pass)."""
+    from .scoring import _check_rgb
+
+    th = _check_rgb(thumbnail(levels))
+    model = estimate_stain_model(th, estimate_vectors=estimate_stains)
+    f = image_check(th, 0.0)
+    return model, (f if f["code"] in ("not_ihc", "grayscale") else None)
 
 
 def read_rgb(level, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
@@ -65,10 +104,15 @@ class TileScore:
     bbox: tuple[int, int, int, int]  # level-0 (x0, y0, x1, y1)
     result: HER2Result | None  # None: skipped (no tissue)
 
+    @property
+    def label(self) -> int:
+        return map_label(self.result)
+
 
 @dataclass
 class ScoreMap:
-    """A per-tile HER2 map: ``labels[r, c]`` = 0 (not scored / no tumour cells) or 1 + level index."""
+    """A per-tile HER2 map: ``labels[r, c]`` = 0 (no tissue), 1 + level index, or
+    :data:`NOT_ASSESSABLE` (tissue without a level: too few tumour cells, pattern, ...)."""
 
     labels: np.ndarray
     tile: int  # tile size in level-0 pixels
@@ -81,7 +125,8 @@ class ScoreMap:
     def overall(self) -> HER2Result:
         """All scored tiles' cells pooled (centroids in level-0 pixels)."""
         rs = [t.result for t in self.tiles if t.result is not None]
-        return HER2Result.merge(rs)
+        return HER2Result.merge(rs) if rs else empty_result(self.analysis_mpp, image=_image_finding(
+            "no_tissue", "no tissue"))
 
     def to_dict(self) -> dict:
         return {
@@ -110,13 +155,18 @@ def iter_tiles(
     halo_um: float = 12.0,
     min_tissue: float = 0.05,
     bbox: tuple[int, int, int, int] | None = None,
+    estimate_stains: bool = False,
+    stain_model: StainModel | None = None,
     **score_kw,
 ) -> Iterator[TileScore]:
     """Score an image tile by tile (row-major). Each tile is analysed with a halo so border
     cells are whole; a cell belongs to the tile holding its centroid. ``bbox`` (level-0 x0, y0,
-    x1, y1) limits the area. Tiles with less than ``min_tissue`` stained area are skipped."""
+    x1, y1) limits the area. Tiles with less than ``min_tissue`` stained area are skipped.
+    One stain model (background) and colour verdict is taken from the whole image."""
     levels = as_levels(image)
     li, ds, amp = choose_level(levels, mpp, max_mpp)
+    model, colours = image_context(levels, estimate_stains=estimate_stains)
+    model = stain_model or model
     lv = levels[li]
     H0, W0 = levels[0].shape[:2]
     tile0 = max(int(round(tile_um / mpp)), 16)
@@ -133,7 +183,7 @@ def iter_tiles(
                 continue
             wx0, wy0 = max(lx0 - halo, 0), max(ly0 - halo, 0)
             win = read_rgb(lv, wx0, wy0, lx1 + halo, ly1 + halo)
-            res = score(win, amp, **score_kw)
+            res = score(win, amp, stain_model=model, image=colours, **score_kw)
             cx, cy = res.centroid[:, 0] + wx0, res.centroid[:, 1] + wy0
             inside = (cx >= lx0) & (cx < lx1) & (cy >= ly0) & (cy < ly1)
             res = _to_level0(res.subset(inside), (wx0, wy0), ds)
@@ -153,8 +203,7 @@ def iter_score_map(image, mpp: float = 0.5, *, tile_um: float = 256.0, max_mpp: 
     _, _, amp = choose_level(levels, mpp, max_mpp)
     for i, t in enumerate(iter_tiles(levels, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw)):
         tiles.append(t)
-        if t.result is not None and t.result.cells > 0:
-            labels[t.row, t.col] = 1 + LEVELS.index(t.result.her2)
+        labels[t.row, t.col] = t.label
         yield i + 1, ny * nx
     return ScoreMap(labels, tile0, mpp, amp, tiles, (bx0, by0))
 
@@ -171,7 +220,8 @@ def score_map(
 ) -> ScoreMap:
     """Per-tile HER2 score map of a whole image or pyramid (see :func:`iter_tiles`; ``bbox``
     limits it to a level-0 box, the map's origin). ``labels[r, c]`` is 0 where no tumour cell
-    was found, else 1 + the level index; ``overall`` pools all tiles' cells."""
+    was found, else 1 + the level index or :data:`NOT_ASSESSABLE`; ``overall`` pools all tiles'
+    cells (a not-assessable tile's cells still count in the pool)."""
     return run_steps(iter_score_map(image, mpp, tile_um=tile_um, max_mpp=max_mpp, **kw),
                      progress, cancelled, "HER2 scoring cancelled")
 
@@ -211,6 +261,8 @@ def score_polygon(image, polygon, mpp: float = 0.5, *, max_mpp: float = 1.0, **k
     li, ds, amp = choose_level(levels, mpp, max_mpp)
     lv = levels[li]
     h, w = lv.shape[:2]
+    if "stain_model" not in kw:
+        kw["stain_model"], kw["image"] = image_context(levels, estimate_stains=kw.get("estimate_stains", False))
     is_region = hasattr(polygon, "mask") and hasattr(polygon, "bounds")
     if is_region:
         bx0, by0, bx1, by1 = polygon.bounds
@@ -221,9 +273,7 @@ def score_polygon(image, polygon, mpp: float = 0.5, *, max_mpp: float = 1.0, **k
     x0, y0 = max(int(np.floor(lo[0])), 0), max(int(np.floor(lo[1])), 0)
     x1, y1 = min(int(np.ceil(hi[0])) + 1, w), min(int(np.ceil(hi[1])) + 1, h)
     if x1 <= x0 or y1 <= y0:
-        out = summarize(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, bool), mpp=amp)
-        out.warning = "the region lies outside the image"
-        return out
+        return empty_result(amp, image=_image_finding("outside", "the region lies outside the image"))
     m = int(np.ceil(16.0 / amp))  # context around the region for the local background
     wx0, wy0 = max(x0 - m, 0), max(y0 - m, 0)
     win = read_rgb(lv, wx0, wy0, x1 + m, y1 + m)
