@@ -45,8 +45,12 @@ def test_whole_image_map_cells_and_explanation(viewer_with_ihc, qtbot):
     assert m.data.shape == (1, 1) and m.data[0, 0] == 4  # 256 um tiles = 512 px at 0.5 um/px
     assert m.scale[-1] == pytest.approx(0.5 * 512)
     pts = viewer.layers[CELLS_LAYER]
-    assert len(pts.data) == widget.result.cells
-    assert set(pts.features["class"]) <= {"none", "faint", "weak_moderate", "intense"}
+    # every detected cell: tumour cells by membrane class, the rejected ones grey
+    assert len(pts.data) == len(widget.result.centroid) and pts.features["tumour"].sum() == widget.result.cells
+    assert set(pts.features["class"][pts.features["tumour"]]) <= {"none", "faint", "weak_moderate", "intense"}
+    assert set(pts.features["class"][~pts.features["tumour"]]) == {"not tumour"}
+    assert widget.table.rowCount() == 1 and widget.table.item(0, 1).text() == "3+"
+    assert int(widget.table.item(0, 2).text()) == widget.result.cells
     # overlay hides when zoomed far out, shows when zoomed in
     viewer.scene.camera.zoom = 0.01
     assert not pts.visible
@@ -68,6 +72,10 @@ def test_visible_region_follows_camera(viewer_with_ihc, qtbot):
     _run(widget, qtbot, "Visible region")
     c = widget.result.centroid
     assert len(c) > 0
+    # about 20 tumour cells in view: not assessable, said so in the text and the table
+    assert widget.result.her2 is None and widget.result.reason_code == "too_few_cells"
+    assert widget.explanation.text().startswith("not assessable: too few tumour cells")
+    assert widget.table.item(0, 1).text().startswith("not assessable (too few tumour cells")
     assert c[:, 0].min() >= poly[:, 0].min() - 1 and c[:, 0].max() <= poly[:, 0].max() + 1
     assert c[:, 1].min() >= poly[:, 1].min() - 1 and c[:, 1].max() <= poly[:, 1].max() + 1
 
@@ -132,3 +140,30 @@ def test_learned_level_next_to_rule_score(viewer_with_ihc, qtbot):
         assert layers[LEARNED_LAYER].data.shape == layers[L.HER2].data.shape
     finally:
         registry.unregister("tiny-her2-test")
+
+
+def test_he_layer_is_refused(viewer_with_ihc, qtbot):
+    from napari_bci.widgets.her2 import HER2Widget
+
+    widget = HER2Widget(viewer_with_ihc)
+    widget.ihc_combo.setCurrentText(L.HE)
+    _run(widget, qtbot, "Whole image")
+    assert widget.result is None and L.HER2 not in viewer_with_ihc.layers
+    assert widget.explanation.text().startswith(f"Refused: {L.HE}: not a DAB IHC: H&E-like colours")
+
+
+def test_export_report(viewer_with_ihc, qtbot, tmp_path):
+    from skimage.io import imread
+
+    from napari_bci.widgets.her2 import HER2Widget
+
+    widget = HER2Widget(viewer_with_ihc)
+    widget.learned_check.setChecked(False)
+    assert not widget.export_btn.isEnabled()
+    _run(widget, qtbot, "Whole image")
+    assert widget.export_btn.isEnabled()
+    csv_path, png_path = widget.export_report(tmp_path / "slide_report.png")
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("whole image,3+,3+,True")
+    png = imread(png_path)
+    assert png.shape[1] == 1100 and png.shape[0] > 512

@@ -1,5 +1,6 @@
 """The "HER2" dock widget: ASCO/CAP scoring of an IHC layer (visible region, drawn regions or
-the whole image), a per-tile score map, per-cell overlay, and the learned level from H&E."""
+the whole image), a per-tile score map, per-cell overlay, a per-region table with a one-page
+report export, and the learned level from H&E."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
-from ..her2.scoring import CLASSES, LEVELS, HER2Result
+from ..her2.report import TABLE, report_rows
+from ..her2.scoring import CLASSES, LEVELS, HER2Result, display_text
 from ..her2.tiles import LEGEND, LEVEL_COLOURS
 from ..io import layers as L
 from ._layers import levels, rgb_layers
@@ -29,6 +34,10 @@ LEARNED_LAYER = "HER2 (learned from H&E)"
 CLASS_COLOURS = (
     (0.35, 0.55, 0.95, 1.0), (1.0, 0.95, 0.3, 1.0), (1.0, 0.55, 0.1, 1.0), (0.85, 0.05, 0.05, 1.0)
 )
+#: Detected cells not counted as tumour cells (lymphocytes, stroma, isolated cells).
+REJECTED_COLOUR = (0.6, 0.6, 0.6, 0.8)
+#: Longest side (px) of the image in an exported report.
+REPORT_PX = 1400
 #: The cell overlay shows when a screen pixel covers at most this many image pixels.
 MAX_PX_PER_SCREEN_PX = 4.0
 MAP_OPACITY, MAP_OPACITY_ZOOMED_IN = 0.6, 0.15
@@ -78,6 +87,13 @@ class HER2Widget(QWidget):
         self.explanation.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.details = QLabel("")
         self.details.setWordWrap(True)
+        self.table = QTableWidget(0, len(TABLE))
+        self.table.setHorizontalHeaderLabels([h for h, _ in TABLE])
+        self.table.setEditTriggers(QTableWidget.NoEditTriggers)
+        self.table.setMinimumHeight(90)
+        self.export_btn = QPushButton("Export report (CSV + PNG)...")
+        self.export_btn.setEnabled(False)
+        self._scored = None  # (layer, scope) of the shown results
 
         form = QFormLayout()
         form.addRow("IHC layer", self.ihc_combo)
@@ -111,12 +127,15 @@ class HER2Widget(QWidget):
         lay.addWidget(self.progress)
         lay.addWidget(self.explanation)
         lay.addWidget(self.details)
+        lay.addWidget(self.table)
+        lay.addWidget(self.export_btn)
         lay.addLayout(legend)
         lay.addLayout(cells_legend)
         lay.addStretch()
 
         self.score_btn.clicked.connect(self.run)
         self.cancel_btn.clicked.connect(self.cancel)
+        self.export_btn.clicked.connect(self._export_clicked)
         viewer.layers.events.inserted.connect(self._refresh_layers)
         viewer.layers.events.removed.connect(self._refresh_layers)
         viewer.scene.camera.events.zoom.connect(self._update_cell_visibility)
@@ -263,29 +282,40 @@ class HER2Widget(QWidget):
         self.progress.setVisible(False)
 
     def _on_done(self, out, layer, scope):
+        from napari.utils.notifications import show_error, show_warning
+
         if out is None:
+            return
+        if out.get("refused"):  # an H&E (or grayscale) image chosen as the IHC
+            show_error(f"HER2: {layer.name}: {out['refused']}")
+            self.explanation.setText(f"Refused: {layer.name}: {out['refused']}")
             return
         self.result = out["overall"]
         self.region_results = out["regions"]
         self.learned = out.get("compare")
-        lines = [self.result.explanation]
+        self._scored = (layer, scope)
+        head = self.result.explanation
+        if self.result.rule:
+            head += f" [ASCO/CAP {self.result.rule}]"
+        lines = [head]
         if scope == "Drawn regions":
             lines = [f"{name}: {r.explanation}" for name, r in self.region_results.items()]
         cmp = out.get("compare")
         if cmp:
             lines.append(cmp["text"])
-        if self.result.warning:
-            from napari.utils.notifications import show_warning
-
+        if self.result.warnings:
             show_warning(f"HER2: {self.result.warning}")
-            lines.append(f"Warning: {self.result.warning}")
+            lines += [f"Warning: {w}" for w in self.result.warnings]
         self.explanation.setText("\n".join(lines))
         fr = self.result.fractions
         self.details.setText(
-            f"{self.result.cells} tumour cells of {len(self.result.centroid)} detected; "
-            + ", ".join(f"{k.replace('_', '-')} {fr[k]:.0%}" for k in CLASSES)
-            + f"; complete {fr['complete']:.0%} (at {self.result.mpp:.2g} um/px)"
+            f"{display_text(self.result)}: {self.result.cells} tumour cells of {len(self.result.centroid)} "
+            "detected; " + ", ".join(f"{k.replace('_', '-')} {fr[k]:.0%}" for k in CLASSES)
+            + f"; complete {fr['complete']:.0%}; H-score {self.result.h_score:.0f}; "
+            f"pattern {self.result.pattern.get('pattern', 'none')} (at {self.result.mpp:.2g} um/px)"
         )
+        self._fill_table()
+        self.export_btn.setEnabled(True)
         if out.get("map") is not None:
             self._show_map(out["map"].labels, out["map"].tile, layer, L.HER2, her2=self.result.her2)
         if out.get("learned_map") is not None:
@@ -311,13 +341,81 @@ class HER2Widget(QWidget):
                                    metadata={"role": "her2", "tile": int(tile), "levels": list(LEVELS),
                                              "her2": her2})
 
+    # -- table and report ----------------------------------------------------------------------
+    def table_results(self) -> dict[str, HER2Result]:
+        """The rows of the table: each drawn region, else the one scored area."""
+        if self._scored and self._scored[1] == "Drawn regions":
+            return dict(self.region_results)
+        name = self._scored[1].lower() if self._scored else "image"
+        return {name: self.result} if self.result is not None else {}
+
+    def _fill_table(self):
+        rows = report_rows(self.table_results())
+        self.table.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            for j, (_, key) in enumerate(TABLE):
+                v = row[key]
+                self.table.setItem(i, j, QTableWidgetItem(f"{v:g}" if isinstance(v, float) else str(v)))
+        self.table.resizeColumnsToContents()
+
+    def _export_clicked(self):
+        path, _ = QFileDialog.getSaveFileName(self, "Export HER2 report", "her2_report.png",
+                                              "PNG report + CSV table (*.png)")
+        if path:
+            self.export_report(path)
+
+    def export_report(self, path):
+        """Write ``<path>.csv`` (the table) and ``<path>.png`` (overlay + table) for the shown
+        results; returns both paths (None, with a notification, on failure)."""
+        from napari.utils.notifications import show_error, show_info
+
+        from ..her2.report import write_report
+        from ..her2.tiles import read_rgb
+
+        results = self.table_results()
+        if not results or self._scored is None:
+            show_error("HER2: nothing scored to export")
+            return None
+        layer, scope = self._scored
+        lv = levels(layer)
+        H, W = lv[0].shape[:2]
+        cen = np.concatenate([r.centroid for r in results.values()])
+        if scope == "Whole image" or len(cen) == 0:
+            x0, y0, x1, y1 = 0, 0, W, H
+        else:
+            pad = 20 / _mpp(layer)
+            x0, y0 = np.maximum(np.floor(cen.min(0) - pad), 0).astype(int)
+            x1, y1 = np.minimum(np.ceil(cen.max(0) + pad), [W, H]).astype(int)
+        li = 0
+        for i, a in enumerate(lv):  # the finest level at which the box fits REPORT_PX
+            if max(x1 - x0, y1 - y0) * a.shape[0] / H <= REPORT_PX:
+                li = i
+                break
+        else:
+            li = len(lv) - 1
+        ds = H / lv[li].shape[0]
+        rgb = read_rgb(lv[li], int(x0 / ds), int(y0 / ds), int(np.ceil(x1 / ds)), int(np.ceil(y1 / ds)))
+        step = max(1, int(np.ceil(max(rgb.shape[:2]) / REPORT_PX)))
+        rgb = rgb[::step, ::step]
+        notes = [self.learned["text"]] if self.learned else []
+        try:
+            out = write_report(path, rgb, results, title=f"HER2 report: {layer.name} ({scope.lower()})",
+                               offset_xy=(int(x0 / ds) * ds, int(y0 / ds) * ds), downsample=ds * step,
+                               notes=notes)
+        except (OSError, ValueError) as e:
+            show_error(f"HER2: export failed: {e}")
+            return None
+        show_info(f"HER2: report written to {out[0]} and {out[1]}")
+        return out
+
     def _show_cells(self, res: HER2Result, layer):
-        keep = res.tumour
-        pts = res.centroid[keep][:, ::-1] if len(res.centroid) else np.zeros((0, 2))
-        colours = np.asarray([CLASS_COLOURS[c] for c in res.cell_class[keep]]).reshape(-1, 4)
+        pts = res.centroid[:, ::-1] if len(res.centroid) else np.zeros((0, 2))
+        colours = np.asarray([CLASS_COLOURS[c] if t else REJECTED_COLOUR
+                              for c, t in zip(res.cell_class, res.tumour)]).reshape(-1, 4)
         size = max(3.5 / max(_mpp(layer), 1e-3), 3.0)  # ~3.5 um, smaller than a nucleus
-        feats = {"class": [CLASSES[c] for c in res.cell_class[keep]],
-                 "completeness": np.round(res.completeness[keep], 2)}
+        feats = {"class": [CLASSES[c] if t else "not tumour" for c, t in zip(res.cell_class, res.tumour)],
+                 "tumour": np.asarray(res.tumour, bool),
+                 "completeness": np.round(res.completeness, 2)}
         if CELLS_LAYER in self.viewer.layers:
             self.viewer.layers.remove(CELLS_LAYER)
         self.viewer.add_points(pts, name=CELLS_LAYER, face_color=colours if len(pts) else "white",
@@ -347,9 +445,14 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
     (HER2Result), ``regions`` {name: HER2Result}, ``map`` (ScoreMap or None), ``learned_map``
     (LevelMap or None) and ``compare`` (rule vs learned, or None). ``kw`` goes to the scorer."""
     from ..her2.learned import compare, disagreement, iter_predict_map, level_model, predict_polygon
-    from ..her2.tiles import choose_level, iter_score_map, score_polygon
+    from ..her2.tiles import choose_level, image_context, iter_score_map, score_polygon
 
     out = {"regions": {}, "map": None, "learned_map": None, "compare": None}
+    model_bg, colours = image_context(levels, estimate_stains=kw.get("estimate_stains", False))
+    if colours is not None:
+        return {"refused": colours["reason"]}
+    kw["stain_model"] = model_bg
+    yield (0, 1)
     if regions is None:
         smap = yield from iter_score_map(levels, mpp, **kw)
         out["map"] = smap
@@ -382,7 +485,7 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
             out["compare"] = compare(out["overall"], probs)
             lm = out["learned_map"]
             if lm is not None and lm.labels.shape == out["map"].labels.shape:
-                both = (out["map"].labels > 0) & (lm.labels > 0)
+                both = (out["map"].labels > 0) & (out["map"].labels <= 4) & (lm.labels > 0)
                 dis = int(disagreement(out["map"].labels, lm.labels).sum())
                 out["compare"]["tiles_disagree"] = dis
                 out["compare"]["text"] += f"; tiles: {dis} of {int(both.sum())} differ"
