@@ -242,3 +242,31 @@ def test_generate_cli_tta_level_and_bad_config(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "bad.yaml" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+# -- the Virtual IHC widget -----------------------------------------------------------------------------
+@pytest.mark.gui
+def test_virtual_ihc_widget_runs_bcistainer_with_tta_and_shows_its_level(make_napari_viewer, qtbot, data_dir):
+    from napari_bci.io import layers as L
+    from napari_bci.io.patches import read_patch
+    from napari_bci.widgets.virtual_ihc import VirtualIHCWidget
+
+    viewer = make_napari_viewer()
+    he = read_patch(data_dir / "he_carcinoma_1000.png")
+    data, attrs, _ = L.image_layer(he, L.HE, mpp=0.5, role="he")
+    viewer.add_image(data, **attrs)
+    w = VirtualIHCWidget(viewer)
+    qtbot.addWidget(w)
+    w.set_model(str(TINY / "bcistainer_tiny.pth"))
+    w.tta_check.setChecked(True)
+    cam = viewer.scene.camera
+    cam.zoom = min(viewer.canvas.size) / (96 * 0.5)
+    cam.center = (0, 400 * 0.5, 300 * 0.5)
+    w.mode_combo.setCurrentText("This view only")
+    w.start()
+    qtbot.waitUntil(lambda: w.is_idle() and w.written and w.her2_probs is not None, timeout=60000)
+    assert w.engine.blend and w.engine.generator.name.endswith("+tta")
+    assert w.her2_label.text().startswith("Model's HER2 level")
+    layer = w.output_layer
+    assert layer.metadata["her2_model_level"]["level"] in ("0", "1+", "2+", "3+")
+    np.testing.assert_allclose(sum(layer.metadata["her2_model_level"]["probabilities"]), 1, atol=1e-5)

@@ -181,10 +181,14 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
 
     from ..io.slide import open_slide
     from ..io.writers import write_image_atomic
+    from ..models.domain import check_generator_domain
     from . import batch
     from .tiles import generate_image
 
     with open_slide(src) as slide:
+        domain = check_generator_domain(gen, slide.levels[0])
+        if domain:
+            print(f"warning: {src}: {domain}", file=sys.stderr)
         if slide.native_levels > 1 or out.name.lower().endswith(OME_SUFFIXES):
             return batch.generate_slide(slide, model, _slide_out(src, out), generator=gen, **_slide_options(args))
         if out.is_dir():
@@ -203,9 +207,11 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
     dt = time.perf_counter() - t0
     result = {"n": 1, "out": str(out), "model": gen.name, "device": gen.device, "shape": list(res.shape[:2]),
               "mpp": mpp, "tiles": eng.computed, "seconds": round(dt, 3), "tta": bool(args.tta)}
-    result.update(her2_level(gen, image))
+    result.update(her2_level(eng))
     if warning:
         result["warning"] = warning
+    if domain:
+        result["out_of_domain"] = domain
     return result
 
 
@@ -221,22 +227,14 @@ def mpp_warning(gen, mpp: float | None, src) -> str | None:
             f"({ratio:.2g}x): resample the image to the model's magnification for trustworthy output")
 
 
-def her2_level(gen, image) -> dict:
-    """The generator's own HER2 level for an image (BCIStainer's head), on its central native
-    window; empty for generators without one."""
+def her2_level(engine) -> dict:
+    """The generator's own HER2 level (BCIStainer's head) on the central native window of the
+    engine's image; empty for generators without one."""
     from ..models.base import HER2_CLASSES
 
-    if not getattr(gen, "predicts_her2", False):
+    probs = engine.predict_her2()
+    if probs is None:
         return {}
-    w = int(getattr(gen, "window", None) or 1024)
-    h, wd = image.shape[:2]
-    y0, x0 = max(0, (h - w) // 2), max(0, (wd - w) // 2)
-    crop = image[y0:y0 + w, x0:x0 + w, :3]
-    m = max(1, int(getattr(gen, "multiple", 1)))
-    ch, cw = crop.shape[0] // m * m, crop.shape[1] // m * m
-    if ch < m or cw < m:
-        return {}
-    probs = gen.predict_her2(crop[None, :ch, :cw])[0]
     return {"her2_level": HER2_CLASSES[int(probs.argmax())],
             "her2_probabilities": {c: round(float(p), 4) for c, p in zip(HER2_CLASSES, probs)}}
 

@@ -402,6 +402,25 @@ class TileEngine:
         """The whole generation level (for images that fit in memory; slides stream instead)."""
         return self.region(0, self.grid.height, 0, self.grid.width, **kw)
 
+    def predict_her2(self, center: tuple[float, float] | None = None) -> np.ndarray | None:
+        """The generator's own HER2 probabilities ("0", "1+", "2+", "3+") on its native window
+        (``window`` px, 1024 if unset) centred at generation-level pixel ``center`` (default: the
+        image centre), clipped to the image; ``None`` for generators without a HER2 head."""
+        g = self.generator
+        if not getattr(g, "predicts_her2", False):
+            return None
+        h, w = self.shape
+        size = int(getattr(g, "window", None) or 1024)
+        cy, cx = center if center is not None else (h / 2, w / 2)
+        y0 = int(min(max(cy - size / 2, 0), max(h - size, 0)))
+        x0 = int(min(max(cx - size / 2, 0), max(w - size, 0)))
+        win = read_window(self.array, y0, min(y0 + size, h), x0, min(x0 + size, w))
+        m = self.multiple
+        ph, pw = (-win.shape[0]) % m, (-win.shape[1]) % m
+        if ph or pw:
+            win = read_window(win, 0, win.shape[0] + ph, 0, win.shape[1] + pw)
+        return np.asarray(g.predict_her2(win[None]))[0]
+
     def stats(self) -> dict:
         return {"computed": self.computed, "cache_hits": self.cache_hits, "batch_size": self.batch_size, "blend": self.blend,
                 "level": self.level, "tile": self.grid.tile, "halo": self.grid.halo,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -92,6 +93,16 @@ class VirtualIHCWidget(QWidget):
         self.tile_spin.setSpecialValueText("model default")
         self.mode_combo = QComboBox()
         self.mode_combo.addItems([FOLLOW, THIS_VIEW])
+        self.tta_check = QCheckBox("test-time augmentation (7 flips/rotations, 7x slower)")
+        #: the generator's own HER2 level on the viewed region (BCIStainer's head), when it has one
+        self.her2_label = QLabel("")
+        self.her2_label.setWordWrap(True)
+        self.her2_probs = None
+        #: persistent note when the H&E is outside the generator's training domain
+        self.domain_label = QLabel("")
+        self.domain_label.setWordWrap(True)
+        self.domain_label.setStyleSheet("color: #e8a33d")
+        self.domain_warning: str | None = None
         self.start_btn = QPushButton("Generate")
         self.cancel_btn = QPushButton("Stop")
         self.cancel_btn.setEnabled(False)
@@ -107,6 +118,7 @@ class VirtualIHCWidget(QWidget):
         form.addRow("Device", self.device_combo)
         form.addRow("Tile (px)", self.tile_spin)
         form.addRow("Mode", self.mode_combo)
+        form.addRow("TTA", self.tta_check)
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_btn)
         buttons.addWidget(self.cancel_btn)
@@ -115,6 +127,8 @@ class VirtualIHCWidget(QWidget):
         lay.addLayout(buttons)
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
+        lay.addWidget(self.domain_label)
+        lay.addWidget(self.her2_label)
         lay.addStretch(1)
 
         self._debounce = QTimer(self)
@@ -230,7 +244,8 @@ class VirtualIHCWidget(QWidget):
 
                     set_cpu_threads((os.cpu_count() or 2) - 1)  # leave a core to the GUI thread
             tile = self.tile_spin.value() or None
-            key = (id(he), spec, device, tile)
+            tta = self.tta_check.isChecked()
+            key = (id(he), spec, device, tile, tta)
             if self._engine_key != key or self.output_layer is None or self.output_layer not in self.viewer.layers:
                 lvls = levels(he)
                 meta = he.metadata or {}
@@ -238,13 +253,28 @@ class VirtualIHCWidget(QWidget):
                     self.generator, lvls, mpp=meta.get("mpp"), tile=tile,
                     image_id=meta.get("path") or f"layer-{id(he)}",
                     scale=tuple(he.scale[-2:]), translate=tuple(he.translate[-2:]),
-                    on_warning=self._warn)
+                    on_warning=self._warn, tta=tta)
+                self.her2_probs = None
+                self.her2_label.setText("")
+                self._check_domain(lvls[self.engine.level])
                 self._new_output(he)
                 self._engine_key = key
         except (BCIError, OSError, ValueError) as e:
             show_error(f"Virtual IHC: {e}")
             return False
         return True
+
+    def _check_domain(self, image) -> None:
+        """Notify, and keep a note in the widget, when the H&E is outside the generator's
+        training domain (:mod:`napari_bci.models.domain`)."""
+        from napari.utils.notifications import show_warning
+
+        from ..models.domain import check_generator_domain
+
+        self.domain_warning = check_generator_domain(self.generator, image)
+        self.domain_label.setText(f"\u26a0 {self.domain_warning}" if self.domain_warning else "")
+        if self.domain_warning:
+            show_warning(f"Virtual IHC: {self.domain_warning}")
 
     def _new_output(self, he) -> None:
         from ..generate.display import OutputPyramid
@@ -362,6 +392,9 @@ class VirtualIHCWidget(QWidget):
         cancel = self._cancel = threading.Event()
         engine = self.engine
         n_levels = len(self.output.levels)
+        cores = [engine.grid.core(i) for i in todo]
+        centre = ((min(c[0] for c in cores) + max(c[1] for c in cores)) / 2,
+                  (min(c[2] for c in cores) + max(c[3] for c in cores)) / 2)
 
         def run():
             from ..generate.display import tile_pyramid
@@ -372,6 +405,8 @@ class VirtualIHCWidget(QWidget):
             try:
                 for idx, tile in engine.generate(todo, cancel=cancel):
                     yield job, idx, tile_pyramid(tile, n_levels)  # reductions off the GUI thread
+                if not cancel.is_set() and getattr(engine.generator, "predicts_her2", False):
+                    yield job, "her2", engine.predict_her2(centre)
             except Exception as e:  # noqa: BLE001 (reported to the user on the main thread)
                 yield job, None, e
 
@@ -390,6 +425,10 @@ class VirtualIHCWidget(QWidget):
         if idx is None:
             self._on_error(tile)
             return
+        if isinstance(idx, str):
+            if job == self._job:
+                self._show_her2(tile)
+            return
         if job != self._job or self.output is None or self.engine is None:
             self._dropped += 1
             return
@@ -400,6 +439,20 @@ class VirtualIHCWidget(QWidget):
         if not self._refresh_timer.isActive():
             self._refresh_timer.start()
         self._note_main_thread(t0)
+
+    def _show_her2(self, probs) -> None:
+        """Show the generator's HER2 level for the viewed region; the output layer keeps it."""
+        from ..models.base import HER2_CLASSES
+
+        if probs is None:
+            return
+        self.her2_probs = [float(p) for p in probs]
+        k = int(max(range(len(probs)), key=lambda i: probs[i]))
+        text = ", ".join(f"{c}: {p:.2f}" for c, p in zip(HER2_CLASSES, probs))
+        self.her2_label.setText(f"Model's HER2 level (viewed region): {HER2_CLASSES[k]}  ({text})")
+        if self.output_layer is not None:
+            self.output_layer.metadata["her2_model_level"] = {"level": HER2_CLASSES[k],
+                                                               "probabilities": self.her2_probs}
 
     def _on_evict(self, idx) -> None:
         self.written.discard(tuple(idx))
