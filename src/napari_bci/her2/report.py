@@ -95,13 +95,12 @@ def render(rgb: np.ndarray, results: dict[str, HER2Result], *, title: str = "", 
         d.text((x + 18, y), name.replace("_", "-"), fill="black", font=small)
         x += 130
     y += 26
-    widths = (150, 330, 90, 60, 60, 80, 70, 80, 65, 100)
+    widths = (140, 320, 90, 60, 60, 85, 70, 85, 65, 90)
     for ri, row in enumerate([{k: h for h, k in TABLE}] + rows):
         x = 20
         for (head, key), wcol in zip(TABLE, widths):
             v = row.get(key, "")
-            d.text((x, y), (f"{v:g}" if isinstance(v, float) else str(v))[: max(wcol // 7, 4)], fill="black",
-                   font=small if ri else font)
+            d.text((x, y), (f"{v:g}" if isinstance(v, float) else str(v))[: max(wcol // 7, 4)], fill="black", font=small)
             x += wcol
         y += row_h
     d.text((20, y + 8), "3+ > 10% complete intense; 2+ > 10% complete weak-moderate; 1+ > 10% faint/incomplete; "
