@@ -123,6 +123,63 @@ def test_level_prediction_conditions_the_decoder():
     assert torch.equal(FiLM(4, 8)(h, torch.rand(1, 4, 2, 2)), h)  # zero-initialised: identity
 
 
+def test_level_map_is_pooled_and_teacher_forcing_sets_the_decoder_level():
+    torch.manual_seed(0)
+    m = build({**TINY, "cond_pool": 3}).eval()
+    for mod in m.modules():  # give the FiLM layers an effect (they start as identity)
+        if isinstance(mod, FiLM):
+            torch.nn.init.normal_(mod.proj.weight, std=0.5)
+    dense = torch.zeros(1, 4, 5, 5)
+    dense[0, 3, 2, 2] = 9.0  # one confident cell: pooling spreads it to its 3x3 neighbours only
+    cond = m.condition(dense)
+    assert cond[0, 3, 1, 1] > 0.4 and cond[0, 3, 0, 0] == pytest.approx(0.25)
+    assert torch.allclose(cond.sum(1), torch.ones(1, 5, 5))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        lo, _ = m(x, torch.tensor([0, 0]))
+        hi, logits = m(x, torch.tensor([3, 3]))
+        mixed, _ = m(x, torch.tensor([3, 3]), torch.tensor([True, False]))
+        free, logits_free = m(x)
+    assert float((hi - lo).abs().mean()) > 1e-3  # the true level reaches the decoder
+    torch.testing.assert_close(mixed[0], hi[0])
+    torch.testing.assert_close(mixed[1], free[1])
+    torch.testing.assert_close(logits, logits_free)  # the head never sees the label
+    assert build(TINY).cond_pool == 1  # configs from before the option load unchanged
+
+
+def test_dab_od_matches_colour_deconvolution():
+    from napari_bci import stain
+    from napari_bci.samples.synthetic import make_pair
+
+    ihc = make_pair("3+", 128, seed=11).ihc
+    x = torch.from_numpy(ihc).permute(2, 0, 1)[None].float() / 127.5 - 1
+    np.testing.assert_allclose(losses.dab_od(x)[0, 0].numpy(), stain.dab(ihc), atol=1e-5)
+
+
+def test_membrane_dab_loss_tolerates_a_shifted_membrane_and_punishes_a_missing_one():
+    from napari_bci import stain
+
+    def img(col=None, od=0.6):
+        conc = np.zeros((1, 48, 48, 3), np.float32)
+        if col is not None:
+            conc[0, :, col : col + 2, 2] = od  # a 2 px wide vertical DAB membrane
+        rgb = stain.render(conc, stain.HED_MATRIX)
+        return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    loss = losses.MembraneDabLoss()
+    truth = img(20)
+    assert float(loss(truth, truth)) == pytest.approx(0.0, abs=1e-6)
+    shifted, missing, pale = float(loss(img(21), truth)), float(loss(img(), truth)), float(loss(img(20, 0.2), truth))
+    assert shifted < 0.6 * missing and shifted < pale
+    # pixel L1 prefers the pale membrane to the full one a pixel off (what washes membranes out)
+    l1 = torch.nn.functional.l1_loss
+    assert float(l1(img(20, 0.2), truth)) < float(l1(img(21), truth))
+    fake = img().requires_grad_(True)
+    loss(fake, truth).backward()
+    g = fake.grad.abs().sum((0, 1))
+    assert float(g[:, 18:24].sum()) > 0.75 * float(g.sum())  # it pulls DAB mostly onto the membrane
+
+
 # -- data --------------------------------------------------------------------------------------------
 def test_valid_box_and_crops_avoid_invalid_pixels():
     valid = np.ones((100, 120), bool)
@@ -200,6 +257,23 @@ def test_train_level_aware_decreases_loss_resumes_exactly_and_loads(tiny_pairs, 
     assert out.shape == tiles.shape and out.dtype == np.uint8
     probs = gen.predict_her2(tiles)
     assert probs.shape == (2, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_fine_tune_with_membrane_dab_loss_and_teacher_forcing(tiny_pairs, tmp_path):
+    tr, va = tiny_pairs
+    kw = dict(arch="level_aware", steps=4, epochs=1, batch=2, crop=64, lr=2e-3, ssim_weight=1.0, gan_weight=0.0,
+              device="cpu", progress=False, log=lambda s: None)
+    base = train(tr, va, tmp_path / "base", seed=3, model_options=TINY, **kw)
+    tuned = train(tr, va, tmp_path / "tuned", seed=4, dab_weight=25.0, teacher_forcing=0.5,
+                  init=base["weights"], model_options={**TINY, "cond_pool": 3}, **kw)
+    cfg = json.loads((tmp_path / "tuned" / "model.json").read_text())
+    assert cfg["cond_pool"] == 3 and cfg["training"]["loss"]["membrane_dab"] == 25.0
+    assert cfg["training"]["teacher_forcing"] == 0.5 and cfg["training"]["init"] == "model.safetensors"
+    a, b = _weights(base["weights"]), _weights(tuned["weights"])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="cannot start from"):
+        train(tr, va, tmp_path / "bad", init=base["weights"], model_options={**TINY, "channels": [8, 8, 16, 32]},
+              **kw)
 
 
 def test_train_pyramid_pix2pix_with_gan(tiny_pairs, tmp_path):

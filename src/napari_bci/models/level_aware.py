@@ -12,6 +12,11 @@ while the decoder is modulated by the *local* softmax map. The whole network is 
 convolutional, so tiles of one slide get the same conditioning where they overlap and the tile
 engine's halo/feathering stays seam-free (a per-tile global vector would jump at tile borders).
 
+The level map the decoder sees can be the head's logits box-averaged over ``cond_pool`` x
+``cond_pool`` cells before the softmax (more tissue per decision; the built-in model uses 5).
+For training, ``forward(x, level, use_level)`` replaces it by the true level for chosen samples
+(teacher forcing), so the decoder learns to draw every level whatever the head says.
+
 Layout (defaults, ~1.3 M parameters, ~10 GMAC per 512x512 tile): a 3-stride U-Net-style
 encoder (16, 32, 64, 128 channels), 3 residual blocks at 1/8 resolution, bilinear-upsampling
 decoder with skip connections, BatchNorm (eval mode at inference: per-pixel affine, so tiles
@@ -35,7 +40,7 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 BUILTIN_WEIGHTS = WEIGHTS_DIR / "builtin.safetensors"
 BUILTIN_CONFIG = WEIGHTS_DIR / "builtin.json"
 
-DEFAULTS = {"channels": [16, 32, 64, 128], "n_blocks": 3, "head_channels": 64, "n_classes": 4}
+DEFAULTS = {"channels": [16, 32, 64, 128], "n_blocks": 3, "head_channels": 64, "n_classes": 4, "cond_pool": 1}
 
 
 def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -98,8 +103,9 @@ class LevelAwareGenerator(nn.Module):
     multiple = 16
 
     def __init__(self, channels=(16, 32, 64, 128), n_blocks: int = 3, head_channels: int = 64,
-                 n_classes: int = 4):
+                 n_classes: int = 4, cond_pool: int = 1):
         super().__init__()
+        self.cond_pool = int(cond_pool)
         c0, c1, c2, c3 = channels
         k = n_classes
         self.enc0 = _cbr(3, c0)
@@ -116,8 +122,22 @@ class LevelAwareGenerator(nn.Module):
         self.up0 = UpBlock(c1, c0, c0, k)
         self.out = nn.Conv2d(c0, 3, 3, padding=1)
 
-    def forward_dense(self, x: torch.Tensor):
-        """``(image, dense_logits)``; dense logits ``(N, 4, H/16, W/16)``."""
+    def condition(self, dense: torch.Tensor) -> torch.Tensor:
+        """The decoder's level map: softmax of the dense logits, first box-averaged over
+        ``cond_pool`` x ``cond_pool`` cells (1/16 resolution) so that each region's level is
+        decided from more tissue than one head receptive field."""
+        z = dense.float()
+        if self.cond_pool > 1:
+            z = F.avg_pool2d(z, self.cond_pool, stride=1, padding=self.cond_pool // 2, count_include_pad=False)
+        return torch.softmax(z, dim=1)
+
+    def forward_dense(self, x: torch.Tensor, level: torch.Tensor | None = None,
+                      use_level: torch.Tensor | None = None):
+        """``(image, dense_logits)``; dense logits ``(N, 4, H/16, W/16)``.
+
+        Training only: ``level`` ``(N,)`` true levels replace the predicted level map as the
+        decoder's condition (teacher forcing) for the samples where ``use_level`` ``(N,)`` is true
+        (all when None)."""
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
         if ph or pw:
@@ -127,7 +147,11 @@ class LevelAwareGenerator(nn.Module):
         s2 = self.enc2(s1)
         z = self.enc3(s2)
         dense = self.head(z)
-        cond = torch.softmax(dense.float(), dim=1)
+        cond = self.condition(dense)
+        if level is not None:
+            onehot = F.one_hot(level.long(), cond.shape[1]).to(cond.dtype)[:, :, None, None].expand_as(cond)
+            sel = torch.ones_like(level, dtype=torch.bool) if use_level is None else use_level.bool()
+            cond = torch.where(sel[:, None, None, None], onehot, cond)
         for blk in self.blocks:
             z = blk(z, cond)
         y = self.up2(z, s2, cond)
@@ -138,16 +162,18 @@ class LevelAwareGenerator(nn.Module):
             img = img[..., :h, :w]
         return img, dense
 
-    def forward(self, x: torch.Tensor):
-        img, dense = self.forward_dense(x)
+    def forward(self, x: torch.Tensor, level: torch.Tensor | None = None,
+                use_level: torch.Tensor | None = None):
+        img, dense = self.forward_dense(x, level, use_level)
         return img, dense.float().mean(dim=(2, 3))
 
 
 def build(config: dict | None = None) -> LevelAwareGenerator:
-    """Builder for the architecture registry: ``config`` keys channels, n_blocks, head_channels."""
+    """Builder for the architecture registry: ``config`` keys channels, n_blocks, head_channels,
+    cond_pool."""
     cfg = {**DEFAULTS, **{k: v for k, v in (config or {}).items() if k in DEFAULTS}}
     return LevelAwareGenerator(tuple(cfg["channels"]), int(cfg["n_blocks"]), int(cfg["head_channels"]),
-                               int(cfg["n_classes"]))
+                               int(cfg["n_classes"]), int(cfg["cond_pool"]))
 
 
 register_arch(ARCH, build)

@@ -32,6 +32,13 @@ def register(sub) -> None:
     p.add_argument("--ssim-weight", type=float, default=0.0)
     p.add_argument("--gan-weight", type=float, default=1.0, help="0 trains without the PatchGAN")
     p.add_argument("--focal-weight", type=float, default=1.0, help="HER2 head loss (level_aware)")
+    p.add_argument("--dab-weight", type=float, default=0.0,
+                   help="membrane DAB loss (max-pooled DAB OD L1, weighted on membranes)")
+    p.add_argument("--teacher-forcing", type=float, default=0.0, metavar="P",
+                   help="level_aware: fraction of samples whose decoder sees the true level")
+    p.add_argument("--gan-ndf", type=int, default=64, help="PatchGAN filters in its first layer")
+    p.add_argument("--init", default=None, metavar="SAFETENSORS",
+                   help="start from these generator weights (same architecture) instead of random")
     p.add_argument("--norm", default="batch", choices=("batch", "instance", "none"), help="pix2pix archs")
     p.add_argument("--dropout", action="store_true", help="dropout in pix2pix generators")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -91,7 +98,8 @@ def run_train(args) -> dict:
     report = train(
         train_pairs, val_pairs, args.out, arch=args.arch, epochs=args.epochs, steps=args.steps, batch=args.batch,
         crop=args.crop, lr=args.lr, l1_weight=args.l1_weight, ssim_weight=args.ssim_weight,
-        gan_weight=args.gan_weight, focal_weight=args.focal_weight, seed=args.seed, device=args.device,
+        gan_weight=args.gan_weight, focal_weight=args.focal_weight, dab_weight=args.dab_weight,
+        teacher_forcing=args.teacher_forcing, gan_ndf=args.gan_ndf, init=args.init, seed=args.seed, device=args.device,
         resume=args.resume, stop_at=args.stop_at, workers=args.workers, name=args.name, mpp=args.mpp, norm=args.norm,
         use_dropout=args.dropout, data_info=data,
         log=(lambda s: None) if getattr(args, "json", False) else None,

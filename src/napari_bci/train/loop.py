@@ -7,8 +7,12 @@ fully valid crops are used).
 
 Objective (generator): PyramidPix2pix's L1 at full, 1/2, 1/4, 1/8 scale (each weight 25,
 :class:`~napari_bci.train.losses.PyramidL1`) + ``gan_weight`` x GAN loss against a
-conditional PatchGAN + ``ssim_weight`` x (1 - SSIM) + for the level-aware model
-``focal_weight`` x focal loss of its HER2 head on the slide-level label.
+conditional PatchGAN (``gan_ndf`` filters) + ``ssim_weight`` x (1 - SSIM) + ``dab_weight`` x the
+membrane DAB loss (:class:`~napari_bci.train.losses.MembraneDabLoss`) + for the level-aware model
+``focal_weight`` x focal loss of its HER2 head on the slide-level label. ``teacher_forcing``: the
+fraction of level-aware training samples whose decoder is conditioned on the true level instead
+of the head's prediction (so the decoder learns to render each level; the head learns it only
+through the focal loss on those samples).
 
 Every epoch: validation PSNR/SSIM (BCI-exact, :func:`bci_psnr_ssim`), HER2 level accuracy and
 mean DAB optical density of the output per level, a resumable checkpoint
@@ -275,16 +279,28 @@ def _run_whole(G, he: np.ndarray, multiple: int, device: str):
     return out, (None if logits is None else logits.float().cpu().numpy()[0])
 
 
+def membrane_dab(result) -> float:
+    """Mean membrane DAB OD of a HER2 scoring result: its per-cell membrane intensity averaged
+    over the tumour cells (0 for an unstained cell)."""
+    t = np.asarray(result.tumour, bool)
+    return float(np.asarray(result.intensity)[t].mean()) if t.any() else 0.0
+
+
 def evaluate_pairs(G, pairs: Sequence[Pair], multiple: int = 16, device: str = "cpu",
-                   generator: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+                   generator: Callable[[np.ndarray], np.ndarray] | None = None, score: bool = False) -> dict:
     """BCI-exact PSNR/SSIM on each pair's valid box, HER2 accuracy of the logits (if any) and
     the mean DAB OD of the output per true level. ``generator`` (uint8 -> uint8) replaces ``G``
-    (e.g. to score the classical baseline on the same pairs)."""
+    (e.g. to score the classical baseline on the same pairs). ``score=True`` adds the rule-based
+    HER2 score (:func:`napari_bci.her2.score`) of the output and of the real IHC per pair
+    (``"scored"``: name, true, generated, real) and their mean membrane DAB OD per level
+    (``"membrane_dab_by_level"``: generated, real)."""
     from .. import stain
 
     psnrs, ssims, correct, n_pred = [], [], 0, 0
     dab: dict[str, list[float]] = {lv: [] for lv in HER2_CLASSES}
     per_level: dict[str, dict[str, list[float]]] = {lv: {"psnr": [], "ssim": []} for lv in HER2_CLASSES}
+    scored: list[dict] = []
+    mem: dict[str, list[tuple[float, float]]] = {lv: [] for lv in HER2_CLASSES}
     for p in pairs:
         he, ihc, valid = p.load()
         y0, y1, x0, x1 = valid_box(valid, ihc.shape[:2], multiple)
@@ -300,6 +316,12 @@ def evaluate_pairs(G, pairs: Sequence[Pair], multiple: int = 16, device: str = "
         per_level[lv]["psnr"].append(ps)
         per_level[lv]["ssim"].append(ss)
         dab[lv].append(float(stain.dab(pred).mean()))
+        if score:
+            from ..her2 import score as her2_score
+
+            s_gen, s_real = her2_score(pred, mpp=0.5), her2_score(gt, mpp=0.5)
+            scored.append({"name": p.name, "true": lv, "generated": s_gen.her2, "real": s_real.her2})
+            mem[lv].append((membrane_dab(s_gen), membrane_dab(s_real)))
         if logits is not None:
             n_pred += 1
             correct += int(np.argmax(logits) == p.level)
@@ -311,6 +333,13 @@ def evaluate_pairs(G, pairs: Sequence[Pair], multiple: int = 16, device: str = "
         "dab_od_by_level": {lv: float(np.mean(v)) for lv, v in dab.items() if v},
         "per_level": {lv: {k: float(np.mean(v)) for k, v in d.items()} for lv, d in per_level.items() if d["psnr"]},
     }
+    if score:
+        res["scored"] = scored
+        res["her2_scored_correct"] = sum(r["generated"] == r["true"] for r in scored)
+        res["her2_real_correct"] = sum(r["real"] == r["true"] for r in scored)
+        res["membrane_dab_by_level"] = {lv: {"generated": float(np.mean([a for a, _ in v])),
+                                             "real": float(np.mean([b for _, b in v]))}
+                                        for lv, v in mem.items() if v}
     return res
 
 
@@ -370,6 +399,10 @@ def train(
     ssim_weight: float = 0.0,
     gan_weight: float = 1.0,
     focal_weight: float = 1.0,
+    dab_weight: float = 0.0,
+    teacher_forcing: float = 0.0,
+    gan_ndf: int = 64,
+    init: str | os.PathLike | None = None,
     seed: int = 0,
     device: str | None = None,
     resume: bool = False,
@@ -387,13 +420,14 @@ def train(
     """Train a generator; returns the report (also written into ``out_dir/model.json``).
 
     ``stop_at``: stop (with a checkpoint, no export) once this step is reached; ``resume=True``
-    continues exactly where it stopped. ``model_options`` override architecture options in the config (e.g. ``{"channels": [12, 24,
+    continues exactly where it stopped. ``init``: a generator safetensors (same architecture and
+    options) to start from instead of a random initialisation (fine-tuning). ``model_options`` override architecture options in the config (e.g. ``{"channels": [12, 24,
     48, 96]}`` for ``level_aware``, ``{"ngf": 32}`` for the pix2pix ones)."""
     import torch
     from tqdm import tqdm
 
     from ..models.device import resolve_device
-    from .losses import GANLoss, PyramidL1, focal_loss, ssim_loss
+    from .losses import GANLoss, MembraneDabLoss, PyramidL1, focal_loss, ssim_loss
     from .patchgan import NLayerDiscriminator, init_weights
 
     log = log or (lambda s: print(s, file=sys.stderr))
@@ -427,10 +461,17 @@ def train(
     G = build_generator(config)
     if arch != "level_aware":
         init_weights(G)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        try:
+            G.load_state_dict(load_file(str(init)), strict=True)
+        except (OSError, RuntimeError) as e:
+            raise InputError(init, f"cannot start from these weights ({e})") from None
     G.to(dev)
     D = None
     if gan_weight > 0:
-        D = init_weights(NLayerDiscriminator(6, 64, 3, norm=norm)).to(dev)
+        D = init_weights(NLayerDiscriminator(6, gan_ndf, 3, norm=norm)).to(dev)
     optG = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
     optD = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999)) if D is not None else None
     amp_dtype = None
@@ -439,6 +480,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     pyramid = PyramidL1((l1_weight,) * 4)
     gan = GANLoss("vanilla")
+    dab_loss = MembraneDabLoss()
 
     state = {"step": 0, "history": [], "wall_s": 0.0}
     ck_pt, ck_js = out / "checkpoint.pt", out / "checkpoint.json"
@@ -505,7 +547,12 @@ def train(
                     for g in opt.param_groups:
                         g["lr"] = lr_at(step)
             with autocast():
-                fake, logits = _split_output(G(he))
+                if level_aware and teacher_forcing > 0:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+                    use = (torch.rand(he.shape[0], generator=g) < teacher_forcing).to(dev)
+                    fake, logits = _split_output(G(he, level, use))
+                else:
+                    fake, logits = _split_output(G(he))
             parts = {}
             if D is not None:  # discriminator step (pix2pix: fake detached, 0.5 x (real + fake))
                 for p in D.parameters():
@@ -527,6 +574,10 @@ def train(
                 ls = ssim_loss(fake.float(), ihc)
                 loss = loss + ssim_weight * ls
                 parts["ssim"] = float(ls.detach())
+            if dab_weight > 0:
+                ld = dab_loss(fake.float(), ihc)
+                loss = loss + dab_weight * ld
+                parts["dab"] = float(ld.detach())
             if level_aware and logits is not None and focal_weight > 0:
                 lf = focal_loss(logits, level)
                 loss = loss + focal_weight * lf
@@ -584,8 +635,11 @@ def train(
             "data": data_info or {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs)},
             "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
             "steps": state["step"], "epochs": n_epochs, "steps_per_epoch": spe, "batch": batch, "crop": crop,
-            "lr": lr, "loss": {"pyramid_l1_weights": [l1_weight] * 4, "gan": gan_weight, "ssim": ssim_weight,
+            "lr": lr, "loss": {"pyramid_l1_weights": [l1_weight] * 4, "gan": gan_weight, "gan_ndf": gan_ndf,
+                               "ssim": ssim_weight, "membrane_dab": dab_weight,
                                "focal": focal_weight if level_aware else 0.0},
+            "teacher_forcing": teacher_forcing if level_aware else 0.0,
+            "init": None if init is None else Path(init).name,
             "seed": seed, "device": dev, "wall_s": round(state["wall_s"], 1),
             "torch": torch.__version__,
         }),
