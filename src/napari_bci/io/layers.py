@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 #: Layer names users see (DESIGN.md section 2).
 HE = "H&E"
+HE_REGISTERED = "H&E (registered)"
 IHC_TRUTH = "IHC (ground truth)"
 SSIM = "SSIM (local)"
 HER2 = "HER2 (predicted)"

@@ -50,6 +50,26 @@ class WSIPair:
         frame = Frame(None if section == "he" else self.transform)
         return render_window(self.scene, section, frame, y0, x0, h, w, d=2**level)
 
+    def tumour_centre(self, grid: int = 96) -> tuple[float, float]:
+        """IHC-frame level-0 ``(y, x)`` px of a point deep in a tumour nest, in tissue: where the
+        real IHC shows membranes (the scene's nest field, sampled on a ``grid`` x ``grid`` net and
+        smoothed over about 150 um so the point sits in a large nest, not on a sliver)."""
+        from scipy import ndimage
+
+        h, w = self.shape
+        ys, xs = (np.arange(grid) + 0.5) * h / grid, (np.arange(grid) + 0.5) * w / grid
+        yy, xx = np.meshgrid(ys, xs, indexing="ij")
+        pts = np.stack([xx.ravel(), yy.ravel()], -1)
+        he = self.transform.backward(pts) * self.mpp
+        f = self.scene.fields(he[:, 0], he[:, 1], ("nest", "tissue", "lumen"))
+        score = np.where(f["tissue"] > 0.5, f["nest"], -1.0).reshape(grid, grid)
+        sigma = max(1.0, 150.0 / self.mpp / (h / grid))
+        score = ndimage.gaussian_filter(score, sigma)
+        margin = grid // 10  # keep away from the slide's edge
+        inner = score[margin:-margin, margin:-margin]
+        iy, ix = np.unravel_index(int(np.argmax(inner)), inner.shape)
+        return float(ys[iy + margin]), float(xs[ix + margin])
+
     def to_json(self) -> dict:
         return {
             "her2": self.her2,

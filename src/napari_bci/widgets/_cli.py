@@ -48,6 +48,11 @@ def register(sub) -> None:
     p.add_argument("--her2", default="2+", choices=["0", "1+", "2+", "3+"], help="HER2 level of the synthetic slide")
     p.add_argument("--model", default=None, help="generator for the Virtual IHC widget (default: builtin)")
     p.add_argument("--no-generate", action="store_true", help="do not start follow-the-view generation")
+    p.add_argument("--zoom", type=float, default=0.5,
+                   help="start zoom in screen px per slide px (default 0.5; 2 shows membranes up close)")
+    p.add_argument("--real", action="store_true",
+                   help="the real CMU-1-Small-Region H&E slide instead (the built-in model is out of its "
+                        "domain there and says so)")
     p.add_argument("--screenshot", metavar="PNG", help="save a screenshot of the window and exit")
     p.set_defaults(func=run_demo)
 
@@ -60,11 +65,19 @@ def register(sub) -> None:
 
 
 def run_demo(args):
+    from ..errors import InputError
+
     check_screenshot_target(args.screenshot)
-    from .app import launch_demo
+    if not args.zoom > 0:
+        raise InputError(None, f"--zoom {args.zoom}: must be positive")
+    from .app import launch_demo, launch_real_demo
 
     _setup_napari()
+    if args.real:
+        launch_real_demo(model=args.model, generate=not args.no_generate, screenshot=args.screenshot)
+        return
     launch_demo(
+        zoom=args.zoom,
         size=args.size,
         seed=args.seed,
         her2=args.her2,

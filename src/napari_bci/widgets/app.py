@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..io.layers import SSIM
-from ._layers import levels
+from ..io.layers import HE_REGISTERED, IHC_TRUTH, SSIM
 
 #: The plugin's dock widgets, in the order they are docked (names as in napari.yaml).
 WIDGETS = ("Slides", "Virtual IHC", "Compare", "Register", "HER2")
@@ -21,11 +20,23 @@ def dock_widgets(viewer, names: Iterable[str] = WIDGETS) -> dict:
     return docked
 
 
-def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> list[tuple]:
-    """The embedded default data: the synthetic whole-slide H&E / IHC pair as layer tuples."""
+def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> tuple[list[tuple], object]:
+    """The embedded default data: the synthetic whole-slide H&E / IHC pair as layer tuples, plus
+    the H&E registered to the IHC (warped lazily by the pair's known transform, as a registration
+    would), so that generated and real IHC show the same cells. Returns ``(tuples, pair)``."""
     from .._npe2 import wsi_pair
+    from ..io.layers import HE, HE_REGISTERED, image_layer
+    from ..registration.warp import warp_levels
 
-    return wsi_pair(size=size, seed=seed, her2=her2)
+    tuples = wsi_pair(size=size, seed=seed, her2=her2)
+    (he, he_attrs, _), (ihc, ihc_attrs, _) = tuples
+    pair = he_attrs["metadata"]["truth"]
+    warped = warp_levels(he, pair.transform, [lv.shape[:2] for lv in ihc], chunk=512)
+    reg = image_layer(warped, HE_REGISTERED, mpp=pair.mpp, role="he", fmt="synthetic", her2=pair.her2,
+                      extra_metadata={"registered_to": ihc_attrs["name"], "transform": pair.transform.to_dict(),
+                                      "registration": "the synthetic pair's known transform"})
+    he_attrs = {**he_attrs, "visible": False, "name": HE}
+    return [(he, he_attrs, "image"), reg, (ihc, ihc_attrs, "image")], pair
 
 
 def _finish(viewer, widgets, screenshot: str | None, wait_s: float, ready=None) -> None:
@@ -63,35 +74,50 @@ def launch_demo(
     model: str | None = None,
     generate: bool = True,
     screenshot: str | None = None,
+    zoom: float = 0.5,
 ):
+    """The demo: the synthetic pair side by side on a tumour nest, the built-in model following
+    the view (``zoom``: screen px per level-0 px; 2 to see membranes up close)."""
     import napari
 
     viewer = napari.Viewer(title="napari-bci demo")
     viewer.window.resize(1600, 1000)
-    for data, attrs, _ in demo_layers(size=size, seed=seed, her2=her2):
+    tuples, pair = demo_layers(size=size, seed=seed, her2=her2)
+    for data, attrs, _ in tuples:
         viewer.add_image(data, **attrs)
     widgets = dock_widgets(viewer)
     vihc = widgets["Virtual IHC"]
+    vihc.he_combo.setCurrentText(HE_REGISTERED)  # generate in the IHC's frame
     if model:
         vihc.set_model(model)
-    # side by side (one viewbox per layer, one shared camera): H&E, generated IHC, real IHC, SSIM,
-    # each panel titled with its layer's name
+    # side by side (one viewbox per layer, one shared camera): registered H&E, generated IHC,
+    # real IHC, SSIM, each panel titled with its layer's name
     for layer in viewer.layers:
         layer.name_overlay.visible = True
     viewer.layers.events.inserted.connect(lambda e: setattr(e.value.name_overlay, "visible", True))
     widgets["Compare"].side_radio.setChecked(True)
-    # start in the tissue at about 1 um/px, where nests and cells are visible
-    he = viewer.layers["H&E"]
-    h, w = levels(he)[0].shape[:2]
-    sy, sx = he.scale[:2]
-    viewer.scene.camera.center = (h * sy * 0.5, w * sx * 0.45)
-    viewer.scene.camera.zoom = 0.5 / sy
+    # start on a tumour nest at about 1 um/px, where the real IHC shows membranes
+    ihc = viewer.layers[IHC_TRUTH]
+    sy = ihc.scale[0]
+    cy, cx = pair.tumour_centre()
+    viewer.scene.camera.center = (cy * sy, cx * sy)
+    viewer.scene.camera.zoom = zoom / sy
     if generate:
         vihc.start_following()
-    def ready() -> bool:  # the view's virtual IHC is done and the SSIM heatmap is there
-        names = [layer.name for layer in viewer.layers]
-        started = any(n.startswith("IHC (generated") for n in names) or not generate
-        return started and vihc.is_idle() and (SSIM in names or not generate)
+    compare = widgets["Compare"]
+    state = {"mean_at": None}
+
+    def ready() -> bool:
+        """The view's virtual IHC is done and the SSIM heatmap was computed after its last tile."""
+        if not generate:
+            return True
+        if not (vihc.jobs_started and vihc.is_idle() and vihc.written):
+            state["mean_at"] = None
+            return False
+        if state["mean_at"] is None:  # generation just settled: wait for a heatmap of the result
+            state["mean_at"] = compare.heatmap_count
+            return False
+        return compare.heatmap_count > state["mean_at"] and not compare._heat.busy
 
     _finish(viewer, widgets.values(), screenshot, wait_s=180, ready=ready)
     return viewer
@@ -111,4 +137,31 @@ def launch_view(layers, samples=(), model: str | None = None, screenshot: str | 
     if model:
         widgets["Virtual IHC"].set_model(model)
     _finish(viewer, widgets.values(), screenshot, wait_s=5)
+    return viewer
+
+
+def launch_real_demo(model: str | None = None, generate: bool = True, screenshot: str | None = None):
+    """The real CMU-1-Small-Region H&E slide with the chosen (default: built-in) model following
+    the view: on real tissue the built-in model is out of its domain, and the Virtual IHC widget
+    says so."""
+    import napari
+
+    from .._npe2 import cmu_small
+
+    viewer = napari.Viewer(title="napari-bci: real H&E (CMU-1-Small-Region)")
+    viewer.window.resize(1600, 1000)
+    for data, attrs, _ in cmu_small():
+        viewer.add_image(data, **attrs)
+    widgets = dock_widgets(viewer)
+    vihc = widgets["Virtual IHC"]
+    if model:
+        vihc.set_model(model)
+    if generate:
+        vihc.start_following()
+
+    def ready() -> bool:
+        names = [layer.name for layer in viewer.layers]
+        return (not generate or any(n.startswith("IHC (generated") for n in names)) and vihc.is_idle()
+
+    _finish(viewer, widgets.values(), screenshot, wait_s=120, ready=ready)
     return viewer

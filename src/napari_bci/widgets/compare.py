@@ -54,6 +54,9 @@ from ._layers import levels, rgb_layers
 from ._worker import Jobs
 
 DEBOUNCE_MS = 300
+#: after the generated layer's pixels change (tiles arriving), the heatmap waits this long for
+#: the stream of tiles to pause before it is recomputed
+DATA_SETTLE_MS = 1200
 HEATMAP_COLORMAP = "viridis"
 
 TABLE_COLUMNS = (
@@ -97,7 +100,7 @@ def is_real_ihc(layer) -> bool:
 
 
 def is_he(layer) -> bool:
-    return _role(layer) == "he" or layer.name in (L.HE, "H&E (registered)")
+    return _role(layer) == "he" or layer.name in (L.HE, L.HE_REGISTERED)
 
 
 def _colorbar_pixmap(name: str, width: int = 160, height: int = 12) -> QPixmap:
@@ -130,6 +133,7 @@ class CompareWidget(QWidget):
         self.viewer = viewer
         self.scores: list[RegionScore] = []
         self.heatmap_mean: float | None = None
+        self.heatmap_count = 0  # heatmaps shown so far
         self._heat = Jobs(self)
         self._heat_pending = False
         self._regions = Jobs(self)
@@ -233,6 +237,11 @@ class CompareWidget(QWidget):
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self.update_heatmap)
+        self._data_timer = QTimer(self)
+        self._data_timer.setSingleShot(True)
+        self._data_timer.setInterval(DATA_SETTLE_MS)
+        self._data_timer.timeout.connect(self.schedule_heatmap)
+        self._watched_gen = None
 
         self.gen_combo.activated.connect(lambda *_: self._user_chose.add(self.gen_combo))
         self.truth_combo.activated.connect(lambda *_: self._user_chose.add(self.truth_combo))
@@ -334,7 +343,30 @@ class CompareWidget(QWidget):
     def _on_layers_chosen(self, *_):
         self._restore()
         self._show_status()
+        self._watch_generated()
         self._apply_mode()
+
+    def _watch_generated(self) -> None:
+        """Recompute the heatmap when the generated layer's pixels change (tiles arrive)."""
+        g = self.gen_layer
+        if g is self._watched_gen:
+            return
+        self._watch_generated_none()
+        self._watched_gen = g
+        if g is not None:
+            g.events.set_data.connect(self._on_gen_data)
+
+    def _watch_generated_none(self) -> None:
+        if self._watched_gen is not None:
+            try:
+                self._watched_gen.events.set_data.disconnect(self._on_gen_data)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        self._watched_gen = None
+
+    def _on_gen_data(self, *_):
+        if not self._closed:
+            self._data_timer.start()
 
     # ---------------------------------------------------------- side by side / overlay
 
@@ -473,6 +505,7 @@ class CompareWidget(QWidget):
         if not self.heat_check.isChecked() or self._pair() is None:
             return
         self.heatmap_mean = res.mean
+        self.heatmap_count += 1
         shown = self.side_radio.isChecked()
         if L.SSIM in self.viewer.layers:
             ly = self.viewer.layers[L.SSIM]
@@ -753,8 +786,10 @@ class CompareWidget(QWidget):
         self._active = False
         try:
             self._timer.stop()
+            self._data_timer.stop()
         except RuntimeError:  # already deleted with the widget
             pass
+        self._watch_generated_none()
         self._heat.stop()
         self._regions.stop()
         self._restore()
