@@ -10,6 +10,12 @@
    Target >= 1.5x on CPU, >= 3x on a GPU.
 3. Work: tiles computed per view change / newly visible tiles (target <= 1.1), and revisiting
    the views computes nothing (100 % cache hits).
+4. Published generators at their native 1024 px windows (issue 12): BCIStainer exp3 and ASP
+   ``resnet_6blocks`` (our implementations, random weights): engine windows/s vs a reference
+   loop (batch 1, fp32, no_grad, upstream preprocessing and uint8 truncation), the TTA cost
+   (time with / without), and seams on a 2048 px synthetic slide: mean |step| between adjacent
+   rows/columns on window borders over the same elsewhere (1.0 = seam-free), blended vs plain
+   tiling. On CPU the models run at reduced width (``--published-width``) to keep the run short.
 
 Model: the built-in model when installed, else a pix2pix ``resnet_9blocks`` (ngf 16 on CPU,
 64 on CUDA) with random weights (speed does not depend on the weights).
@@ -105,6 +111,93 @@ def bench_throughput(gen, levels, mpp, n_tiles: int) -> dict:
             "reference_tiles_per_s": round(len(idx) / t_ref, 3), "engine_tiles_per_s": round(len(idx) / t_eng, 3),
             "ratio": round(t_ref / t_eng, 2), "engine_batch": int(eng.batch_size),
             "threads": torch.get_num_threads()}
+
+
+# -- 4. published generators ----------------------------------------------------------------------------
+def _published(width: str, device: str | None):
+    """(name, TorchGenerator) for BCIStainer exp3 and ASP resnet_6blocks, random weights."""
+    import torch
+
+    from napari_bci.models import bcistainer, cut
+    from napari_bci.models.base import TorchGenerator
+
+    full = width == "full"
+    torch.manual_seed(0)
+    exp3 = {"name": "basic", "full_size": 1024, "init_channels": 32 if full else 8, "encoder1_blocks": 3,
+            "style_type": "mod", "style_linear": True, "style_blocks": 9 if full else 3, "norm_type": "batch",
+            "dropout": 0.2, "output_lowres": True, "attention": True}
+    asp = {"arch": "cut_resnet_6blocks", "ngf": 64 if full else 8, "norm": "instance", "weight_norm": "spectral"}
+    common = dict(tile=1024, halo=0, window=1024, window_dependent=True, mpp=0.5, quantize="truncate", device=device)
+    return [(f"BCIStainer exp3{'' if full else ' (reduced width)'}",
+             TorchGenerator(bcistainer.build(exp3), name="bcistainer-exp3", multiple=8, predicts_her2=True, **common)),
+            (f"ASP resnet_6blocks{'' if full else ' (reduced width)'}",
+             TorchGenerator(cut.build(asp), name="asp-resnet6", multiple=4, predicts_her2=False, **common))]
+
+
+def _seam_ratio(img: np.ndarray, period: int) -> float:
+    """Mean |row/column step| on multiples of ``period`` over the mean step elsewhere."""
+    a = img.astype(np.float32).mean(axis=2)
+    dy, dx = np.abs(np.diff(a, axis=0)), np.abs(np.diff(a, axis=1))
+    on_y = np.zeros(dy.shape[0], bool)
+    on_y[period - 1::period] = True
+    on_x = np.zeros(dx.shape[1], bool)
+    on_x[period - 1::period] = True
+    border = np.concatenate([dy[on_y].ravel(), dx[:, on_x].ravel()]).mean()
+    inner = np.concatenate([dy[~on_y].ravel(), dx[:, ~on_x].ravel()]).mean()
+    return round(float(border / inner), 3)
+
+
+def bench_published(width: str, device: str | None, n_windows: int, slide_px: int) -> list[dict]:
+    import torch
+
+    from napari_bci.generate.cache import TileCache
+    from napari_bci.generate.engine import TileEngine
+    from napari_bci.samples.wsi import make_wsi_pair
+
+    he = np.asarray(make_wsi_pair(size=slide_px, seed=0, her2="2+").he_levels[0])
+    rows = []
+    for name, gen in _published(width, device):
+        windows = [np.ascontiguousarray(he[y:y + 1024, x:x + 1024]) for y, x in
+                   [(0, 0), (slide_px - 1024, slide_px - 1024), (0, slide_px - 1024), (slide_px - 1024, 0)][:n_windows]]
+        module, dev = gen.module, gen.device
+
+        def reference():
+            for w in windows:  # upstream: (x / 255) * 2 - 1, fp32, batch 1; astype(uint8) truncation
+                t = torch.from_numpy(w).permute(2, 0, 1)[None].float().div(255).mul(2).sub(1).to(dev)
+                with torch.no_grad():
+                    o = module(t)
+                o = o[0] if isinstance(o, (tuple, list)) else o
+                ((o[0].clamp(-1, 1) + 1) / 2 * 255).permute(1, 2, 0).cpu().numpy().astype(np.uint8)
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        def engine(tta=False):
+            for w in windows:
+                TileEngine(gen, w, cache=TileCache(2**28), tta=tta).compute_all()
+
+        engine()  # warm-up
+        t0 = time.perf_counter()
+        reference()
+        t_ref = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine()
+        t_eng = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine(tta=True) if width != "full" or dev != "cpu" else None
+        t_tta = time.perf_counter() - t0 if width != "full" or dev != "cpu" else None
+        eng = TileEngine(gen, he, cache=TileCache(2**30))
+        t0 = time.perf_counter()
+        blended = eng.compute_all()
+        t_slide = time.perf_counter() - t0
+        plain = TileEngine(gen, he, cache=TileCache(2**30), blend=False).compute_all()
+        rows.append({"model": name, "device": dev, "windows": len(windows), "window_px": 1024,
+                     "parameters": int(sum(p.numel() for p in module.parameters())),
+                     "reference_windows_per_s": round(len(windows) / t_ref, 4),
+                     "engine_windows_per_s": round(len(windows) / t_eng, 4), "ratio": round(t_ref / t_eng, 2),
+                     "tta_cost": None if t_tta is None else round(t_tta / t_eng, 2),
+                     "slide_px": slide_px, "slide_seconds": round(t_slide, 1), "slide_windows": eng.computed,
+                     "seam_ratio_blended": _seam_ratio(blended, 512), "seam_ratio_plain_tiles": _seam_ratio(plain, 1024)})
+    return rows
 
 
 # -- 1 + 3. GUI -------------------------------------------------------------------------------------------
@@ -252,6 +345,10 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=16384, help="synthetic WSI size (px)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--no-gui", action="store_true", help="throughput only")
+    ap.add_argument("--published", choices=("on", "off", "only"), default="on",
+                    help="[4] BCIStainer exp3 / ASP at native windows (only: skip [1]-[3])")
+    ap.add_argument("--published-width", choices=("full", "reduced"), default=None,
+                    help="channel width of [4]'s models (default: full on a GPU, reduced on CPU)")
     ap.add_argument("--sync-slicing", action="store_true",
                     help="napari's default synchronous slicing (the lazy WSI's own rendering then stalls the GUI)")
     args = ap.parse_args(argv)
@@ -263,9 +360,25 @@ def main(argv=None) -> int:
     if resolve_device(args.device) == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1) if os.environ.get("NAPARI_BCI_THREADS") is None
                               else int(os.environ["NAPARI_BCI_THREADS"]))
+    res = {}
+    if args.published != "off":
+        width = args.published_width or ("reduced" if resolve_device(args.device) == "cpu" else "full")
+        res["published"] = bench_published(width, args.device, n_windows=1 if args.quick else 2,
+                                           slide_px=2048)
+        for r in res["published"]:
+            print(f"[4] {r['model']} on {r['device']}, {r['window_px']} px windows: reference "
+                  f"{r['reference_windows_per_s']}/s, engine {r['engine_windows_per_s']}/s ({r['ratio']}x); "
+                  f"TTA costs {r['tta_cost']}x; {r['slide_px']} px slide in {r['slide_seconds']} s "
+                  f"({r['slide_windows']} tiles); seam ratio blended {r['seam_ratio_blended']} vs plain tiles "
+                  f"{r['seam_ratio_plain_tiles']} (1.0 = none)", flush=True)
+        if args.published == "only":
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=2)
+            return 0
     gen, name = _model(args.device)
     levels, mpp, what = _he_levels(args.size)
-    res = {"model": name, "image": what}
+    res.update({"model": name, "image": what})
     res["throughput"] = bench_throughput(gen, levels, mpp, n_tiles=(4 if gen.tile > 256 else 8) * (1 if args.quick else 2))
     t = res["throughput"]
     print(f"[2] throughput on {t['device']} ({t['tiles']} tiles of {t['window_px']} px, {name}): "
