@@ -152,6 +152,9 @@ def run_generate(args) -> dict:
     model = args.model or default_generator_name()
     distributed = bool(args.workers) or bool(args.scheduler)
     kwargs = {}
+    if distributed and (args.tta or args.model_config):
+        raise InputError(None, "--tta and --model-config do not reach --workers/--scheduler workers yet: "
+                               "run without them, or put the config beside the checkpoint")
     if args.model_config:
         if not Path(model).expanduser().exists():
             raise InputError(args.model_config, f"--model-config applies to checkpoint files, not the registered model '{model}'")
