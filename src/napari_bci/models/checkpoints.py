@@ -257,6 +257,8 @@ def resolve_config(sd: dict, path: Path, config: dict | None, ema: bool = False)
     family = family_of(sd, ema)
     if "train_opt" in given:
         given = {**_opt_config(given.pop("train_opt"), family, path), **given}
+    if given.get("family") == "cut" and family == "pix2pix":
+        family = "cut"  # CUT with strided convs both ways and no spectral norm: pix2pix's layout
     if given.get("family") and given["family"] != family:
         raise ModelError(f"{path}: the weights are a {family} generator but the config describes "
                          f"a {given['family']} one")
