@@ -112,7 +112,7 @@ class HER2Widget(QWidget):
         legend.addStretch()
         cells_legend = QHBoxLayout()
         cells_legend.addWidget(QLabel("Cells:"))
-        for name, rgba in zip(CLASSES, CLASS_COLOURS):
+        for name, rgba in zip(CLASSES + ("not tumour",), CLASS_COLOURS + (REJECTED_COLOUR,)):
             sw = QLabel(f" {name.replace('_', '-')} ")
             r, g, b, _ = (int(255 * c) for c in rgba)
             sw.setStyleSheet(f"background-color: rgb({r},{g},{b}); color: black; padding: 2px;")
