@@ -195,3 +195,101 @@ def test_bad_geojson(tmp_path):
         read_geojson(tmp_path / "missing.geojson")
     with pytest.raises(InputError, match="does not exist"):
         write_geojson(tmp_path / "no" / "x.geojson", [Region(parts=[[np.zeros((3, 2))]])])
+
+
+# --- scale and validity -----------------------------------------------------------------------------
+
+def _star(rng, cx, cy, r, n):
+    """A star-shaped simple polygon (angles sorted, radii random), float vertices."""
+    t = np.sort(rng.uniform(0, 2 * np.pi, n))
+    rad = r * rng.uniform(0.4, 1.0, n)
+    return np.stack([cx + rad * np.cos(t), cy + rad * np.sin(t)], -1)
+
+
+def test_rasterize_equals_skimage_polygon_on_simple_polygons():
+    from skimage.draw import polygon as sk_polygon
+
+    from napari_bci.regions import rasterize
+
+    rng = np.random.default_rng(7)
+    for k in range(40):
+        ring = _star(rng, rng.uniform(-20, 120), rng.uniform(-20, 100), rng.uniform(3, 60), int(rng.integers(3, 200)))
+        expect = np.zeros((90, 110), bool)
+        rr, cc = sk_polygon(ring[:, 1], ring[:, 0], expect.shape)
+        expect[rr, cc] = True
+        np.testing.assert_array_equal(rasterize([ring], expect.shape), expect, err_msg=f"polygon {k}")
+        np.testing.assert_array_equal(rasterize([ring[::-1]], expect.shape), expect)  # either winding
+
+
+def test_mask_unites_parts_and_clears_holes_in_any_order():
+    outer = np.array([[0, 0], [40, 0], [40, 40], [0, 40]], float)
+    hole = np.array([[10, 10], [30, 10], [30, 30], [10, 30]], float)  # same winding as the outline
+    patch = np.array([[15, 15], [25, 15], [25, 25], [15, 25]], float)  # a second part inside the hole
+    for parts in ([[outer, hole], [patch]], [[patch], [outer, hole]]):
+        m = Region(parts=parts).mask((50, 50))
+        assert m[5, 5] and not m[12, 12] and m[20, 20] and not m[45, 45]
+        assert m.sum() == 40 * 40 - 20 * 20 + 10 * 10
+
+
+def test_deeply_nested_geojson_is_refused_in_one_line(tmp_path):
+    geom = {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}
+    for _ in range(40):
+        geom = {"type": "GeometryCollection", "geometries": [geom]}
+    with pytest.raises(InputError, match="feature 0: GeometryCollections nested more than 32 deep"):
+        parse_geojson([{"type": "Feature", "geometry": geom, "properties": {}}], "deep.geojson")
+    p = tmp_path / "deeper.geojson"
+    p.write_text('{"type": "Feature", "geometry": ' + "[" * 200000 + "]" * 200000 + "}")
+    with pytest.raises(InputError) as ei:
+        read_geojson(p)
+    assert str(ei.value).startswith(f"{p}: ") and "\n" not in str(ei.value)
+    ok = {"type": "GeometryCollection", "geometries": [{"type": "GeometryCollection", "geometries": [
+        {"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 9]]]}]}]}
+    (r,) = parse_geojson({"type": "Feature", "geometry": ok, "properties": {}})
+    assert r.area_px == 81
+
+
+def test_zero_area_and_self_intersecting_polygons_warn_naming_the_feature():
+    bowtie = [[0, 0], [10, 10], [10, 0], [0, 4], [0, 0]]  # lobes of different areas
+    flat = [[0, 0], [5, 5], [10, 10], [0, 0]]
+    square = [[0, 0], [4, 0], [4, 4], [0, 4], [0, 0]]
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [c]}, "properties": {"name": n}}
+             for c, n in ((square, "ok"), (bowtie, "bow"), (flat, "line"))]
+    with pytest.warns(UserWarning) as rec:
+        regs = parse_geojson(feats, "cells.geojson")
+    msgs = [str(w.message) for w in rec]
+    assert any(m.startswith("cells.geojson: 1 region(s) with zero-area polygons, left out: feature 2 (line)")
+               for m in msgs), msgs
+    assert any(m.startswith("cells.geojson: 1 region(s) self-intersect") and "feature 1 (bow): Self-intersection" in m
+               for m in msgs), msgs
+    assert [r.name for r in regs] == ["ok", "bow"]
+
+
+def test_many_detections_and_a_long_outline(tmp_path):
+    """A detection export and a long outline parse and rasterise exactly (60k detections and
+    400k vertices are timed in benchmarks/bench_io.py)."""
+    from napari_bci.regions import rasterize
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    c = rng.uniform(0, 20000, (n, 2))
+    t = np.linspace(0, 2 * np.pi, 9)[:-1]
+    rings = c[:, None, :] + 5 * np.stack([np.cos(t), np.sin(t)], -1)[None]
+    feats = [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [r.tolist() + [r[0].tolist()]]},
+              "properties": {"objectType": "detection"}} for r in rings]
+    p = tmp_path / "detections.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    regs = read_geojson(p)
+    assert len(regs) == n and all(r.object_type == "detection" for r in regs[:10])
+    # all detections at once on a 1/16 grid (every ring is one part of a region)
+    together = Region(parts=[[r / 16] for r in rings])
+    m = together.mask((1250, 1250))
+    expect = rasterize([r / 16 - 0.5 for r in rings], (1250, 1250))
+    np.testing.assert_array_equal(m, expect)
+    # one polygon of 100k vertices: a wobbly circle, area within 0.01% of the shoelace area
+    k = 100000
+    th = np.linspace(0, 2 * np.pi, k, endpoint=False)
+    rad = 3000 + 20 * np.sin(th * 997)
+    big = np.stack([4000 + rad * np.cos(th), 4000 + rad * np.sin(th)], -1)
+    (r,) = parse_geojson({"type": "Polygon", "coordinates": [big.tolist()]})
+    mask = r.mask((8000, 8000), downsample=2)
+    assert abs(mask.sum() * 4 - r.area_px) / r.area_px < 1e-3
