@@ -122,14 +122,16 @@ def mist(root: Path = MIST, learned: bool = True) -> None:
         hr = score(he, 0.5)
         refused += hr.reason_code == "not_ihc"
         line = (f"  {Path(f).stem:22s} {r.display():>4s} ({r.cells} tumour / {len(r.centroid)} cells, "
-                f"H-score {r.h_score:.0f}, pattern {r.pattern.get('pattern')}, bg DAB {r.stain['dab_background']:.3f}"
+                f"H-score {r.h_score:.0f}, pattern {r.pattern.get('pattern')}, "
+                f"bg DAB {r.stain['dab_background']:.3f}"
                 f" cross-talk {r.stain['crosstalk']:.2f}, white {r.stain['white'][1]:.0f}) "
                 f"estimated stains {re.display()}; {dt:.2f} s; H&E -> {hr.display()[:40]}")
         if model is not None:
             lm = predict_map(he, 0.5, model)
             line += f"; {compare(r, lm.region() if lm is not None else None)['text']}"
         print(line + ("; warnings: " + "; ".join(r.warnings) if r.warnings else ""))
-    print(f"  assessable {n_ok}/{len(ihc)}; levels {levels}; patterns {patterns}; H&E refused {refused}/{len(ihc)}")
+    print(f"  assessable {n_ok}/{len(ihc)}; levels {levels}; patterns {patterns}; "
+          f"H&E refused {refused}/{len(ihc)}")
     print(f"  {t_all / len(ihc):.2f} s per 1024 px tile, {cells / t_all:.0f} cells/s")
 
 

@@ -46,7 +46,8 @@ def test_whole_image_map_cells_and_explanation(viewer_with_ihc, qtbot):
     assert m.scale[-1] == pytest.approx(0.5 * 512)
     pts = viewer.layers[CELLS_LAYER]
     # every detected cell: tumour cells by membrane class, the rejected ones grey
-    assert len(pts.data) == len(widget.result.centroid) and pts.features["tumour"].sum() == widget.result.cells
+    assert len(pts.data) == len(widget.result.centroid)
+    assert pts.features["tumour"].sum() == widget.result.cells
     assert set(pts.features["class"][pts.features["tumour"]]) <= {"none", "faint", "weak_moderate", "intense"}
     assert set(pts.features["class"][~pts.features["tumour"]]) == {"not tumour"}
     assert widget.table.rowCount() == 1 and widget.table.item(0, 1).text() == "3+"

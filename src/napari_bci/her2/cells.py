@@ -113,7 +113,8 @@ def detect_nuclei(h: np.ndarray, mpp: float, params: CellParams = CellParams(), 
     return lut[labels]
 
 
-def add_dab_nuclei(nuclei: np.ndarray, dab: np.ndarray, mpp: float, params: CellParams = CellParams()) -> np.ndarray:
+def add_dab_nuclei(nuclei: np.ndarray, dab: np.ndarray, mpp: float,
+                   params: CellParams = CellParams()) -> np.ndarray:
     """``nuclei`` plus nucleus-like DAB blobs it missed (a nuclear stain such as Ki67, ER or
     PR: brown nuclei with little counterstain). A blob is DAB >= ``blob_od`` that survives an
     opening of radius ``blob_radius_um`` (membranes are thinner and vanish), of nucleus size,
@@ -131,7 +132,8 @@ def add_dab_nuclei(nuclei: np.ndarray, dab: np.ndarray, mpp: float, params: Cell
         return nuclei
     idx = np.arange(1, n + 1)
     area = ndi.sum_labels(np.ones_like(lab), lab, idx) * mpp * mpp
-    filled = np.asarray([ndi.binary_fill_holes(lab[sl] == i + 1).sum() for i, sl in enumerate(ndi.find_objects(lab))])
+    filled = np.asarray([ndi.binary_fill_holes(lab[sl] == i + 1).sum()
+                         for i, sl in enumerate(ndi.find_objects(lab))])
     near = ndi.binary_dilation(nuclei > 0, iterations=max(int(round(1.0 / mpp)), 1))
     touches = ndi.maximum(near, lab, idx).astype(bool)
     ok = ((area >= params.min_area_um2) & (area <= params.blob_max_area_um2) & ~touches

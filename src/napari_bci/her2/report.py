@@ -100,11 +100,13 @@ def render(rgb: np.ndarray, results: dict[str, HER2Result], *, title: str = "", 
         x = 20
         for (head, key), wcol in zip(TABLE, widths):
             v = row.get(key, "")
-            d.text((x, y), (f"{v:g}" if isinstance(v, float) else str(v))[: max(wcol // 7, 4)], fill="black", font=small)
+            text = f"{v:g}" if isinstance(v, float) else str(v)
+            d.text((x, y), text[: max(wcol // 7, 4)], fill="black", font=small)
             x += wcol
         y += row_h
-    d.text((20, y + 8), "3+ > 10% complete intense; 2+ > 10% complete weak-moderate; 1+ > 10% faint/incomplete; "
-           "0 otherwise. H-score = 1 x %faint + 2 x %weak-moderate + 3 x %intense.", fill=(60, 60, 60), font=small)
+    rules = ("3+ > 10% complete intense; 2+ > 10% complete weak-moderate; 1+ > 10% faint/incomplete; "
+             "0 otherwise. H-score = 1 x %faint + 2 x %weak-moderate + 3 x %intense.")
+    d.text((20, y + 8), rules, fill=(60, 60, 60), font=small)
     return np.asarray(page)
 
 

@@ -137,7 +137,8 @@ class HER2Result:
             "detected": int(len(self.centroid)),
             "fractions": {k: round(float(v), 4) for k, v in self.fractions.items()},
             "h_score": round(float(self.h_score), 1),
-            "pattern": {k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in self.pattern.items()},
+            "pattern": {k: (round(float(v), 4) if isinstance(v, float) else v)
+                        for k, v in self.pattern.items()},
             "rule": self.rule,
             "explanation": self.explanation,
             "warnings": list(self.warnings),
@@ -366,7 +367,8 @@ def summarize(centroid, cell_class, completeness, intensity, tumour, *, compartm
         code, reason = "too_few_cells", f"too few tumour cells: {n} < {params.min_tumour_cells}"
     elif non_mem and level == "0":
         code = "pattern"
-        reason = f"stain pattern not membranous: {pat['pattern']} in {pat[pat['pattern']]:.0%} of stained tumour cells"
+        reason = (f"stain pattern not membranous: {pat['pattern']} in {pat[pat['pattern']]:.0%} of stained "
+                  "tumour cells")
     if reason is not None:
         level_out, rule = None, ""
         expl = f"not assessable: {reason}"
@@ -389,7 +391,9 @@ def summarize(centroid, cell_class, completeness, intensity, tumour, *, compartm
                       image=image, stain=stain)
 
 
-def empty_result(mpp: float = 0.5, params: ScoreParams = ScoreParams(), image: dict | None = None) -> HER2Result:
+def empty_result(mpp: float = 0.5, params: ScoreParams = ScoreParams(),
+                 image: dict | None = None) -> HER2Result:
+    """A result without cells (its ``image`` finding gives the reason)."""
     z = np.zeros(0)
     return summarize(np.zeros((0, 2)), z.astype(np.int8), z, z, z.astype(bool), mpp=mpp, params=params,
                      image=image)

@@ -1,4 +1,5 @@
-"""Hematoxylin / DAB separation for HER2 IHC: Ruifrok vectors or per-image Macenko estimates."""
+"""Hematoxylin / DAB separation for HER2 IHC: Ruifrok vectors or per-image Macenko estimates, and
+the per-image stain model (white point, hematoxylin cross-talk, DAB background) of the scorer."""
 
 from __future__ import annotations
 
@@ -164,5 +165,6 @@ def estimate_stain_model(rgb: np.ndarray, *, estimate_vectors: bool = False) -> 
     k = float(np.clip(np.percentile(d[rich] / h[rich], 10), 0.0, 0.6)) if rich.sum() >= 200 else 0.0
     dc = np.maximum(d - k * h, 0)
     return StainModel(white=white, vectors=vectors, crosstalk=k,
-                      dab_background=float(np.percentile(dc[tissue], BACKGROUND_PERCENTILE)), h_background=float(np.median(h[tissue])),
+                      dab_background=float(np.percentile(dc[tissue], BACKGROUND_PERCENTILE)),
+                      h_background=float(np.median(h[tissue])),
                       estimated_vectors=estimate_vectors)

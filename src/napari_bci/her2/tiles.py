@@ -262,7 +262,8 @@ def score_polygon(image, polygon, mpp: float = 0.5, *, max_mpp: float = 1.0, **k
     lv = levels[li]
     h, w = lv.shape[:2]
     if "stain_model" not in kw:
-        kw["stain_model"], kw["image"] = image_context(levels, estimate_stains=kw.get("estimate_stains", False))
+        kw["stain_model"], kw["image"] = image_context(levels,
+                                                       estimate_stains=kw.get("estimate_stains", False))
     is_region = hasattr(polygon, "mask") and hasattr(polygon, "bounds")
     if is_region:
         bx0, by0, bx1, by1 = polygon.bounds
