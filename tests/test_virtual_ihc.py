@@ -81,14 +81,16 @@ def test_fast_pans_write_only_final_view(he_viewer, slow_model, qtbot):
     assert w.written - first == final - first  # nothing from the intermediate views was written
     assert w.jobs_started - jobs >= 2  # outdated jobs really were started and then cancelled
 
-    # written tiles hold the generator's output at the right place; the rest stays white
+    # written tiles hold the generator's output (opaque) at the right place; the rest is
+    # transparent, so the H&E under a pending tile stays visible
     out = np.asarray(viewer.layers[name].data[0])
+    assert out.shape[2] == 4
     mask = np.zeros(out.shape[:2], bool)
     for idx in w.written:
         y0, y1, x0, x1 = w.engine.grid.core(idx)
         mask[y0:y1, x0:x1] = True
-        assert np.array_equal(out[y0:y1, x0:x1], 255 - he[y0:y1, x0:x1])
-    assert (out[~mask] == 255).all()
+        assert np.array_equal(out[y0:y1, x0:x1, :3], 255 - he[y0:y1, x0:x1])
+    assert (out[mask, 3] == 255).all() and (out[~mask, 3] == 0).all()
     assert viewer.layers[name].scale[-1] == pytest.approx(0.5)
 
     # revisiting an earlier view computes nothing
@@ -171,9 +173,96 @@ def test_checkpoint_file_generator(he_viewer, qtbot, tmp_path):
     assert w.model_combo.currentText() == "file: latest_net_G.pth"
     _look_at(viewer, 200, 200, view_px=200)
     w.start()
-    qtbot.waitUntil(lambda: w.is_idle() and w.written and set(w.visible_tiles()) <= w.written, timeout=30000)
+    qtbot.waitUntil(lambda: w.is_idle() and bool(w.written) and set(w.visible_tiles()) <= w.written, timeout=30000)
     layer = viewer.layers[L.generated_name("user_model")]
     meta = layer.metadata
     assert meta["model"] == str(exp / "latest_net_G.pth") and meta["tiles_done"] == w.written
     y0, y1, x0, x1 = w.engine.grid.core(next(iter(w.written)))
     assert np.asarray(layer.data[y0:y1, x0:x1] if not layer.multiscale else layer.data[0][y0:y1, x0:x1]).std() > 0
+
+
+def test_a_second_generate_reuses_the_layer_and_its_tiles(he_viewer, slow_model, qtbot):
+    """The engine is keyed by the layer's napari unique_id, not id() of the proxy a plugin gets."""
+    viewer, _ = he_viewer
+    w = _make_widget(viewer, slow_model, qtbot)
+    _look_at(viewer, 200, 200)
+    w.start()
+    qtbot.waitUntil(lambda: w.is_idle() and bool(w.written), timeout=20000)
+    layer, engine, done = w.output_layer, w.engine, set(w.written)
+    computed = engine.computed
+    w.start()  # press Generate again
+    qtbot.waitUntil(w.is_idle, timeout=20000)
+    assert w.output_layer is layer and w.engine is engine and engine.computed == computed
+    assert set(w.written) == done and len([ly for ly in viewer.layers if ly.name.startswith("IHC (gen")]) == 1
+    # another generator: a new layer beside the old one, which keeps its pixels
+    old = np.asarray(layer.data).copy()
+    w.set_model("baseline")
+    w.start()
+    qtbot.waitUntil(lambda: w.is_idle() and bool(w.written), timeout=30000)
+    assert w.output_layer is not layer and layer in viewer.layers
+    assert np.array_equal(np.asarray(layer.data), old)
+
+
+def test_pending_tiles_are_transparent_in_a_real_window(he_viewer, slow_model, qtbot):
+    """While tiles are pending, the screen shows the H&E under the output layer, not white."""
+    viewer, he = he_viewer
+    w = _make_widget(viewer, slow_model, qtbot)
+    viewer.window._qt_window.show()
+    _look_at(viewer, 500, 500, view_px=900)
+    w.mode_combo.setCurrentText("This view only")
+    w.start()
+    assert w.is_running() and w.output_layer is viewer.layers[-1]
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    w.stop()
+    tissue = shot[(shot.max(-1) - shot.min(-1)) > 40]  # coloured pixels: stained tissue on screen
+    assert len(tissue) > 0.2 * shot.shape[0] * shot.shape[1]
+    # the H&E's pink/purple (red and blue above green), not the inverted output (green above both)
+    assert np.median(tissue[:, 0] - tissue[:, 1]) > 20
+
+
+def test_a_view_larger_than_one_job_fills_evenly_with_an_estimate(he_viewer, slow_model, qtbot):
+    from napari_bci.widgets.virtual_ihc import coarse_to_fine
+
+    viewer, _ = he_viewer
+    w = _make_widget(viewer, slow_model, qtbot)
+    w.max_tiles = 4
+    _look_at(viewer, 500, 500, view_px=1000)
+    w.start()
+    visible = set(w.visible_tiles())
+    assert len(visible) > 8 and "to generate" in w.note.text() and "per job" in w.note.text()
+    qtbot.waitUntil(lambda: len(w.written) >= 4, timeout=20000)
+    first = sorted(w.written)[:4]
+    assert max(r for r, _ in first) - min(r for r, _ in first) >= 1  # spread out, not one corner
+    qtbot.waitUntil(lambda: visible <= w.written, timeout=60000)  # the next jobs go on by themselves
+    assert "about" in w.note.text() or w.note.text() == ""
+    order = coarse_to_fine([(r, c) for r in range(9) for c in range(9)])
+    assert order[:4] == [(0, 0), (0, 8), (8, 0), (8, 8)]
+
+
+@pytest.mark.parametrize("what", ["he", "output", "viewer"])
+def test_removing_layers_or_closing_while_generating_is_clean(make_napari_viewer, data_dir, slow_model, qtbot, what):
+    """Used to raise 'Internal C++ object (QLabel) already deleted' and leave the worker running."""
+    from napari_bci.io.patches import read_patch
+
+    viewer = make_napari_viewer()
+    data, attrs, _ = L.image_layer(read_patch(data_dir / "he_carcinoma_1000.png"), L.HE, mpp=0.5, role="he")
+    viewer.add_image(data, **attrs)
+    from napari_bci.widgets.virtual_ihc import VirtualIHCWidget
+
+    w = VirtualIHCWidget(viewer)  # docked: the window owns (and deletes) it
+    w.model_combo.setCurrentText(slow_model)
+    viewer.window.add_dock_widget(w)
+    _look_at(viewer, 500, 500, view_px=900)
+    w.start()
+    assert w.is_running()
+    worker = w._worker
+    if what == "he":
+        viewer.layers.remove(L.HE)
+    elif what == "output":
+        viewer.layers.remove(w.output_layer)
+    else:
+        viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=10000)
+    if what != "viewer":
+        qtbot.waitUntil(lambda: not w.is_running(), timeout=5000)
+        assert not w._following

@@ -25,12 +25,29 @@ def tile_pyramid(tile: np.ndarray, n_levels: int) -> list[np.ndarray]:
     return out
 
 
-class TiledLevel:
-    """An ``(H, W, 3)`` uint8 array-like stored as a dict of ``block`` x ``block`` tiles, white
-    where nothing was written. napari slices it like an array; slicing assembles the blocks."""
+def _blank(h: int, w: int, channels: int) -> np.ndarray:
+    """Not generated yet: white, and transparent when there is an alpha channel."""
+    a = np.full((h, w, channels), 255, np.uint8)
+    if channels == 4:
+        a[..., 3] = 0
+    return a
 
-    def __init__(self, shape: tuple[int, int], block: int, store: "OutputPyramid", level: int):
-        self.shape = (int(shape[0]), int(shape[1]), 3)
+
+def _put(target: np.ndarray, src: np.ndarray) -> None:
+    """Copy RGB ``src`` into ``target`` (RGB, or RGBA made opaque)."""
+    target[..., :3] = src[..., :3]
+    if target.shape[-1] == 4:
+        target[..., 3] = 255
+
+
+class TiledLevel:
+    """An ``(H, W, C)`` uint8 array-like (C = 3, or 4 with pending pixels transparent) stored as
+    a dict of ``block`` x ``block`` tiles, blank where nothing was written. napari slices it like
+    an array; slicing assembles the blocks."""
+
+    def __init__(self, shape: tuple[int, int], block: int, store: "OutputPyramid", level: int, channels: int = 3):
+        self.channels = int(channels)
+        self.shape = (int(shape[0]), int(shape[1]), self.channels)
         self.dtype, self.ndim = np.dtype(np.uint8), 3
         self.size = int(np.prod(self.shape))
         self.block, self._store, self._level = int(block), store, level
@@ -53,7 +70,7 @@ class TiledLevel:
         key = key + (slice(None),) * (3 - len(key))
         y0, y1, sy, iy = self._range(key[0], self.shape[0])
         x0, x1, sx, ix = self._range(key[1], self.shape[1])
-        out = np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+        out = _blank(y1 - y0, x1 - x0, self.channels)
         b = self.block
         for by in range(y0 // b, (y1 - 1) // b + 1 if y1 > y0 else 0):
             for bx in range(x0 // b, (x1 - 1) // b + 1 if x1 > x0 else 0):
@@ -81,7 +98,7 @@ class TiledLevel:
         if blk is None:
             b = self.block
             h, w = min(b, self.shape[0] - by * b), min(b, self.shape[1] - bx * b)
-            blk = self.blocks[(by, bx)] = np.full((h, w, 3), 255, np.uint8)
+            blk = self.blocks[(by, bx)] = _blank(h, w, self.channels)
             self._store._added(self._level, (by, bx), blk.nbytes)
         else:
             self._store._touch(self._level, (by, bx))
@@ -93,12 +110,14 @@ class OutputPyramid:
     further level halves it (area mean) down to about ``min_size`` px. Large levels are
     :class:`TiledLevel` dicts of blocks under one LRU byte budget (``max_bytes``; evicting a
     level-0 block calls ``on_evict(tile_index)`` so the caller can regenerate it when seen
-    again), small ones plain numpy. Unwritten pixels are white. :meth:`write_pyramid` only
+    again), small ones plain numpy. Unwritten pixels are white, or transparent with
+    ``transparent=True`` (RGBA levels: the H&E under a pending tile stays visible). :meth:`write_pyramid` only
     copies prepared blocks (:func:`tile_pyramid`, computed off the GUI thread)."""
 
     def __init__(self, shape: tuple[int, int], tile: int, *, min_size: int = 512,
                  memory_bytes: int = 4 * 2**20, max_bytes: int = 1024 * 2**20,
-                 on_evict: Callable[[TileIndex], None] | None = None):
+                 on_evict: Callable[[TileIndex], None] | None = None, transparent: bool = False):
+        self.channels = 4 if transparent else 3
         self.tile = int(tile)
         self.max_bytes = int(max_bytes)
         self.on_evict = on_evict
@@ -108,10 +127,10 @@ class OutputPyramid:
         h, w = int(shape[0]), int(shape[1])
         k = 0
         while True:
-            if h * w * 3 > memory_bytes:
-                self.levels.append(TiledLevel((h, w), self.tile, self, k))
+            if h * w * self.channels > memory_bytes:
+                self.levels.append(TiledLevel((h, w), self.tile, self, k, self.channels))
             else:
-                self.levels.append(np.full((h, w, 3), 255, np.uint8))
+                self.levels.append(_blank(h, w, self.channels))
             k += 1
             if max(h, w) <= min_size or self.tile >> k < 1 or min(h, w) < 2:
                 break
@@ -150,10 +169,10 @@ class OutputPyramid:
                         sy0, sx0 = max(ly, by * b), max(lx, bx * b)
                         sy1 = min(ly + hh, by * b + target.shape[0])
                         sx1 = min(lx + ww, bx * b + target.shape[1])
-                        target[sy0 - by * b:sy1 - by * b, sx0 - bx * b:sx1 - bx * b] = \
-                            blk[sy0 - ly:sy1 - ly, sx0 - lx:sx1 - lx]
+                        _put(target[sy0 - by * b:sy1 - by * b, sx0 - bx * b:sx1 - bx * b],
+                             blk[sy0 - ly:sy1 - ly, sx0 - lx:sx1 - lx])
             else:
-                lv[ly:ly + hh, lx:lx + ww] = blk[:hh, :ww]
+                _put(lv[ly:ly + hh, lx:lx + ww], blk[:hh, :ww])
 
     def write(self, y0: int, x0: int, tile: np.ndarray) -> None:
         """Write a tile at level-0 pixel ``(y0, x0)`` and its downsampled copies."""

@@ -6,7 +6,8 @@ thread and handed to ``on_error`` on the main thread, because napari 0.9's own h
 worker's ``errored`` signal fails when a viewer is current. Starting a job makes the earlier one
 stale (its late items and outcome are dropped), and once the widget is destroyed or
 :meth:`Jobs.stop` was called nothing reaches it any more (no "Internal C++ object already
-deleted"). ``Jobs.cancel`` is a ``threading.Event`` the function may poll.
+deleted"). Each job gets its own ``threading.Event`` (:attr:`Jobs.cancel`, passed to the function
+as ``cancel=`` with ``pass_cancel=True``), set when the job is dropped or stopped.
 """
 
 from __future__ import annotations
@@ -55,15 +56,18 @@ class Jobs:
 
     def start(self, func: Callable, *args: Any, on_done: Callable | None = None,
               on_error: Callable[[BaseException], Any] | None = None, on_item: Callable | None = None,
-              on_finished: Callable | None = None, **kwargs: Any):
+              on_finished: Callable | None = None, pass_cancel: bool = False, **kwargs: Any):
         """Run ``func(*args, **kwargs)`` in a worker; returns the (started) worker."""
         from napari.qt.threading import create_worker
 
         if self.worker is not None:
+            self.cancel.set()
             self.worker.quit()
         self._token += 1
         token = self._token
-        self.cancel.clear()
+        self.cancel = threading.Event()
+        if pass_cancel:
+            kwargs["cancel"] = self.cancel
         wrapper = _iterate if inspect.isgeneratorfunction(func) else _call
         w = create_worker(wrapper, func, *args, _start_thread=False, _ignore_errors=True, **kwargs)
 

@@ -647,9 +647,8 @@ class CompareWidget(QWidget):
         if self._regions.busy:
             return self._regions.worker
         gen, truth = layer_geom(pair[0]), layer_geom(pair[1])
-        cancel = self._regions.cancel
 
-        def work():
+        def work(cancel):
             for i, r in enumerate(regions):
                 if cancel.is_set():
                     return
@@ -662,7 +661,7 @@ class CompareWidget(QWidget):
         self.progress.setVisible(True)
         self.measure_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
-        return self._regions.start(work, on_item=self._on_region,
+        return self._regions.start(work, pass_cancel=True, on_item=self._on_region,
                                    on_error=lambda e: show_error(f"Compare: measuring regions failed: {e}"),
                                    on_finished=self._on_regions_done)
 

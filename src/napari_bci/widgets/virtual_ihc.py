@@ -42,12 +42,43 @@ def _rgb_layers(viewer, exclude=()):
     return [ly for ly in rgb_layers(viewer) if (ly.metadata or {}).get("role") != "generated" and ly not in exclude]
 
 
+def _layer_id(layer) -> str:
+    """A layer's stable identity: napari's ``unique_id`` (``id()`` of the object a plugin gets is
+    that of a proxy, new on every access)."""
+    uid = getattr(layer, "unique_id", None)
+    return str(uid) if uid is not None else f"id-{id(layer)}"
+
+
 def _lower_thread_priority(nice: int = 10) -> None:
     """Lower the calling thread's scheduling priority (Linux; a no-op elsewhere)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):
         pass
+
+
+def coarse_to_fine(tiles: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``tiles`` reordered so that any prefix is spread over them: those on a lattice of every
+    8th row and column first, then every 4th, 2nd and the rest; centre first within each."""
+    rank = {}
+    for t in tiles:
+        r, c = t
+        k = 0
+        for step in (8, 4, 2):
+            if r % step == 0 and c % step == 0:
+                break
+            k += 1
+        rank[t] = k
+    order = {t: i for i, t in enumerate(tiles)}  # the input is centre first
+    return sorted(tiles, key=lambda t: (rank[t], order[t]))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class VirtualIHCWidget(QWidget):
@@ -83,6 +114,9 @@ class VirtualIHCWidget(QWidget):
         self._job_done = self._job_total = 0
         self.jobs_started = 0
         self.main_thread_max_ms = 0.0
+        self._alive = True
+        self._tile_seconds: float | None = None  # running mean of seconds per tile
+        self._job_t0 = 0.0
 
         self.he_combo = QComboBox()
         self.model_combo = QComboBox()
@@ -111,6 +145,9 @@ class VirtualIHCWidget(QWidget):
         self.progress = QLabel("")
         self.status = QLabel("Pick the H&E layer and a generator, then press Generate.")
         self.status.setWordWrap(True)
+        #: what stays true while the view does not change (the view is larger than one job, ...)
+        self.note = QLabel("")
+        self.note.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("H&&E layer", self.he_combo)  # "&&": a literal & in a Qt label
@@ -127,6 +164,7 @@ class VirtualIHCWidget(QWidget):
         lay.addLayout(buttons)
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
+        lay.addWidget(self.note)
         lay.addWidget(self.domain_label)
         lay.addWidget(self.her2_label)
         lay.addStretch(1)
@@ -152,6 +190,35 @@ class VirtualIHCWidget(QWidget):
         cam.events.center.connect(self._on_camera)
         cam.events.zoom.connect(self._on_camera)
         self.viewer.canvas.events.size.connect(self._on_camera)
+        self.destroyed.connect(self._teardown)
+        self._set_tooltips()
+
+    def _set_tooltips(self) -> None:
+        self.he_combo.setToolTip("The H&E layer to stain virtually (use 'H&E (registered)' to compare with a real IHC)")
+        self.model_combo.setToolTip("The generator: the built-in demonstration model (synthetic tissue only), "
+                                    "or a checkpoint file (BCIStainer, ASP/CUT, pix2pix, napari-bci)")
+        self.device_combo.setToolTip("Where the model runs: auto picks a GPU when there is one")
+        self.tile_spin.setToolTip("Tile size in pixels at the generation level (model default: its native window)")
+        self.mode_combo.setToolTip("Follow the view: generate what becomes visible as you pan and zoom")
+        self.tta_check.setToolTip("Average the output over 7 flips/rotations (as BCIStainer's test-time augmentation)")
+        self.start_btn.setToolTip("Generate the visible tiles (finished tiles are kept and reused)")
+        self.cancel_btn.setToolTip("Stop generating; finished tiles stay")
+
+    def _say(self, text: str, *, note: bool = False) -> None:
+        """Set the status (or the persistent note) text, unless the widget is gone."""
+        if not self._alive:
+            return
+        try:
+            (self.note if note else self.status).setText(text)
+        except RuntimeError:  # the Qt object was deleted with the window
+            self._alive = False
+
+    def _teardown(self, *_) -> None:
+        """The widget is going away: stop the work, and let nothing reach its labels."""
+        self._alive = False
+        self._following = False
+        self._pending = None
+        self._cancel_job()
 
     # -- choices --------------------------------------------------------------------------------
     def _fill_models(self) -> None:
@@ -245,13 +312,13 @@ class VirtualIHCWidget(QWidget):
                     set_cpu_threads((os.cpu_count() or 2) - 1)  # leave a core to the GUI thread
             tile = self.tile_spin.value() or None
             tta = self.tta_check.isChecked()
-            key = (id(he), spec, device, tile, tta)
+            key = (_layer_id(he), spec, device, tile, tta)
             if self._engine_key != key or self.output_layer is None or self.output_layer not in self.viewer.layers:
                 lvls = levels(he)
                 meta = he.metadata or {}
                 self.engine = TileEngine(
                     self.generator, lvls, mpp=meta.get("mpp"), tile=tile,
-                    image_id=meta.get("path") or f"layer-{id(he)}",
+                    image_id=meta.get("path") or f"layer-{_layer_id(he)}",
                     scale=tuple(he.scale[-2:]), translate=tuple(he.translate[-2:]),
                     on_warning=self._warn, tta=tta)
                 self.her2_probs = None
@@ -277,13 +344,15 @@ class VirtualIHCWidget(QWidget):
             show_warning(f"Virtual IHC: {self.domain_warning}")
 
     def _new_output(self, he) -> None:
+        """A new output layer for the current engine; an earlier one (another model, tile size or
+        source) is kept as it is, under its own name."""
         from ..generate.display import OutputPyramid
 
-        self._remove_output()
+        self._detach_output()
         eng = self.engine
         self.written = set()  # a new set per output layer; its metadata refers to it
         self.output = OutputPyramid(eng.shape, eng.grid.tile, memory_bytes=self.output_memory_bytes,
-                                    max_bytes=self.output_max_bytes, on_evict=self._on_evict)
+                                    max_bytes=self.output_max_bytes, on_evict=self._on_evict, transparent=True)
         lv_mpp = None if eng.mpp is None else eng.mpp * eng.downsample[0]
         data, attrs, _ = L.image_layer(
             self.output.levels, L.generated_name(self.generator.name), mpp=lv_mpp, role="generated",
@@ -293,18 +362,18 @@ class VirtualIHCWidget(QWidget):
                 "source_layer": he.name, "generation_level": eng.level, "tile": eng.grid.tile,
                 "halo": eng.grid.halo, "tiles_done": self.written},
             scale=eng.out_scale, translate=eng.out_translate)
-        name = attrs["name"]
-        if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
+        base, k = attrs["name"], 2
+        while attrs["name"] in self.viewer.layers:
+            attrs["name"] = f"{base} #{k}"
+            k += 1
         self.output_layer = self.viewer.add_image(data, **attrs)
 
-    def _remove_output(self) -> None:
-        layer, self.output_layer = self.output_layer, None
-        if layer is not None and layer in self.viewer.layers:
-            self.viewer.layers.remove(layer)
+    def _detach_output(self) -> None:
+        """Stop writing into the current output layer, leaving it in the viewer as it is."""
         if self.output is not None:
-            self.output.close()
-            self.output = None
+            self.output.on_evict = None
+        self.output_layer = None
+        self.output = None
 
     # -- control ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -317,12 +386,20 @@ class VirtualIHCWidget(QWidget):
 
     def stop(self) -> None:
         """Stop following and cancel running work."""
+        running = self._worker is not None or self._following
         self._following = False
-        self._debounce.stop()
         self._pending = None
         self._cancel_job()
-        self.cancel_btn.setEnabled(False)
-        self.status.setText("Stopped.")
+        if not self._alive:
+            return
+        try:
+            self._debounce.stop()
+            self.cancel_btn.setEnabled(False)
+        except RuntimeError:
+            self._alive = False
+            return
+        if running:
+            self._say(f"Stopped: {len(self.written)} tiles kept." if self.written else "Stopped.")
 
     def start_following(self) -> None:
         """Switch to "follow the view" and start."""
@@ -337,7 +414,7 @@ class VirtualIHCWidget(QWidget):
         return self._worker is None and not self._pending and not self._debounce.isActive()
 
     def _on_camera(self, *_) -> None:
-        if self._following:
+        if self._following and self._alive:
             try:
                 self._debounce.start()
             except RuntimeError:  # the Qt object is already gone
@@ -358,9 +435,15 @@ class VirtualIHCWidget(QWidget):
         tiles = self.visible_tiles()
         todo = [t for t in tiles if t not in self.written]
         if len(todo) > self.max_tiles:
-            self.status.setText(f"{len(todo)} tiles visible: generating the {self.max_tiles} nearest the "
-                                f"centre (zoom in for the rest).")
-            todo = todo[: self.max_tiles]
+            # more than one job: spread over the view coarse to fine (every 8th tile, then every
+            # 4th, ...), so the overview fills evenly, then the next job goes on where it stopped
+            left = len(todo)
+            todo = coarse_to_fine(todo)[: self.max_tiles]
+            eta = f", about {_duration(left * self._tile_seconds)}" if self._tile_seconds else ""
+            self._say(f"{len(tiles)} tiles in view, {left} to generate{eta}: {self.max_tiles} per job, "
+                      "spread over the view; zoom in to see them sooner.", note=True)
+        else:
+            self._say("", note=True)
         if not todo:
             if self._worker is not None:
                 self._cancel_job()
@@ -415,11 +498,14 @@ class VirtualIHCWidget(QWidget):
         worker.finished.connect(lambda w=worker: self._on_finished(w))
         self._worker = worker
         self._job_total, self._job_done = len(todo), 0
+        self._job_t0 = time.perf_counter()
         self.progress.setText(f"0 / {len(todo)} tiles")
         self.status.setText(f"Generating {len(todo)} tiles with {self.generator.name} on {self.generator.device}…")
         worker.start()
 
     def _on_tile(self, payload) -> None:
+        if not self._alive:
+            return
         t0 = time.perf_counter()
         job, idx, tile = payload
         if idx is None:
@@ -436,6 +522,8 @@ class VirtualIHCWidget(QWidget):
         self.written.add(idx)
         self.output.write_pyramid(y0, x0, tile)
         self._job_done += 1
+        per = (t0 - self._job_t0) / self._job_done
+        self._tile_seconds = per if self._tile_seconds is None else 0.7 * self._tile_seconds + 0.3 * per
         if not self._refresh_timer.isActive():
             self._refresh_timer.start()
         self._note_main_thread(t0)
@@ -458,9 +546,13 @@ class VirtualIHCWidget(QWidget):
         self.written.discard(tuple(idx))
 
     def _refresh_output(self, thumbnail: bool = False) -> None:
+        if not self._alive:
+            return
         t0 = time.perf_counter()
         if self._worker is not None:
-            self.progress.setText(f"{self._job_done} / {self._job_total} tiles")
+            left = self._job_total - self._job_done
+            eta = f", about {_duration(left * self._tile_seconds)} left" if self._tile_seconds and left else ""
+            self.progress.setText(f"{self._job_done} / {self._job_total} tiles{eta}")
         if self.output_layer is not None and self.output_layer in self.viewer.layers:
             self.output_layer.refresh(thumbnail=thumbnail, highlight=False, extent=False)
         self._note_main_thread(t0)
@@ -482,6 +574,8 @@ class VirtualIHCWidget(QWidget):
             return
         self._worker = None
         self._cancel = None
+        if not self._alive:
+            return
         self._refresh_output(thumbnail=not self._pending)
         if self._error is not None:
             self._pending = None
@@ -489,14 +583,21 @@ class VirtualIHCWidget(QWidget):
             self.cancel_btn.setEnabled(False)
         elif self._pending:
             self._start_pending()
+        elif self._following and self._error is None:
+            self.update_view()  # the rest of a view larger than one job, or what moved into view
         else:
             self._set_idle(f"Done: {len(self.written)} tiles generated "
                            f"({self.engine.stats()['cache']['hits']} cache hits)." if self.engine else "Done.")
 
     def _set_idle(self, text: str) -> None:
-        self.status.setText(text)
-        self.progress.setText(f"{self._job_done} / {self._job_total} tiles" if self._job_total else "")
-        self.cancel_btn.setEnabled(self._following)
+        if not self._alive:
+            return
+        self._say(text)
+        try:
+            self.progress.setText(f"{self._job_done} / {self._job_total} tiles" if self._job_total else "")
+            self.cancel_btn.setEnabled(self._following)
+        except RuntimeError:
+            self._alive = False
 
     def _warn(self, msg: str) -> None:
         from napari.utils.notifications import show_warning
@@ -514,9 +615,15 @@ class VirtualIHCWidget(QWidget):
                 self.output = None
             self._engine_key = None
         elif layer is self._he_layer() or (self.engine is not None and self._engine_key
-                                           and self._engine_key[0] == id(layer)):
+                                           and self._engine_key[0] == _layer_id(layer)):
             self.stop()
             self._engine_key = None
+            if self.output_layer is not None and self.output_layer in self.viewer.layers:
+                # re-registration replaces the H&E: the generated layer stays, marked as from before
+                self.output_layer.metadata["source_removed"] = True
+                self._say(f"'{layer.name}' was removed: '{self.output_layer.name}' was made from it and is "
+                          "kept; press Generate for a new virtual IHC from the current H&E.", note=True)
+            self._detach_output()
         self.refresh_layers()
 
     # -- lifetime ----------------------------------------------------------------------------------
