@@ -137,3 +137,29 @@ def test_save_layer_with_plugin_writer(make_napari_viewer, data_dir, tmp_path):
     assert written == [str(out)]
     with open_slide(out) as s:
         assert s.format == "ome-tiff" and s.mpp == pytest.approx(0.499) and s.native_levels == 4
+
+
+def test_pixel_size_for_a_patch_without_one(widget, qtbot, data_dir):
+    """A PNG carries no mpp: the widget says so and lets the user set it, for every widget."""
+    v = widget.viewer
+    widget.open(data_dir / "he_carcinoma_1000.png")
+    _wait_layers(qtbot, v, [HE])
+    assert "mpp unknown" in widget.info.text() and "unknown for H&E" in widget.mpp_box.title()
+    assert widget.mpp_layer.currentText() == HE
+    widget.mpp_spin.setValue(0.25)
+    widget.mpp_button.click()
+    layer = v.layers[HE]
+    assert layer.metadata["mpp"] == pytest.approx(0.25) and tuple(layer.scale) == (0.25, 0.25)
+    assert "0.250 µm/px" in widget.info.text() and widget.mpp_box.title() == "Pixel size"
+    assert float(widget.settings.value("mpp")) == pytest.approx(0.25)  # remembered for next time
+
+
+def test_layers_opened_elsewhere_are_described(widget, data_dir):
+    """File > Open (napari's reader) or a sample: the widget does not keep saying 'Nothing open'."""
+    from napari_bci._npe2 import read_file
+
+    v = widget.viewer
+    assert "Nothing open yet" in widget.info.text()
+    for data, attrs, _ in read_file(data_dir / "CMU-1-Small-Region.svs"):
+        v.add_image(data, **attrs)
+    assert "Nothing open" not in widget.info.text() and "svs" in widget.info.text()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import Qt
+import napari
+from qtpy.QtCore import QSettings, Qt
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -20,6 +22,8 @@ from qtpy.QtWidgets import (
 )
 
 from ..io.layers import HE, IHC_TRUTH
+from ._layers import rgb_layers
+from ._worker import Jobs
 
 _FILTER = "Slides and images (*.svs *.ndpi *.tif *.tiff *.scn *.bif *.mrxs *.png *.jpg *.jpeg);;All files (*)"
 
@@ -46,8 +50,8 @@ class SlidesWidget(QWidget):
         self.view = None  # the filtered one
         self.index = 0
         self._layers: dict[str, Any] = {}  # name -> layer this widget manages
-        self._gen = 0  # newest request; older results are dropped
-        self.worker = None
+        self._jobs = Jobs(self)
+        self.settings = QSettings("napari-bci", "napari-bci")
         self.setAcceptDrops(True)
 
         self.he_edit = QLineEdit()
@@ -64,9 +68,28 @@ class SlidesWidget(QWidget):
         form = QFormLayout()
         form.addRow("H&&E", _row(self.he_edit, he_file, he_dir))  # "&&": a literal &, not a mnemonic
         form.addRow("IHC", _row(self.ihc_edit, ihc_file))
-        self.info = QLabel("Nothing open.")
+        self.info = QLabel("")
         self.info.setWordWrap(True)
         self.info.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        # pixel size for images that carry none (PNG/JPEG patches): every widget reads the
+        # layer's metadata["mpp"], which this sets together with the physical scale
+        self.mpp_layer = QComboBox()
+        self.mpp_layer.setToolTip("An image layer whose pixel size is unknown (or to correct)")
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setRange(0.05, 50.0)
+        self.mpp_spin.setSingleStep(0.05)
+        self.mpp_spin.setSuffix(" µm/px")
+        self.mpp_spin.setValue(float(self.settings.value("mpp", 0.5)))
+        self.mpp_spin.setToolTip("Microns per pixel: 0.25 at 40x, 0.5 at 20x (BCI), 1.0 at 10x")
+        self.mpp_button = QPushButton("Set pixel size")
+        self.mpp_button.setToolTip("Write the pixel size into the layer (metadata and scale), for every widget")
+        self.mpp_button.clicked.connect(lambda: self.set_mpp(self.mpp_layer.currentText(), self.mpp_spin.value()))
+        self.mpp_box = QGroupBox("Pixel size")
+        ml = QFormLayout(self.mpp_box)
+        ml.addRow("Layer", self.mpp_layer)
+        ml.addRow(_row(self.mpp_spin, self.mpp_button))
 
         self.her2_combo = QComboBox()
         self.her2_combo.addItems(["all", "0", "1+", "2+", "3+"])
@@ -91,20 +114,84 @@ class SlidesWidget(QWidget):
         lay.addLayout(form)
         lay.addWidget(self.open_button)
         lay.addWidget(self.info)
+        lay.addWidget(self.mpp_box)
         lay.addWidget(self.bci_box)
         lay.addStretch(1)
 
+        self.he_edit.setToolTip("The H&E: a slide (SVS, NDPI, OME-TIFF, ...), a patch (PNG/JPEG) or a BCI folder")
+        self.ihc_edit.setToolTip("Its IHC section (optional): a slide or patch of the consecutive section")
+        self.open_button.setToolTip("Open in a worker: the layers appear with their physical scale")
+        he_file.setToolTip("Choose a slide or image file")
+        he_dir.setToolTip("Choose a BCI dataset folder (HE/ and IHC/)")
+        ihc_file.setToolTip("Choose the IHC slide or image")
+        self.her2_combo.setToolTip("Show only BCI pairs of this HER2 level")
+        self.split_combo.setToolTip("Show only the train or the test split")
+        viewer.layers.events.inserted.connect(self._describe_layers)
+        viewer.layers.events.removed.connect(self._describe_layers)
+        self._describe_layers()
+
     # ------------------------------------------------------------------ user actions
 
+    def _start_dir(self, edit: QLineEdit) -> str:
+        return edit.text() or str(self.settings.value("last_dir", ""))
+
+    def _remember(self, path: str) -> None:
+        p = Path(path)
+        self.settings.setValue("last_dir", str(p if p.is_dir() else p.parent))
+
     def _browse(self, edit: QLineEdit) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open slide or image", edit.text(), _FILTER)
+        path, _ = QFileDialog.getOpenFileName(self, "Open slide or image", self._start_dir(edit), _FILTER)
         if path:
             edit.setText(path)
+            self._remember(path)
 
     def _browse_folder(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open BCI dataset folder", self.he_edit.text())
+        path = QFileDialog.getExistingDirectory(self, "Open BCI dataset folder", self._start_dir(self.he_edit))
         if path:
             self.he_edit.setText(path)
+            self._remember(path)
+
+    # ------------------------------------------------------------------ what is open
+
+    def _describe_layers(self, *_) -> None:
+        """The info line lists every RGB image open (however it was opened) and the pixel-size
+        chooser offers them, those without a pixel size first."""
+        try:
+            layers = rgb_layers(self.viewer)
+            if not layers:
+                self.info.setText("Nothing open yet: choose an H&E above, drop files here, or use File > Open.")
+            else:
+                self.info.setText("\n".join(f"{ly.name}: {describe(ly.metadata or {})}" for ly in layers))
+            current = self.mpp_layer.currentText()
+            names = [ly.name for ly in sorted(layers, key=lambda ly: bool((ly.metadata or {}).get("mpp")))]
+            self.mpp_layer.clear()
+            self.mpp_layer.addItems(names)
+            if current in names:
+                self.mpp_layer.setCurrentText(current)
+            self.mpp_box.setEnabled(bool(names))
+            unknown = [ly.name for ly in layers if not (ly.metadata or {}).get("mpp")]
+            self.mpp_box.setTitle(f"Pixel size: unknown for {', '.join(unknown)}" if unknown else "Pixel size")
+        except RuntimeError:  # the widget is being deleted
+            pass
+
+    def set_mpp(self, name: str, mpp: float) -> None:
+        """Give layer ``name`` a pixel size: ``metadata["mpp"]``, a physical scale and units."""
+        from napari.utils.notifications import show_info
+
+        if name not in self.viewer.layers or not mpp > 0:
+            self._error("choose an image layer and a positive pixel size")
+            return
+        layer = self.viewer.layers[name]
+        meta = dict(layer.metadata or {})
+        meta["mpp"] = float(mpp)
+        meta["mpp_source"] = "set by the user"
+        layer.metadata = meta
+        layer.scale = (float(mpp), float(mpp)) if layer.ndim == 2 else (*layer.scale[:-2], float(mpp), float(mpp))
+        layer.units = ("µm",) * layer.ndim
+        self.settings.setValue("mpp", float(mpp))
+        self._describe_layers()
+        self.viewer.reset_view()
+        show_info(f"Slides: {name} is now {mpp:g} µm/px")
 
     def dragEnterEvent(self, event) -> None:  # noqa: N802 (Qt)
         if event.mimeData().hasUrls():
@@ -129,6 +216,8 @@ class SlidesWidget(QWidget):
         if not he:
             self._error("choose an H&E slide, image or BCI folder first")
             return
+        self._remember(he)
+        self.info.setText(f"Opening {Path(he).name}…")
         if Path(he).is_dir():
             self._run(_load_folder, self._folder_loaded, he)
         else:
@@ -165,15 +254,12 @@ class SlidesWidget(QWidget):
     # ------------------------------------------------------------------ plumbing
 
     def _run(self, func, on_done, *args) -> None:
-        from napari.qt.threading import create_worker
+        """Run ``func(*args)`` in a worker; a newer request makes older results stale."""
+        self._jobs.start(func, *args, on_done=on_done, on_error=self._error)
 
-        self._gen += 1
-        gen = self._gen
-        # Errors come back as values: napari 0.9.2's task-status hook on ``errored`` itself raises.
-        worker = create_worker(_catching, func, *args, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda r: gen == self._gen and (self._error(r[1]) if r[0] else on_done(r[1])))
-        self.worker = worker
-        worker.start()
+    @property
+    def worker(self):
+        return self._jobs.worker
 
     def _folder_loaded(self, dataset) -> None:
         self.dataset = dataset
@@ -207,7 +293,7 @@ class SlidesWidget(QWidget):
             layer = self._layers.pop(name)
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
-        self.info.setText("\n".join(f"{a['name']}: {describe(a['metadata'])}" for _, a, _ in tuples))
+        self._describe_layers()
         if added:
             self.viewer.reset_view()
 
@@ -219,7 +305,7 @@ class SlidesWidget(QWidget):
         show_error(msg)
 
     def hideEvent(self, event) -> None:  # noqa: N802 (Qt)
-        self._gen += 1  # drop results still in flight
+        self._jobs.drop()  # drop results still in flight
         super().hideEvent(event)
 
 
@@ -233,14 +319,6 @@ def _row(*widgets) -> QWidget:
 
 
 # ---------------------------------------------------------------------- worker bodies (no Qt)
-
-
-def _catching(func, *args):
-    """``(False, result)`` or ``(True, exception)``."""
-    try:
-        return False, func(*args)
-    except Exception as e:  # reported to the user as a notification
-        return True, e
 
 
 def _load_files(he: str, ihc: str | None) -> list[tuple]:
