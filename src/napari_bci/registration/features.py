@@ -1,5 +1,6 @@
-"""Automatic registration: SIFT/ORB features on the hematoxylin channel at a low level, RANSAC,
-both orientations of the moving image (flips), then a dense refinement at a finer level."""
+"""Automatic registration: the stain-invariant intensity search of :mod:`.intensity` (works on
+real consecutive sections), SIFT/ORB features on hematoxylin with RANSAC where that is not
+confident (both orientations), and a dense-flow polish kept only where it raises the score."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ from .warp import warp
 
 
 class RegistrationFailed(BCIError):
-    """The images could not be aligned automatically (too few consistent matches)."""
+    """The images could not be aligned automatically; the message says what to try."""
+
+    exit_code = 2
+
+
+#: below this overlap-weighted correlation of tissue and hematoxylin (at 512 px) the automatic
+#: result is refused; calibrated on real H&E / HER2-IHC sections (docs/registration.md)
+MIN_SCORE = 0.3
+#: from this score on, the feature path is not tried
+CONFIDENT_SCORE = 0.5
 
 
 @dataclass
@@ -185,27 +195,8 @@ def robust_projective(src: np.ndarray, dst: np.ndarray, threshold: float = 1.5, 
     return m
 
 
-def register_auto(
-    fixed: Any,
-    moving: Any,
-    detector: str = "sift",
-    coarse_side: int = 512,
-    refine_side: int = 1024,
-    flips: bool = True,
-    seed: int = 0,
-    progress: Callable[[str, float], None] | None = None,
-) -> AutoResult:
-    """Align ``moving`` (H&E) onto ``fixed`` (IHC) with no user input; any rotation and flips.
-
-    ``fixed``/``moving``: an RGB array, a list of pyramid levels (level 0 first), or an object with
-    ``.levels``. Features are matched at a level with longer side <= ``coarse_side``; the result is
-    refined by dense flow at a level with longer side <= ``refine_side``. Raises
-    :class:`RegistrationFailed` when no consistent match is found.
-    """
-    pf, pm = as_pyramid(fixed), as_pyramid(moving)
-    say = progress or (lambda msg, frac: None)
-    say("features", 0.0)
-    # a whole slide's tissue may be tiny at the coarse level: retry finer when matches are few
+def _features(pf, pm, detector, coarse_side, refine_side, flips, seed):
+    """Level-0 matrix from feature matching (None when no consistent match)."""
     for side in (coarse_side, 2 * coarse_side):
         fimg, dsf = pf.image_at(side)
         mimg, dsm = pm.image_at(side)
@@ -215,21 +206,71 @@ def register_auto(
         if (m is not None and ninl >= 20) or max(pf.shape) <= side or side >= refine_side:
             break
     if m is None:
-        raise RegistrationFailed(f"no consistent feature matches between the images ({nmatch} matches); "
-                                 "place landmarks instead")
-    m0 = matrix_to_level0(m, dsm, dsf)
-    info = {"coarse_downsample": dsf}
-    say("refine", 0.5)
+        return None, ninl, nmatch, False
+    return matrix_to_level0(m, dsm, dsf), ninl, nmatch, bool(flipped)
+
+
+def _flow_polish(pf, pm, m0, refine_side, seed, info):
+    """Dense-flow projective refinement (precise where both images share their structure)."""
     fimg2, dsf2 = pf.image_at(refine_side)
     mimg2, dsm2 = pm.image_at(refine_side)
-    for it in range(2):
-        mk = matrix_to_level(m0, dsm2, dsf2)
-        mk2, res = refine_projective(fimg2, mimg2, mk, seed=seed)
-        if not np.isfinite(res):
-            break
+    mk2, res = refine_projective(fimg2, mimg2, matrix_to_level(m0, dsm2, dsf2), seed=seed)
+    if np.isfinite(res):
         m0 = matrix_to_level0(mk2, dsm2, dsf2)
-        info[f"refine_residual_px_{it}"] = res * dsf2
+        info["refine_residual_px"] = res * dsf2
+    return m0
+
+
+def register_auto(
+    fixed: Any,
+    moving: Any,
+    detector: str = "sift",
+    coarse_side: int = 384,
+    refine_side: int = 1024,
+    flips: bool = True,
+    seed: int = 0,
+    progress: Callable[[str, float], None] | None = None,
+    min_score: float = MIN_SCORE,
+) -> AutoResult:
+    """Align ``moving`` (H&E) onto ``fixed`` (IHC) with no user input; any rotation and flips.
+
+    ``fixed``/``moving``: an RGB array, a list of pyramid levels (level 0 first), or an object with
+    ``.levels``. First the intensity search on stain-invariant channels
+    (:func:`~napari_bci.registration.intensity.register_intensity`); where its score is below
+    :data:`CONFIDENT_SCORE`, also features (matched at longer side <= ``coarse_side``), and the
+    better of the two by the same score; then a dense-flow projective polish at longer side <=
+    ``refine_side``, kept only if the score does not drop. Raises :class:`RegistrationFailed`
+    when the final score is below ``min_score``.
+    """
+    from .intensity import invariant_score, register_intensity
+
+    pf, pm = as_pyramid(fixed), as_pyramid(moving)
+    say = progress or (lambda msg, frac: None)
+    r = register_intensity(pf, pm, flips=flips, seed=seed, progress=lambda m, f: say(m, 0.6 * f))
+    m0, score, flipped, how = r.matrix, r.score, r.candidate.flipped, "intensity"
+    info = dict(r.info)
+    ninl = nmatch = 0
+    if score < CONFIDENT_SCORE:
+        say("features", 0.6)
+        mf, ninl, nmatch, ff = _features(pf, pm, detector, coarse_side, refine_side, flips, seed)
+        if mf is not None:
+            sf = invariant_score(pf, pm, mf)
+            info["feature_score"] = sf
+            if sf > score:
+                m0, score, flipped, how = mf, sf, ff, "features"
+    say("refine", 0.8)
+    mp = _flow_polish(pf, pm, m0, refine_side, seed, info)
+    sp = invariant_score(pf, pm, mp)
+    info["polish_score"] = sp
+    if sp >= score - 0.005:  # the polish optimises another criterion; keep it unless it is worse
+        m0, score = mp, max(sp, score)
+    info["score"] = score
+    if not score >= min_score:
+        raise RegistrationFailed(
+            f"registration failed: the best alignment found matches tissue and nuclei poorly "
+            f"(score {score:.2f} < {min_score:.2f}; are these sections of the same tissue?) "
+            "(try landmarks: place >= 4 point pairs on both images)")
     say("done", 1.0)
-    meta = {"method": "auto", "detector": detector, "inliers": ninl, "matches": nmatch,
-            "flipped": bool(flipped)}
+    meta = {"method": "auto", "start": how, "score": round(float(score), 4), "inliers": ninl,
+            "matches": nmatch, "flipped": bool(flipped)}
     return AutoResult(Transform(m0 / m0[2, 2], meta=meta), ninl, nmatch, bool(flipped), info)

@@ -1,0 +1,345 @@
+"""Cross-stain automatic registration on stain-invariant channels (see docs/registration.md).
+
+Consecutive H&E and HER2-IHC sections do not share cells or colours, so keypoints rarely match.
+What both keep is the tissue layout: where tissue is and is not (lumens, fat, tears), and where
+nuclei are dense (tumour nests against stroma). This module works on those channels:
+
+1. :func:`global_search`: at low resolution (longer side about 128 px), every rotation (6 degree
+   steps), both orientations (flip) and three scales, each with the best translation found at once
+   by FFT masked normalised cross-correlation (Padfield, IEEE TIP 2012);
+2. :func:`ecc_refine`: the best candidates refined by maximising the correlation coefficient (ECC,
+   Evangelidis & Psarakis, PAMI 2008) over an affine, then a projective map, coarse to fine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..stain import hematoxylin, rgb_to_od
+
+
+def _rank(a: np.ndarray) -> np.ndarray:
+    """Values replaced by their quantile in ``[0, 1]`` (removes each stain's contrast curve)."""
+    flat = a.ravel()
+    r = np.empty(flat.size, np.float32)
+    r[np.argsort(flat, kind="stable")] = np.linspace(0.0, 1.0, flat.size, dtype=np.float32)
+    return r.reshape(a.shape)
+
+
+def tissue_threshold(od_sum: np.ndarray) -> float:
+    """Total-OD threshold between glass and tissue: Otsu's, at most 0.25 (an image that is all
+    tissue has no glass mode, and Otsu would split stroma from nuclei)."""
+    from skimage.filters import threshold_otsu
+
+    return float(min(threshold_otsu(od_sum), 0.25)) if np.ptp(od_sum) > 1e-6 else 0.25
+
+
+def invariant_channels(rgb: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """``(2, H, W)`` float32: the tissue mask and the rank-normalised hematoxylin optical density,
+    both smoothed by ``sigma`` px. Unlike colour, grey level or DAB, these are comparable between
+    an H&E and an IHC section: glass, lumens and fat have no tissue in either, and nuclei take
+    hematoxylin in both (ranking removes the difference in counterstain strength)."""
+    rgb = np.asarray(rgb)[..., :3]
+    od = rgb_to_od(rgb).sum(-1)
+    tissue = (od > tissue_threshold(od)).astype(np.float32)
+    hema = _rank(hematoxylin(rgb))
+    out = np.stack([tissue, hema])
+    if sigma > 0:
+        out = np.stack([ndi.gaussian_filter(c, sigma) for c in out])
+    return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- global search
+def _fft_shape(n: int) -> int:
+    from scipy.fft import next_fast_len
+
+    return next_fast_len(int(n), real=True)
+
+
+@dataclass
+class Candidate:
+    matrix: np.ndarray  # moving -> fixed, pixels of the search images
+    score: float
+    angle: float
+    scale: float
+    flipped: bool
+
+
+def similarity_matrix(angle_deg: float, scale: float, flipped: bool, centre_m, centre_f) -> np.ndarray:
+    """Moving -> fixed: flip (about x = centre), rotate and scale about the moving centre, and
+    place that centre at ``centre_f``."""
+    t = np.radians(angle_deg)
+    c, s = np.cos(t) * scale, np.sin(t) * scale
+    f = -1.0 if flipped else 1.0
+    a = np.array([[c * f, -s, 0.0], [s * f, c, 0.0], [0.0, 0.0, 1.0]])
+    to = np.array([[1, 0, -centre_m[0]], [0, 1, -centre_m[1]], [0, 0, 1.0]])
+    back = np.array([[1, 0, centre_f[0]], [0, 1, centre_f[1]], [0, 0, 1.0]])
+    return back @ a @ to
+
+
+def _warp_channels(ch: np.ndarray, matrix: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    """Channels ``(C, h, w)`` warped by ``matrix`` (moving -> output px) into ``shape``, and the
+    mask of output pixels with data."""
+    hi = np.linalg.inv(matrix)
+    ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    den = hi[2, 0] * xs + hi[2, 1] * ys + hi[2, 2]
+    den = np.where(np.abs(den) < 1e-12, 1e-12, den)
+    mx = (hi[0, 0] * xs + hi[0, 1] * ys + hi[0, 2]) / den
+    my = (hi[1, 0] * xs + hi[1, 1] * ys + hi[1, 2]) / den
+    h, w = ch.shape[1:]
+    valid = (mx >= -0.5) & (mx <= w - 0.5) & (my >= -0.5) & (my <= h - 0.5)
+    out = np.stack([ndi.map_coordinates(c, [my, mx], order=1, mode="nearest") for c in ch])
+    return out * valid, valid
+
+
+class _MaskedNCC:
+    """Masked NCC of fixed channels against moving images for all translations at once."""
+
+    def __init__(self, fixed: np.ndarray, canvas: tuple[int, int]):
+        from scipy.fft import rfft2
+
+        self.fh, self.fw = fixed.shape[1:]
+        self.ch, self.cw = canvas
+        self.shape = (_fft_shape(self.fh + self.ch - 1), _fft_shape(self.fw + self.cw - 1))
+        s = self.shape
+        self.Mf = rfft2(np.ones((self.fh, self.fw)), s)
+        self.F = [rfft2(c, s) for c in fixed]
+        self.F2 = [rfft2(c * c, s) for c in fixed]
+
+    def __call__(self, moving: np.ndarray, mask: np.ndarray, min_overlap: float):
+        """NCC map (mean over channels) indexed by the shift (row, col) of the moving canvas in
+        the fixed frame (negative shifts wrap), and the overlap map in pixels."""
+        from scipy.fft import irfft2, rfft2
+
+        s = self.shape
+        mg = rfft2(mask.astype(np.float64), s)
+        cmg = np.conj(mg)
+        n = irfft2(self.Mf * cmg, s)
+        n = np.maximum(np.rint(n), 0)
+        ok = n >= min_overlap
+        nn = np.maximum(n, 1)
+        total = np.zeros(s)
+        for k, g in enumerate(moving):
+            G = np.conj(rfft2(g, s))
+            G2 = np.conj(rfft2(g * g, s))
+            fg = irfft2(self.F[k] * G, s)
+            f1 = irfft2(self.F[k] * cmg, s)
+            g1 = irfft2(self.Mf * G, s)
+            f2 = irfft2(self.F2[k] * cmg, s)
+            g2 = irfft2(self.Mf * G2, s)
+            num = fg - f1 * g1 / nn
+            vf, vg = f2 - f1 * f1 / nn, g2 - g1 * g1 / nn
+            good = ok & (vf > 1e-3 * nn) & (vg > 1e-3 * nn)  # both sides must have contrast there
+            total += np.where(good, np.clip(num / np.sqrt(np.maximum(vf * vg, 1e-18)), -1, 1), 0.0)
+        return total / len(moving), n
+
+
+def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: float = 0.3
+           ) -> list[Candidate]:
+    """For each ``(angle, scale, flipped)`` pose, the translation with the highest masked NCC of
+    the channels' sum, weighted by the square root of the overlap (small overlaps correlate
+    highly by chance); overlaps below ``min_overlap`` of the smaller image are not considered.
+    Returns one :class:`Candidate` per pose (matrices in pixels of these images)."""
+    fixed_ch, moving_ch = fixed_ch.sum(0, keepdims=True), moving_ch.sum(0, keepdims=True)
+    fh, fw = fixed_ch.shape[1:]
+    mh, mw = moving_ch.shape[1:]
+    side = int(np.ceil(np.hypot(mh, mw) * max(p[1] for p in poses))) + 2
+    ncc = _MaskedNCC(fixed_ch, (side, side))
+    cm = np.array([(mw - 1) / 2, (mh - 1) / 2])
+    cc = np.array([(side - 1) / 2, (side - 1) / 2])
+    found = []
+    for angle, scale, flipped in poses:
+        m = similarity_matrix(angle, scale, flipped, cm, cc)
+        g, valid = _warp_channels(moving_ch, m, (side, side))
+        # overlap relative to the geometric mean of the areas, so no scale is favoured
+        full = np.sqrt(fh * fw * mh * mw * scale * scale)
+        score, n = ncc(g, valid, min_overlap * min(fh * fw, mh * mw * scale * scale))
+        score = score * np.sqrt(np.minimum(n / full, 1.0))
+        r, c = np.unravel_index(int(np.argmax(score)), score.shape)
+        dy = r if r < fh else r - score.shape[0]  # negative shifts wrap around
+        dx = c if c < fw else c - score.shape[1]
+        shift = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
+        found.append(Candidate(shift @ m, float(score[r, c]), float(angle) % 360, float(scale), bool(flipped)))
+    return found
+
+
+def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float = 10.0,
+                  scales=(0.87, 1.0, 1.15), flips: bool = True, keep: int = 4) -> list[Candidate]:
+    """:func:`search` over every rotation, ``scales`` and both orientations: the ``keep`` best
+    distinct candidates, best first (peaks closer than a tenth of the image and 25 degrees count
+    as one)."""
+    poses = [(a, s, f) for f in ((False, True) if flips else (False,)) for s in scales
+             for a in np.arange(0.0, 360.0, angle_step)]
+    found = sorted(search(fixed_ch, moving_ch, poses), key=lambda c: -c.score)
+    diag = np.hypot(*fixed_ch.shape[1:])
+    out: list[Candidate] = []
+    for cand in found:
+        p = cand.matrix[:2, 2]
+        if any(np.linalg.norm(p - o.matrix[:2, 2]) < 0.1 * diag and o.flipped == cand.flipped
+               and abs((cand.angle - o.angle + 180) % 360 - 180) < 25 for o in out):
+            continue
+        out.append(cand)
+        if len(out) >= keep:
+            break
+    return out
+
+
+def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, angle_step: float = 3.0,
+                 scale_step: float = 0.06) -> Candidate:
+    """The best pose near ``cand`` (angles within one coarse step, scales within 6 %)."""
+    poses = [(cand.angle + da, cand.scale * (1 + ds), cand.flipped)
+             for da in np.arange(-2, 3) * angle_step for ds in (-scale_step, 0.0, scale_step)]
+    return max(search(fixed_ch, moving_ch, poses), key=lambda c: c.score)
+
+
+# --------------------------------------------------------------------------- ECC refinement
+def _normaliser(shape) -> np.ndarray:
+    """Pixels -> coordinates in about [-1, 1] (for a well-conditioned Jacobian)."""
+    h, w = shape
+    s = 2.0 / max(h, w)
+    return np.array([[s, 0, -s * (w - 1) / 2], [0, s, -s * (h - 1) / 2], [0, 0, 1.0]])
+
+
+def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, model: str = "affine",
+               iterations: int = 30, eps: float = 1e-4, samples: int = 20000, seed: int = 0
+               ) -> tuple[np.ndarray, float]:
+    """Refine a moving -> fixed ``matrix`` (pixels of these images) by maximising the correlation
+    coefficient of the channels (stacked) over an ``"affine"`` or ``"projective"`` map, on up to
+    ``samples`` random fixed pixels (as elastix samples its metric).
+
+    Returns the best ``(matrix, score)`` seen: the correlation over the sampled fixed pixels
+    where the warped moving image has data, times the root of their fraction."""
+    fh, fw = fixed_ch.shape[1:]
+    mh, mw = moving_ch.shape[1:]
+    nf, nm = _normaliser((fh, fw)), _normaliser((mh, mw))
+    inv_nm = np.linalg.inv(nm)
+    s_m = inv_nm[0, 0]  # moving px per normalised unit
+    # backward warp in normalised coordinates: fixed (x, y) -> moving (x', y')
+    W = nm @ np.linalg.inv(matrix) @ np.linalg.inv(nf)
+    W = W / W[2, 2]
+    n_all = fh * fw
+    idx = np.arange(n_all) if n_all <= samples else np.random.default_rng(seed).choice(n_all, samples, False)
+    ys, xs = np.divmod(idx, fw)
+    xn = (xs - (fw - 1) / 2) * nf[0, 0]
+    yn = (ys - (fh - 1) / 2) * nf[1, 1]
+    tpl = fixed_ch.reshape(len(fixed_ch), -1)[:, idx].astype(np.float64)
+    grads = [np.gradient(c) for c in moving_ch]  # (d/drow, d/dcol) in moving px
+    n_par = 6 if model == "affine" else 8
+    best = (W.copy(), -1.0)
+    step = 1.0
+    for _ in range(iterations):
+        den = W[2, 0] * xn + W[2, 1] * yn + 1.0
+        den = np.where(np.abs(den) < 1e-9, 1e-9, den)
+        xw = (W[0, 0] * xn + W[0, 1] * yn + W[0, 2]) / den
+        yw = (W[1, 0] * xn + W[1, 1] * yn + W[1, 2]) / den
+        cols = xw * s_m + inv_nm[0, 2]
+        rows = yw * s_m + inv_nm[1, 2]
+        valid = (cols >= 0) & (cols <= mw - 1) & (rows >= 0) & (rows <= mh - 1)
+        if valid.sum() < 64:
+            break
+        rc = [rows[valid], cols[valid]]
+        xv, yv, dv, xwv, ywv = xn[valid], yn[valid], den[valid], xw[valid], yw[valid]
+        tvec, ivec, jac = [], [], []
+        for k in range(len(moving_ch)):
+            img = ndi.map_coordinates(moving_ch[k], rc, order=1)
+            gyd = ndi.map_coordinates(grads[k][0], rc, order=1) * s_m / dv
+            gxd = ndi.map_coordinates(grads[k][1], rc, order=1) * s_m / dv
+            t = tpl[k][valid]
+            tvec.append(t - t.mean())
+            ivec.append(img - img.mean())
+            cols_j = [gxd * xv, gxd * yv, gxd, gyd * xv, gyd * yv, gyd]
+            if n_par == 8:
+                q = -(gxd * xwv + gyd * ywv)
+                cols_j += [q * xv, q * yv]
+            J = np.stack(cols_j, 1)
+            jac.append(J - J.mean(0))
+        t, i, G = np.concatenate(tvec), np.concatenate(ivec), np.concatenate(jac)
+        corr = float(t @ i)
+        # weighted by the root of the overlap, as in :func:`search`: shrinking it is no gain
+        rho = corr / max(np.linalg.norm(t) * np.linalg.norm(i), 1e-12) * np.sqrt(valid.mean())
+        if rho > best[1]:
+            best = (W.copy(), rho)
+            step = min(step * 1.5, 1.0)
+        else:  # overshoot: go back to the best warp and take a shorter step
+            W = best[0].copy()
+            step *= 0.5
+            if step < 1e-3:
+                break
+            continue
+        Q = G.T @ G + 1e-9 * np.eye(n_par)
+        ip, tp = G.T @ i, G.T @ t
+        qi = np.linalg.solve(Q, ip)
+        lam_n = float(i @ i - ip @ qi)
+        lam_d = float(corr - tp @ qi)
+        if lam_d <= 0:  # ECC, eq. 21: no correlation to climb yet
+            lam = np.sqrt(lam_n / max(float(t @ t - tp @ np.linalg.solve(Q, tp)), 1e-12))
+        else:
+            lam = lam_n / lam_d
+        dp = np.linalg.solve(Q, G.T @ (lam * t - i)) * step
+        d = np.zeros(9)
+        d[:n_par] = dp
+        W = best[0] + d.reshape(3, 3)
+        if np.linalg.norm(dp) < eps:
+            break
+    m = np.linalg.inv(nf) @ np.linalg.inv(best[0]) @ nm  # moving px -> fixed px
+    return m / m[2, 2], float(best[1])
+
+
+# --------------------------------------------------------------------------- pipeline
+#: (longer side px, smoothing sigma px) of the search, local search and refinement levels
+LEVELS = {"search": (96, 1.0), "local": (160, 1.25), "affine": (256, 2.0), "projective": (512, 3.0)}
+
+
+@dataclass
+class IntensityResult:
+    matrix: np.ndarray  # moving -> fixed, level-0 px
+    score: float  # overlap-weighted correlation of the invariant channels at the finest level
+    candidate: Candidate  # the pose of the global search that won
+    info: dict = field(default_factory=dict)
+
+
+def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
+                       progress: Callable[[str, float], None] | None = None) -> IntensityResult:
+    """Moving -> fixed projective of two :class:`~napari_bci.registration.images.Pyramid` s:
+    :func:`global_search`, :func:`local_search` of its best candidates, then :func:`ecc_refine`
+    (affine, then projective). See the module docstring."""
+    from .images import matrix_to_level, matrix_to_level0
+
+    say = progress or (lambda msg, frac: None)
+
+    def chans(p, key):
+        img, ds = p.image_at(LEVELS[key][0])
+        return invariant_channels(img, LEVELS[key][1]), ds
+
+    say("global search", 0.0)
+    (cf, _), (cm, _) = chans(pf, "search"), chans(pm, "search")
+    cands = global_search(cf, cm, flips=flips, keep=4)
+    say("local search", 0.45)
+    (cf, dsf), (cm, dsm) = chans(pf, "local"), chans(pm, "local")
+    best = max((local_search(cf, cm, c) for c in cands), key=lambda c: c.score)
+    m0 = matrix_to_level0(best.matrix, dsm, dsf)
+    info = {"search_score": best.score, "angle": best.angle, "scale": best.scale,
+            "flipped": best.flipped}
+    score = best.score
+    for k, key in enumerate(("affine", "projective")):
+        say(f"refine ({key})", 0.7 + 0.15 * k)
+        (cf, dsf), (cm, dsm) = chans(pf, key), chans(pm, key)
+        mk, score = ecc_refine(cf, cm, matrix_to_level(m0, dsm, dsf), key, seed=seed)
+        m0 = matrix_to_level0(mk, dsm, dsf)
+        info[f"{key}_score"] = score
+    return IntensityResult(m0 / m0[2, 2], float(score), best, info)
+
+
+def invariant_score(pf, pm, matrix0: np.ndarray, key: str = "projective") -> float:
+    """The overlap-weighted correlation :func:`ecc_refine` maximises, for a level-0 matrix."""
+    from .images import matrix_to_level
+
+    fi, dsf = pf.image_at(LEVELS[key][0])
+    mi, dsm = pm.image_at(LEVELS[key][0])
+    _, score = ecc_refine(invariant_channels(fi, LEVELS[key][1]), invariant_channels(mi, LEVELS[key][1]),
+                          matrix_to_level(matrix0, dsm, dsf), "affine", iterations=1)
+    return score
