@@ -1,4 +1,4 @@
-"""The ``napari-bci`` command line (contract: DESIGN.md section 2b).
+"""The ``napari-bci`` command line (contract: docs/architecture.md, "The command line").
 
 Each subpackage owns its subcommands in a ``_cli`` module exposing ``register(subparsers)``;
 a subcommand's function takes the parsed ``args`` and returns a JSON-able ``dict`` (the report)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-#: Layer names users see (DESIGN.md section 2).
+#: Layer names users see (docs/architecture.md, "Data conventions").
 HE = "H&E"
 HE_REGISTERED = "H&E (registered)"
 IHC_TRUTH = "IHC (ground truth)"
