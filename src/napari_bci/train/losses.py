@@ -3,8 +3,9 @@ membrane DAB loss.
 
 All image tensors are ``(N, 3, H, W)`` in [-1, 1] (the pix2pix convention).
 
-The pyramid L1 follows the BCI PyramidPix2pix code: L1 at full scale, then per octave four 3x3 Gaussian blurs (sigma 1, reflect border) and a 2x subsampling, with L1
-at 1/2, 1/4 and 1/8 scale; each term weighted 25.
+The pyramid L1 follows the BCI PyramidPix2pix code: L1 at full scale, then per octave four 3x3
+Gaussian blurs (sigma 1, reflect border) and a 2x subsampling, with L1 at 1/2, 1/4 and 1/8 scale;
+each term weighted 25.
 """
 
 from __future__ import annotations
