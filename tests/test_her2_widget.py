@@ -96,6 +96,20 @@ def test_drawn_regions(viewer_with_ihc, qtbot):
     r = widget.region_results["left half"]
     assert r.cells > 20 and r.centroid[:, 0].max() <= 256.5
     assert widget.explanation.text().startswith("left half: ")
+    # cell outlines: one label per result cell, where the cell is, grey when not a tumour cell
+    from napari_bci.widgets.her2 import CLASS_COLOURS, OUTLINES_LAYER, REJECTED_COLOUR
+
+    ol = viewer.layers[OUTLINES_LAYER]
+    ids = np.unique(ol.data)
+    assert ol.contour == 1 and len(ids[ids > 0]) == len(r.centroid)
+    ihc = viewer.layers[L.IHC_TRUTH]
+    for j in (0, len(r.centroid) // 2, len(r.centroid) - 1):
+        yy, xx = np.nonzero(ol.data == j + 1)
+        world = ol.data_to_world((yy.mean(), xx.mean()))
+        y, x = ihc.world_to_data(world)[-2:]
+        assert np.hypot(x - r.centroid[j, 0], y - r.centroid[j, 1]) < 8  # 4 um: cell vs nucleus centre
+        want = CLASS_COLOURS[r.cell_class[j]] if r.tumour[j] else REJECTED_COLOUR
+        assert np.allclose(ol.colormap.color_dict[j + 1], want)
 
 
 def test_cancel_whole_image(make_napari_viewer, qtbot):

@@ -107,6 +107,13 @@ class HER2Result:
     #: Image-level findings kept when cells are subset or pooled (reason, code, warnings).
     image: dict = field(default_factory=dict, repr=False)
     stain: dict | None = field(default=None, repr=False)
+    #: Cell outlines (``score(..., keep_labels=True)``): the cell label image, each result
+    #: cell's label in it, and where the image lies: level-0 (x, y) of its pixel (0, 0) and
+    #: level-0 pixels per label pixel. None after pooling (tiles, regions).
+    label_image: np.ndarray | None = field(default=None, repr=False)
+    label_ids: np.ndarray | None = field(default=None, repr=False)
+    label_origin: tuple[float, float] = (0.0, 0.0)
+    label_downsample: float = 1.0
 
     @property
     def assessable(self) -> bool:
@@ -170,8 +177,12 @@ class HER2Result:
     def subset(self, keep: np.ndarray) -> "HER2Result":
         """The score of a subset of this result's cells (boolean or index array)."""
         c, k, cm, it, t, co = self._arrays()
-        return summarize(c[keep], k[keep], cm[keep], it[keep], t[keep], compartments=co[keep],
-                         mpp=self.mpp, params=self.params, image=self.image, stain=self.stain)
+        out = summarize(c[keep], k[keep], cm[keep], it[keep], t[keep], compartments=co[keep],
+                        mpp=self.mpp, params=self.params, image=self.image, stain=self.stain)
+        if self.label_image is not None:
+            out.label_image, out.label_ids = self.label_image, self.label_ids[keep]
+            out.label_origin, out.label_downsample = self.label_origin, self.label_downsample
+        return out
 
     @staticmethod
     def merge(results: Sequence["HER2Result"],
@@ -488,12 +499,13 @@ def _check_rgb(rgb) -> np.ndarray:
 
 
 def score(rgb, mpp: float = 0.5, mask: np.ndarray | None = None, *, estimate_stains: bool = False,
-          stain_model: StainModel | None = None, image: dict | None = None,
+          stain_model: StainModel | None = None, image: dict | None = None, keep_labels: bool = False,
           cell_params: CellParams = CellParams(), params: ScoreParams = ScoreParams()) -> HER2Result:
     """Score an RGB HER2 IHC image (or the cells whose centroid lies in ``mask``) under ASCO/CAP
     2018. ``mpp``: microns per pixel of ``rgb``. Centroids are (x, y) pixels of ``rgb``.
     ``stain_model`` / ``image`` (an :func:`image_check` finding) may come from the whole slide
-    so that tiles share one background and one verdict on the colours."""
+    so that tiles share one background and one verdict on the colours. ``keep_labels`` keeps
+    the cell label image for outlines (``label_image``, ``label_ids``, ``label_origin``)."""
     from ..errors import InputError
 
     a = _check_rgb(rgb)
@@ -526,6 +538,9 @@ def score(rgb, mpp: float = 0.5, mask: np.ndarray | None = None, *, estimate_sta
     cen = cells.centroid + np.asarray(off, float)
     res = summarize(cen, cls, comp, inten, tum, compartments=cells.compartments, mpp=mpp, params=params,
                     image=image, stain=model.to_dict())
+    if keep_labels:
+        res.label_image, res.label_ids = cells.cells, np.arange(1, len(cen) + 1, dtype=np.int32)
+        res.label_origin = (float(off[0]), float(off[1]))
     if mask is not None and len(cen):
         xi = np.clip(np.rint(cen[:, 0]).astype(int), 0, mask.shape[1] - 1)
         yi = np.clip(np.rint(cen[:, 1]).astype(int), 0, mask.shape[0] - 1)

@@ -143,6 +143,9 @@ class ScoreMap:
 
 def _to_level0(res: HER2Result, off_xy, ds: float) -> HER2Result:
     res.centroid = (res.centroid + np.asarray(off_xy, float)) * ds
+    if res.label_image is not None:
+        res.label_origin = tuple((np.asarray(res.label_origin, float) + np.asarray(off_xy, float)) * ds)
+        res.label_downsample = float(ds)
     return res
 
 

@@ -29,6 +29,9 @@ from ._layers import levels, rgb_layers
 
 SCOPES = ("Visible region", "Drawn regions", "Whole image")
 CELLS_LAYER = "HER2 cells"
+OUTLINES_LAYER = "HER2 cell outlines"
+#: Largest outline image (analysis pixels) shown for drawn / visible regions.
+MAX_OUTLINE_PX = 4096 * 4096
 LEARNED_LAYER = "HER2 (learned from H&E)"
 #: Points colours per membrane class (none, faint, weak-moderate, intense).
 CLASS_COLOURS = (
@@ -322,6 +325,7 @@ class HER2Widget(QWidget):
             lm = out["learned_map"]
             self._show_map(lm.labels, lm.tile, layer, LEARNED_LAYER, visible=False)
         self._show_cells(self.result, layer)
+        self._show_outlines(list(self.region_results.values()), layer)
 
     # -- layers --------------------------------------------------------------------------------
     def _show_map(self, labels, tile, layer, name, visible=True, her2=None):
@@ -426,6 +430,42 @@ class HER2Widget(QWidget):
         self._cells_px = 1.0
         self._update_cell_visibility()
 
+    def _show_outlines(self, results: list[HER2Result], layer):
+        """Cell outlines of region results (tumour cells in their class colour, rejected cells
+        grey) as one Labels layer in contour mode; removed when there are none or too many."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        if OUTLINES_LAYER in self.viewer.layers:
+            self.viewer.layers.remove(OUTLINES_LAYER)
+        parts = [r for r in results if r.label_image is not None and len(r.label_ids)]
+        if not parts or len({r.label_downsample for r in parts}) != 1:
+            return
+        ds = parts[0].label_downsample
+        lo = np.min([np.asarray(r.label_origin) / ds for r in parts], 0).astype(int)
+        hi = np.max([np.asarray(r.label_origin) / ds + r.label_image.shape[::-1] for r in parts], 0).astype(int)
+        w, h = hi - lo
+        if w * h > MAX_OUTLINE_PX:
+            return
+        canvas = np.zeros((h, w), np.int32)
+        colours = {None: np.zeros(4), 0: np.zeros(4)}
+        base = 0
+        for r in parts:
+            keep = np.zeros(int(r.label_image.max()) + 1, np.int32)
+            keep[r.label_ids] = base + np.arange(1, len(r.label_ids) + 1, dtype=np.int32)
+            x0, y0 = (np.asarray(r.label_origin) / ds).astype(int) - lo
+            sub = keep[r.label_image]
+            view = canvas[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]]
+            np.copyto(view, sub, where=sub > 0)
+            for j, (c, t) in enumerate(zip(r.cell_class, r.tumour)):
+                colours[base + j + 1] = np.asarray(CLASS_COLOURS[c] if t else REJECTED_COLOUR, float)
+            base += len(r.label_ids)
+        s = np.asarray(layer.scale[-2:], float)
+        t = np.asarray(layer.translate[-2:], float)
+        self.viewer.add_labels(canvas, name=OUTLINES_LAYER, scale=s * ds, translate=t + lo[::-1] * ds * s,
+                               units=tuple(layer.units[-2:]), colormap=DirectLabelColormap(color_dict=colours),
+                               opacity=0.9, metadata={"role": "her2-outlines"})
+        self.viewer.layers[OUTLINES_LAYER].contour = 1
+
     def _update_cell_visibility(self, event=None):
         if CELLS_LAYER not in self.viewer.layers:
             return
@@ -467,7 +507,7 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
                 x1, y1 = np.ceil(p.max(0)).astype(int)
                 r = (yield from iter_score_map(levels, mpp, bbox=(x0, y0, x1, y1), **kw)).overall
             else:
-                r = score_polygon(levels, p, mpp, **kw)
+                r = score_polygon(levels, p, mpp, keep_labels=True, **kw)
                 yield (i + 1, len(regions))
             out["regions"][name] = r
         out["overall"] = HER2Result.merge(list(out["regions"].values()))
