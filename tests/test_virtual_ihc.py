@@ -266,3 +266,22 @@ def test_removing_layers_or_closing_while_generating_is_clean(make_napari_viewer
     if what != "viewer":
         qtbot.waitUntil(lambda: not w.is_running(), timeout=5000)
         assert not w._following
+
+
+def test_a_loader_failing_in_its_own_way_is_a_notification(he_viewer, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    def factory(device=None):
+        raise KeyError(101)  # what a malformed checkpoint made the loader raise
+
+    registry.register("odd-failure", factory, tile=128, halo=0, predicts_her2=False, replace=True)
+    try:
+        viewer, _ = he_viewer
+        w = _make_widget(viewer, "odd-failure", qtbot)
+        before = len(notification_manager.records)
+        w.start()
+        msgs = [str(r.message) for r in notification_manager.records[before:]]
+        assert any("KeyError: 101" in m and "odd-failure" in m for m in msgs)
+        assert not w.is_running()
+    finally:
+        registry.unregister("odd-failure")

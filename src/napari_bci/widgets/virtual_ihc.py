@@ -329,6 +329,10 @@ class VirtualIHCWidget(QWidget):
         except (BCIError, OSError, ValueError) as e:
             show_error(f"Virtual IHC: {e}")
             return False
+        except Exception as e:  # noqa: BLE001 - a checkpoint that breaks the loader in its own way
+            show_error(f"Virtual IHC: cannot load {Path(spec).name if Path(spec).exists() else spec}: "
+                       f"{type(e).__name__}: {e}")
+            return False
         return True
 
     def _check_domain(self, image) -> None:
