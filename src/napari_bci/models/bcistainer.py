@@ -6,7 +6,7 @@ convs + global average pool) feeding a 4-logit HER2-level head and the style blo
 decoder (``mod``: weight-demodulated convolutions, ``ada``: AdaIN, ``none``: plain residual
 blocks), optional parameter-free SimAM attention, a high-resolution and a low-resolution output.
 Module trees, hence ``state_dict`` key names, match upstream (see
-``tests/data/upstream_bcistainer_exp3_keys.json``), so ``model_best_psnr.pth`` loads as it is.
+``tests/data/upstream_generator_keys.json``), so ``model_best_psnr.pth`` loads as it is.
 
 Config keys are the upstream YAML's ``G.params`` (plus ``name: basic | cahr``; for CAHR also
 ``crop_size`` and ``infer_mode`` from ``loader``/``trainer``). The style vector depends on the
@@ -126,7 +126,8 @@ class EqualizedWeight(nn.Module):
     def __init__(self, shape):
         super().__init__()
         self.c = 1 / math.sqrt(math.prod(shape[1:]))
-        self.data = nn.Parameter(torch.empty(shape).normal_())
+        w = torch.empty(shape)
+        self.data = nn.Parameter(w if w.is_meta else w.normal_())  # meta: counted, not drawn
 
     def forward(self):
         return self.data * self.c

@@ -12,7 +12,7 @@ computes it in eval mode), ``no_dropout``, ``padding_type``.
 
 Options come from the ``train_opt.txt`` beside the checkpoint (:func:`read_train_opt`) or are
 read back from the keys and shapes (:func:`infer_config`). Key layout facts:
-``tests/data/upstream_cut_keys.json``.
+``tests/data/upstream_generator_keys.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ _BLUR = {1: [1.0], 2: [1.0, 1.0], 3: [1.0, 2.0, 1.0], 4: [1.0, 3.0, 3.0, 1.0]}
 
 
 def _filter(size: int) -> torch.Tensor:
-    a = torch.tensor(_BLUR[size], dtype=torch.float64)
+    """Normalised binomial filter, computed on the CPU even while a model is built on the meta
+    device (meta arithmetic would pull in torch's compiler stack)."""
+    a = torch.tensor(_BLUR[size], dtype=torch.float64, device="cpu")
     f = a[:, None] * a[None, :]
     return (f / f.sum()).float()
 
@@ -56,7 +58,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.register_buffer("filt", (_filter(4) * 4)[None, None].repeat(channels, 1, 1, 1))
+        self.register_buffer("filt", (_filter(4) * 4)[None, None].repeat(channels, 1, 1, 1))  # CPU (above)
         self.pad = nn.ReplicationPad2d(1)
 
     def forward(self, x):
@@ -79,8 +81,11 @@ class SpectralNormConv(nn.Module):
         self.weight_orig = nn.Parameter(w.clone())
         self.bias = conv.bias
         h = w.shape[self.dim]
-        self.register_buffer("weight_u", F.normalize(torch.randn(h), dim=0, eps=1e-12))
-        self.register_buffer("weight_v", F.normalize(torch.randn(w.numel() // h), dim=0, eps=1e-12))
+        u, v = torch.empty(h), torch.empty(w.numel() // h)
+        if not u.is_meta:  # meta: counted, not drawn
+            u, v = F.normalize(u.normal_(), dim=0, eps=1e-12), F.normalize(v.normal_(), dim=0, eps=1e-12)
+        self.register_buffer("weight_u", u)
+        self.register_buffer("weight_v", v)
 
     def weight(self) -> torch.Tensor:
         w = self.weight_orig
