@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,18 @@ DATA = Path(__file__).parent / "data"
 
 # Keep torch and BLAS from oversubscribing the two CI cores when tests run Qt threads too.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Settings the widgets remember (QSettings) go to a private folder, never the user's.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="napari-bci-test-config-")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_widget_settings():
+    """Each test starts from the widgets' defaults, not from what an earlier test chose."""
+    yield
+    if "qtpy" in __import__("sys").modules:
+        from qtpy.QtCore import QSettings
+
+        QSettings("napari-bci", "napari-bci").clear()
 
 
 @pytest.fixture(scope="session")

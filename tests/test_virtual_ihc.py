@@ -285,3 +285,17 @@ def test_a_loader_failing_in_its_own_way_is_a_notification(he_viewer, qtbot):
         assert not w.is_running()
     finally:
         registry.unregister("odd-failure")
+
+
+def test_choices_are_remembered_between_sessions(he_viewer, qtbot):
+    from napari_bci.widgets.virtual_ihc import THIS_VIEW, VirtualIHCWidget
+
+    viewer, _ = he_viewer
+    w = _make_widget(viewer, "baseline", qtbot)
+    w.mode_combo.setCurrentText(THIS_VIEW)
+    w.tile_spin.setValue(256)
+    w.tta_check.setChecked(True)
+    again = VirtualIHCWidget(viewer)
+    qtbot.addWidget(again)
+    assert again.model_combo.currentText() == "baseline" and again.mode_combo.currentText() == THIS_VIEW
+    assert again.tile_spin.value() == 256 and again.tta_check.isChecked()

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QSettings, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -192,6 +192,34 @@ class VirtualIHCWidget(QWidget):
         self.viewer.canvas.events.size.connect(self._on_camera)
         self.destroyed.connect(self._teardown)
         self._set_tooltips()
+        self._settings = QSettings("napari-bci", "napari-bci")
+        self._restore_settings()
+        for sig in (self.model_combo.currentTextChanged, self.device_combo.currentTextChanged,
+                    self.mode_combo.currentTextChanged, self.tile_spin.valueChanged, self.tta_check.toggled):
+            sig.connect(self._save_settings)
+
+    def _restore_settings(self) -> None:
+        """The choices of the last session (a model no longer available is skipped)."""
+        st = self._settings
+        for combo, key in ((self.model_combo, "vihc/model"), (self.device_combo, "vihc/device"),
+                           (self.mode_combo, "vihc/mode")):
+            v = st.value(key)
+            if v and combo.findText(str(v)) >= 0 and str(v) != CHECKPOINT_ITEM:
+                combo.setCurrentText(str(v))
+        try:
+            self.tile_spin.setValue(int(st.value("vihc/tile", 0)))
+        except (TypeError, ValueError):
+            pass
+        self.tta_check.setChecked(str(st.value("vihc/tta", "false")).lower() == "true")
+
+    def _save_settings(self, *_) -> None:
+        st = self._settings
+        if not self.model_combo.currentText().startswith("file: ") and self.model_combo.currentText() != CHECKPOINT_ITEM:
+            st.setValue("vihc/model", self.model_combo.currentText())
+        st.setValue("vihc/device", self.device_combo.currentText())
+        st.setValue("vihc/mode", self.mode_combo.currentText())
+        st.setValue("vihc/tile", self.tile_spin.value())
+        st.setValue("vihc/tta", self.tta_check.isChecked())
 
     def _set_tooltips(self) -> None:
         self.he_combo.setToolTip("The H&E layer to stain virtually (use 'H&E (registered)' to compare with a real IHC)")
