@@ -136,8 +136,9 @@ class TileEngine:
         (9 windows per tile, shared with neighbours through the cache). Default: on for
         window-dependent generators (``generator.window_dependent``: instance norm, SimAM, a
         global style vector), else off (halo cropping is exact for the others). A level that
-        fits in one window runs as a single pass on the whole image (no halo, no blending), so a
-        native-size patch gives exactly the upstream forward pass.
+        fits in one window (the generator's native ``window``, else one tile of a window-dependent
+        model) runs as a single pass on the whole image (no halo, no blending), so a native-size
+        patch gives exactly the upstream forward pass.
     tta: run the generator with test-time augmentation (:func:`napari_bci.models.base.with_tta`)
     """
 
@@ -170,7 +171,8 @@ class TileEngine:
         dependent = bool(getattr(generator, "window_dependent", False)) or \
             (getattr(generator, "config", None) or {}).get("norm") == "instance"
         lh, lw = int(self.array.shape[0]), int(self.array.shape[1])
-        if dependent and tile is None and halo is None and lh <= t and lw <= t:
+        fits = int(getattr(generator, "window", None) or (t if dependent else 0))
+        if tile is None and halo is None and lh <= fits and lw <= fits:  # one pass, as upstream runs a patch
             blend, hl, t = False, 0, max(align, int(math.ceil(max(lh, lw) / align)) * align)
         if blend is None:
             blend = dependent
