@@ -18,7 +18,8 @@ REJECTED_RGB = (150, 150, 150)
 #: Columns of the report table (CSV has every :func:`export_row` field).
 TABLE = (("region", "region"), ("HER2", "her2_display"), ("tumour cells", "tumour_cells"),
          ("none %", "pct_none"), ("faint %", "pct_faint"), ("weak-mod %", "pct_weak_moderate"),
-         ("intense %", "pct_intense"), ("complete %", "pct_complete"), ("H-score", "h_score"),
+         ("intense %", "pct_intense"), ("complete %", "pct_complete"), ("incompl. %", "pct_incomplete"),
+         ("H-score", "h_score"),
          ("pattern", "pattern"))
 
 
@@ -95,13 +96,13 @@ def render(rgb: np.ndarray, results: dict[str, HER2Result], *, title: str = "", 
         d.text((x + 18, y), name.replace("_", "-"), fill="black", font=small)
         x += 130
     y += 26
-    widths = (140, 320, 90, 60, 60, 85, 70, 85, 65, 90)
+    widths = (120, 310, 85, 58, 55, 80, 65, 80, 75, 60, 85)
     for ri, row in enumerate([{k: h for h, k in TABLE}] + rows):
         x = 20
         for (head, key), wcol in zip(TABLE, widths):
             v = row.get(key, "")
             text = f"{v:g}" if isinstance(v, float) else str(v)
-            d.text((x, y), text[: max(wcol // 7, 4)], fill="black", font=small)
+            d.text((x, y), text[: max(int(wcol / 6.2), 4)], fill="black", font=small)
             x += wcol
         y += row_h
     rules = ("3+ > 10% complete intense; 2+ > 10% complete weak-moderate; 1+ > 10% faint/incomplete; "

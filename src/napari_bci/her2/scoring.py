@@ -236,7 +236,7 @@ def export_row(result) -> dict:
         "tumour_cells": int(d.get("cells", 0)),
         "detected_cells": int(d.get("detected", 0)),
     }
-    for k in CLASSES + ("complete", "complete_weak_or_more", "intense_complete"):
+    for k in CLASSES + ("complete", "incomplete", "complete_weak_or_more", "intense_complete"):
         row[f"pct_{k}"] = round(100 * float(fr.get(k, 0.0)), 1)
     row["h_score"] = float(d.get("h_score", 0.0))
     row["pattern"] = (d.get("pattern") or {}).get("pattern", "")
@@ -313,6 +313,7 @@ def _fractions(cc: np.ndarray, complete: np.ndarray) -> dict:
     frac = (lambda m: float(m.sum()) / n) if n else (lambda m: 0.0)
     fr = {name: frac(cc == i) for i, name in enumerate(CLASSES)}
     fr["complete"] = frac(complete & (cc > 0))
+    fr["incomplete"] = frac(~complete & (cc > 0))
     fr["complete_weak_or_more"] = frac(complete & (cc >= 2))
     fr["intense_complete"] = frac(complete & (cc == 3))
     fr["any"] = frac(cc > 0)
