@@ -111,11 +111,30 @@ def _handle_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
+def _one_line_warnings(command: str) -> Callable[[], None]:
+    """Show warnings as ``napari-bci CMD: warning: ...`` on one line (not file:line + source);
+    returns the undo."""
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"napari-bci {command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    return lambda: setattr(warnings, "showwarning", previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
-    restore = _handle_sigterm()
+    undo_sigterm, undo_warnings = _handle_sigterm(), _one_line_warnings(args.command)
+
+    def restore():
+        undo_sigterm()
+        undo_warnings()
+
     try:
         result = func(args)
     except InputError as e:

@@ -122,11 +122,48 @@ def _is_dask(arr) -> bool:
     return type(arr).__module__.startswith("dask")
 
 
+#: PNG/JPEG files are decoded whole: larger declared sizes are refused before decoding (a
+#: 100 kB file can declare 100000 x 100000 pixels); whole slides belong in tiled TIFFs.
+MAX_PATCH_PIXELS = 2**28
+
+
+def declared_size(data: bytes, kind: str) -> tuple[int, int] | None:
+    """``(height, width)`` that a PNG (IHDR) or JPEG (first SOF marker) header declares, or None."""
+    if kind == "png":
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+        return None
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
 def decode_png_jpeg(p: Path, kind: str) -> np.ndarray:
     """Decode PNG or JPEG file ``p`` (``kind`` from :func:`sniff`) into ``(H, W, 3)`` uint8 RGB."""
     import imagecodecs
 
     data = p.read_bytes()
+    size = declared_size(data, kind)
+    if size is not None:
+        h, w = size
+        if h == 0 or w == 0:
+            raise InputError(p, f"corrupt {kind.upper()}: the header declares a {w}x{h} image")
+        if h * w > MAX_PATCH_PIXELS:
+            raise InputError(p, f"{kind.upper()} declares {w}x{h} pixels ({h * w / 1e6:.0f} MP), more than the "
+                                f"{MAX_PATCH_PIXELS / 1e6:.0f} MP decoded whole; convert it to a tiled pyramidal "
+                                f"TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)")
     try:
         if kind == "png":
             arr = imagecodecs.png_decode(data)

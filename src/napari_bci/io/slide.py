@@ -262,19 +262,49 @@ def _normalise_axes(arr, axes: str, src: Path, photometric: int | None, colormap
     return to_rgb8(arr, src)
 
 
+class _TiffLog:
+    """Collects what tifffile logs (e.g. "invalid offset to first page") instead of letting it
+    reach stderr, so the problem becomes part of one error line or one warning naming the file."""
+
+    def __enter__(self):
+        import logging
+
+        self.messages: list[str] = []
+        self.logger = logging.getLogger("tifffile")
+        self.handler = logging.Handler()
+        self.handler.emit = lambda rec: self.messages.append(
+            re.sub(r"^<tifffile\.\w+ @\d+> ", "", rec.getMessage()))
+        self.saved = self.logger.propagate
+        self.logger.addHandler(self.handler)
+        self.logger.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.propagate = self.saved
+
+    def why(self) -> str:
+        return f" ({self.messages[0]})" if self.messages else ""
+
+
 def _open_tiff(p: Path, fill: bool = False) -> Slide:
     import tifffile
 
-    try:
-        tf = tifffile.TiffFile(p)
-        series_list = tf.series
-    except Exception as e:
-        if _openslide_available():
-            return _open_openslide(p, reason=f"tifffile could not read it ({e})")
-        raise InputError(p, f"corrupt or unreadable TIFF ({type(e).__name__}: {e})") from None
+    with _TiffLog() as log:
+        try:
+            tf = tifffile.TiffFile(p)
+            series_list = tf.series
+        except Exception as e:
+            if _openslide_available():
+                return _open_openslide(p, reason=f"tifffile could not read it ({e})")
+            raise InputError(p, f"corrupt or unreadable TIFF ({type(e).__name__}: {e})") from None
+    for m in dict.fromkeys(log.messages):
+        if series_list:
+            warnings.warn(f"{p}: {m}", UserWarning, stacklevel=3)
     try:
         if not series_list:
-            raise InputError(p, "TIFF without images")
+            raise InputError(p, "TIFF without images" + (f"; the file is damaged or truncated{log.why()}"
+                                                         if log.messages else ""))
         fmt = _tiff_format(tf)
         idx = _pick_series(tf)
         series = series_list[idx]
