@@ -17,10 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .io.layers import HE, IHC_TRUTH, image_layer
-from .io.patches import IMAGE_SUFFIXES, sniff
-
-_SLIDE_SUFFIXES = IMAGE_SUFFIXES + (".mrxs", ".vms", ".vmu", ".svslide", ".isyntax", ".czi", ".vsi")
-
+from .io.slide import is_slide_file
 
 def _is_ihc_name(p: Path) -> bool:
     parts = [s.lower() for s in p.parts[-3:-1]]
@@ -30,15 +27,6 @@ def _is_ihc_name(p: Path) -> bool:
         return False
     stem = p.name.lower()
     return any(k in stem for k in ("ihc", "her2", "dab"))
-
-
-def _supported_file(p: Path) -> bool:
-    if p.name.lower().endswith(_SLIDE_SUFFIXES):
-        return True
-    try:
-        return p.is_file() and sniff(p) is not None
-    except OSError:
-        return False
 
 
 def get_reader(path: str | list[str]) -> Callable | None:
@@ -54,7 +42,7 @@ def get_reader(path: str | list[str]) -> Callable | None:
                 _locate(p)
             except Exception:
                 return None
-        elif not _supported_file(p):
+        elif not is_slide_file(p):
             return None
     return read_paths
 

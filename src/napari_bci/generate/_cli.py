@@ -192,7 +192,7 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
         domain = check_generator_domain(gen, slide.levels[0])
         if domain:
             print(f"warning: {src}: {domain}", file=sys.stderr)
-        if slide.native_levels > 1 or out.name.lower().endswith(OME_SUFFIXES):
+        if batch.is_pyramid(slide) or out.name.lower().endswith(OME_SUFFIXES):
             return batch.generate_slide(slide, model, _slide_out(src, out), generator=gen, **_slide_options(args))
         if out.is_dir():
             out = out / (src.stem + ".png")

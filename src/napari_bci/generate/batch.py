@@ -569,15 +569,20 @@ def bci_test_files(root: Path) -> list[Path] | None:
     return None
 
 
-def _is_slide_file(p: Path) -> bool:
-    """Whether ``p`` is a slide (to become an OME-TIFF) rather than a patch (to become a PNG)."""
+def is_pyramid(slide) -> bool:
+    """Whether an open slide becomes a whole-slide OME-TIFF (it has pyramid levels of its own)
+    rather than one image: the rule for single inputs and folders alike."""
+    return slide.native_levels > 1
+
+
+def _is_pyramid_file(p: Path) -> bool:
     from ..io.slide import open_slide
 
     if p.suffix.lower() in (".png", ".jpg", ".jpeg"):
         return False
     try:
-        with open_slide(p) as s:  # the same rule as a single INPUT file (generate/_cli.py)
-            return s.native_levels > 1
+        with open_slide(p) as s:
+            return is_pyramid(s)
     except InputError:
         return False
 
@@ -593,7 +598,7 @@ def folder_files(src: Path, *, batch_options: bool = False) -> tuple[list[Path],
         return bci, True
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
-    return files, bool(files) and (batch_options or any(_is_slide_file(p) for p in files))
+    return files, bool(files) and (batch_options or any(_is_pyramid_file(p) for p in files))
 
 
 def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLike, *, generator=None,
@@ -623,7 +628,7 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     if generator is None:
         generator = load_generator(model, device="cpu" if distributed else device)
     t0 = time.perf_counter()
-    slides = [f for f in files if _is_slide_file(f)]
+    slides = [f for f in files if _is_pyramid_file(f)]
     patches = [f for f in files if f not in set(slides)]
     kept = [f for f in patches if resume and (out_dir / (f.stem + ".png")).exists()]
     todo = [f for f in patches if f not in set(kept)]

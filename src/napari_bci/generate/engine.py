@@ -84,10 +84,6 @@ class TileGrid:
         return sorted(idx, key=lambda i: ((i[0] + 0.5) * self.tile - cy) ** 2 + ((i[1] + 0.5) * self.tile - cx) ** 2)
 
 
-def _pad_mode(pad: int, size: int) -> str:
-    return "reflect" if pad < size else "symmetric" if pad <= size else "edge"
-
-
 def read_window(arr: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
     """``arr[y0:y1, x0:x1, :3]`` as uint8 numpy, mirror-padded where the box leaves the image."""
     h, w = arr.shape[:2]
