@@ -31,16 +31,14 @@ def _is_ihc_name(p: Path) -> bool:
 
 def get_reader(path: str | list[str]) -> Callable | None:
     """npe2 reader hook: a reader function for slides, patches and BCI folders, else None."""
-    from .io.bci import _locate
+    from .io.bci import is_bci_folder
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:
         return None
     for p in map(Path, paths):
         if p.is_dir():
-            try:
-                _locate(p)
-            except Exception:
+            if not is_bci_folder(p):
                 return None
         elif not is_slide_file(p):
             return None

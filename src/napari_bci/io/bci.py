@@ -84,9 +84,16 @@ def find_ihc_partner(he_path: str | os.PathLike) -> Path | None:
     return cand if cand.is_file() else None
 
 
-def is_bci_root(path: str | os.PathLike) -> bool:
+def is_bci_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a BCI dataset root, one of its stain folders or a split folder."""
     p = Path(path)
-    return p.is_dir() and _find_child(p, "HE") is not None
+    if not p.is_dir():
+        return False
+    try:
+        _locate(p)
+    except InputError:
+        return False
+    return True
 
 
 class BCIDataset:
