@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
+from ..levels import HER2_LEVELS as LEVELS
 from .cells import CellParams, Cells, add_dab_nuclei, detect_nuclei, measure_cells
 from .stains import StainModel, estimate_stain_model
 
-LEVELS = ("0", "1+", "2+", "3+")
 CLASSES = ("none", "faint", "weak_moderate", "intense")
 PATTERNS = ("membranous", "cytoplasmic", "nuclear")
 #: ASCO/CAP: a level needs more than 10% of tumour cells.

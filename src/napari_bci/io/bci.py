@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputError
-
-HER2_LEVELS = ("0", "1+", "2+", "3+")
+from ..levels import HER2_LEVELS
 SPLITS = ("train", "test")
 _NAME = re.compile(r"^(?P<id>\d+)_(?P<split>train|test)_(?P<level>0|1\+|2\+|3\+)$", re.IGNORECASE)
 _EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

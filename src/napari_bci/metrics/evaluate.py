@@ -10,10 +10,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from ..levels import HER2_LEVELS as LEVEL_ORDER
 from .pair import METRIC_KEYS, compare_pair
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-LEVEL_ORDER = ("0", "1+", "2+", "3+")
 
 
 def _images(d: Path) -> dict[str, Path]:

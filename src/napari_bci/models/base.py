@@ -57,9 +57,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ModelError
-
-#: HER2 levels in the order of ``predict_her2`` columns.
-HER2_CLASSES = ("0", "1+", "2+", "3+")
+from ..levels import HER2_LEVELS as HER2_CLASSES  # the order of ``predict_her2`` columns
 
 #: BCIStainer's test-time augmentation: identity, rot90 x1..3, flip left-right, flip up-down,
 #: transpose (each its own inverse up to the rotation direction); tiles are ``(N, H, W, 3)``.

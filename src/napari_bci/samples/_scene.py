@@ -17,9 +17,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .. import stain
+from ..levels import HER2_LEVELS
 from ..transform import Transform
 
-HER2_LEVELS = ("0", "1+", "2+", "3+")
 
 _NEUTRAL = np.full(3, 1 / np.sqrt(3), np.float32)
 #: Eosin OD direction measured on pink stroma of the reference H&E scans (tests/data).

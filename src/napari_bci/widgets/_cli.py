@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..levels import HER2_LEVELS
+
 SAMPLES = ("bci-0", "bci-1+", "bci-2+", "bci-3+", "wsi-pair", "cmu-small")
 #: napari's dask chunk cache (default: a tenth of RAM, which a long session fills with slide
 #: tiles it never shows again): at most this, and at most 1/16 of RAM.
@@ -45,7 +47,7 @@ def register(sub) -> None:
     )
     p.add_argument("--size", type=int, default=16384, help="level-0 size of the synthetic slide (default 16384)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--her2", default="2+", choices=["0", "1+", "2+", "3+"], help="HER2 level of the synthetic slide")
+    p.add_argument("--her2", default="2+", choices=list(HER2_LEVELS), help="HER2 level of the synthetic slide")
     p.add_argument("--model", default=None, help="generator for the Virtual IHC widget (default: builtin)")
     p.add_argument("--no-generate", action="store_true", help="do not start follow-the-view generation")
     p.add_argument("--zoom", type=float, default=0.5,
