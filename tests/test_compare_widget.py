@@ -309,3 +309,34 @@ def test_compare_restores_the_layers_it_changed(make_napari_viewer, pair):
     w.close()
     assert {ly.name: (ly.opacity, str(ly.blending), ly.visible) for ly in viewer.layers} == before
     assert not viewer.canvas.grid.enabled
+
+
+def test_region_exports_say_not_assessable_distinctly(tmp_path, pair):
+    """Headless: a region too small for the HER2 minimum is 'not assessable (reason)' in the
+    table text, the CSV and the QuPath classification, never '0'."""
+    from napari_bci.metrics import compare as C
+    from napari_bci.regions import Region
+
+    _, ihc, gen = pair
+    t = C.LayerGeom("t", [ihc], (MPP, MPP), (0.0, 0.0), [(1.0, 1.0)], mpp=MPP, her2="3+")
+    g = C.LayerGeom("g", [gen], (MPP, MPP), (0.0, 0.0), [(1.0, 1.0)], mpp=MPP)
+    ring = np.array([[10.0, 10.0], [60.0, 10.0], [60.0, 60.0], [10.0, 60.0]])  # 50 x 50 px: a few cells
+    sc = C.measure_region(Region(parts=[[ring]], name="small", shape_type="rectangle"), g, t)
+    assert sc.her2_pred.startswith("not assessable (") and "tumour cells" in sc.her2_pred
+    assert sc.her2_row["assessable"] is False
+    C.export_csv([sc], tmp_path / "r.csv")
+    row = next(csv.DictReader(open(tmp_path / "r.csv")))
+    assert row["her2_pred"] == sc.her2_pred and row["her2_assessable"] == "False" and row["her2_reason"]
+    C.export_geojson([sc], tmp_path / "r.geojson")
+    props = json.loads((tmp_path / "r.geojson").read_text())["features"][0]["properties"]
+    assert props["classification"]["name"] == "HER2 not assessable"
+    assert "HER2 predicted (0-3)" not in props["measurements"]
+    assert (tmp_path / "r.csv").stat().st_mode & 0o777 == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m

@@ -196,9 +196,10 @@ class RegionScore:
     metrics: dict = field(default_factory=dict)
     area_um2: float | None = None
     area_px: float = 0.0
-    her2_pred: str | None = None
+    her2_pred: str | None = None  # the level, or "not assessable (<reason>)"
     her2_truth: str | None = None
     error: str | None = None
+    her2_row: dict = field(default_factory=dict)  # napari_bci.her2.scoring.export_row of the score
 
     def row(self) -> dict:
         d = {"region": self.region.label, "level": self.level if self.step == 1 else f"{self.level} (1/{self.step})",
@@ -208,12 +209,13 @@ class RegionScore:
         return d
 
 
-def _her2_level(rgb: np.ndarray, mpp: float, mask: np.ndarray) -> str:
-    """The rule-based level of the region's generated pixels, or "not assessable (<reason>)"."""
+def _her2(rgb: np.ndarray, mpp: float, mask: np.ndarray) -> dict:
+    """The rule-based HER2 score of the region's generated pixels as a flat row (its
+    ``her2_display`` is the level or "not assessable (<reason>)")."""
     from ..her2 import score
-    from ..her2.scoring import display_text
+    from ..her2.scoring import export_row
 
-    return display_text(score(rgb, mpp=mpp, mask=mask))
+    return export_row(score(rgb, mpp=mpp, mask=mask))
 
 
 def measure_region(region, gen: LayerGeom, truth: LayerGeom, *, predict_her2: bool = True) -> RegionScore:
@@ -247,7 +249,8 @@ def measure_region(region, gen: LayerGeom, truth: LayerGeom, *, predict_her2: bo
         m = lmpp or 0.5
         if m <= MAX_HER2_MPP:
             try:
-                sc.her2_pred = _her2_level(a, m, mask)
+                sc.her2_row = _her2(a, m, mask)
+                sc.her2_pred = sc.her2_row["her2_display"]
             except Exception as e:  # a scorer failure must not lose the metrics
                 sc.her2_pred = f"error: {e}"
         else:
@@ -263,7 +266,9 @@ def export_csv(scores: list[RegionScore], path) -> None:
 
     if not scores:
         raise ValueError("no measured regions to export")
-    cols = ["region", "id", "level", "step", "area_px", "area_um2", *METRIC_KEYS, "her2_pred", "her2_truth", "error"]
+    her2_cols = ["her2_assessable", "her2_reason", "her2_tumour_cells", "her2_h_score", "her2_pattern", "her2_rule"]
+    cols = ["region", "id", "level", "step", "area_px", "area_um2", *METRIC_KEYS, "her2_pred", *her2_cols,
+            "her2_truth", "error"]
 
     def write(f):
         w = csv.writer(f)
@@ -271,7 +276,9 @@ def export_csv(scores: list[RegionScore], path) -> None:
         for s in scores:
             vals = {"region": s.region.label, "id": s.region.id, "level": s.level, "step": s.step,
                     "area_px": s.area_px, "area_um2": s.area_um2, "her2_pred": s.her2_pred,
-                    "her2_truth": s.her2_truth, "error": s.error, **s.metrics}
+                    "her2_truth": s.her2_truth, "error": s.error, **s.metrics,
+                    **{f"her2_{k}": s.her2_row.get(k) for k in ("assessable", "reason", "tumour_cells", "h_score",
+                                                                 "pattern", "rule")}}
             w.writerow(["" if vals.get(c) is None else (f"{vals[c]:.6g}" if isinstance(vals[c], float)
                                                        else vals[c]) for c in cols])
 
@@ -301,6 +308,8 @@ def export_geojson(scores: list[RegionScore], path) -> None:
             m["HER2 predicted (0-3)"] = LEVELS.index(s.her2_pred)
         if s.her2_truth in LEVELS:
             m["HER2 ground truth (0-3)"] = LEVELS.index(s.her2_truth)
+        m.update({f"HER2: {k}": v for k, v in s.her2_row.items() if isinstance(v, (int, float))
+                  and not isinstance(v, bool)})
         r.measurements = m
         if s.her2_pred and not r.classification:  # a class the user gave the region is kept
             r.classification = f"HER2 {s.her2_pred}" if s.her2_pred in LEVELS else "HER2 not assessable"
