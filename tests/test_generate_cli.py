@@ -99,3 +99,21 @@ def test_a_lock_from_another_host_names_the_file_to_remove(run_cli, small_slide,
     lock = _lock(out, 1, host="some-other-node")
     code, _, err = run_cli("generate", small_slide, "--model", "baseline", "--out", out, "--tile", "256")
     assert code == 2 and "some-other-node" in err and str(lock) in err
+
+
+def test_the_learned_level_is_shown_beside_the_rule_based_one(run_cli, tmp_path):
+    """A generator with a HER2 head (the built-in model) reports its level from the H&E and the
+    rule-based level of its own generated IHC, and whether they agree."""
+    from napari_bci.io.writers import write_image_atomic
+    from napari_bci.samples.synthetic import make_pair
+
+    pair = make_pair(her2="3+", size=640, seed=21)
+    write_image_atomic(tmp_path / "he.png", pair.he)
+    code, stdout, err = run_cli("generate", tmp_path / "he.png", "--model", "builtin", "--out", tmp_path / "o.png",
+                                "--mpp", "0.5", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["her2_level"] in ("0", "1+", "2+", "3+")
+    assert rep["her2_rule"] in ("0", "1+", "2+", "3+") or rep["her2_rule"].startswith("not assessable")
+    assert isinstance(rep["her2_agree"], bool) or rep["her2_agree"] is None
+    assert "learned" in rep["her2_compare"]

@@ -210,7 +210,9 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
     dt = time.perf_counter() - t0
     result = {"n": 1, "out": str(out), "model": gen.name, "device": gen.device, "shape": list(res.shape[:2]),
               "mpp": mpp, "tiles": eng.computed, "seconds": round(dt, 3), "tta": bool(args.tta)}
-    result.update(her2_level(eng))
+    result.update(her2_level(eng, res, mpp))
+    if result.get("her2_agree") is False:
+        print(f"note: {result['her2_compare']}", file=sys.stderr)
     if warning:
         result["warning"] = warning
     if domain:
@@ -230,16 +232,24 @@ def mpp_warning(gen, mpp: float | None, src) -> str | None:
             f"({ratio:.2g}x): resample the image to the model's magnification for trustworthy output")
 
 
-def her2_level(engine) -> dict:
+def her2_level(engine, output=None, mpp: float | None = None) -> dict:
     """The generator's own HER2 level (BCIStainer's head) on the central native window of the
-    engine's image; empty for generators without one."""
+    engine's image, and beside it the rule-based level of the generated ``output`` (when given)
+    with whether the two agree; empty for generators without a level head."""
     from ..models.base import HER2_CLASSES
 
     probs = engine.predict_her2()
     if probs is None:
         return {}
-    return {"her2_level": HER2_CLASSES[int(probs.argmax())],
-            "her2_probabilities": {c: round(float(p), 4) for c, p in zip(HER2_CLASSES, probs)}}
+    out = {"her2_level": HER2_CLASSES[int(probs.argmax())],
+           "her2_probabilities": {c: round(float(p), 4) for c, p in zip(HER2_CLASSES, probs)}}
+    if output is not None:
+        from ..her2 import score
+        from ..her2.learned import compare
+
+        cmp = compare(score(output, mpp=mpp or 0.5), probs)
+        out.update(her2_rule=cmp["rule_display"], her2_agree=cmp["agree"], her2_compare=cmp["text"])
+    return out
 
 
 def _run_patch_folder(args, gen, files: list[Path], out: Path) -> dict:
