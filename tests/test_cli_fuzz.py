@@ -154,6 +154,8 @@ OWNED_ELSEWHERE: dict[str, str] = {
     "register-sliver": "owner: registration (issue 17): 5x50000 image gives a dask chunks ValueError, exit 1",
     "register-unwritable-folder": "owner: registration (issue 17): an unwritable --out folder is found only "
                                   "after registering (then '/sys/T.json.tmp: permission denied')",
+    "generate-pickle-checkpoint": "owner: models (issue 12): torch.load's 'Detected pickle protocol 4' UserWarning "
+                                  "is printed before the (correct) refusal: two lines",
     "train-missing-folder": "owner: train (coordinator): --out in a missing folder is checked only after the "
                             "synthetic pairs are built; tqdm progress lines precede the error",
     "train-unwritable-folder": "owner: train (coordinator): an unwritable --out is found only after the synthetic "
