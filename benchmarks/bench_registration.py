@@ -7,7 +7,15 @@ centroids) and a real H&E image (tests/data/he_carcinoma_1000.png) warped by a k
 smooth field and re-stained to an IHC-like look (TRE on grid points); then a synthetic whole slide
 (registration in parts + lazy level-0 warping).
 
-    python benchmarks/bench_registration.py [--quick] [--wsi-size 4096]
+Real pairs (``--real``, skipped when ``../shared/data/real_her2_mist`` is absent; never copied into
+the repository): 8 real consecutive H&E / HER2-IHC sections (MIST, 1024 px, 20x). The H&E is
+moved by a known warp (rotation up to 180 degrees, flips, scale 0.8-1.25, perspective, smooth
++-6 px field). Two TREs on tissue grid points: against the known warp alone (as if the published
+pair were exactly aligned, which consecutive sections are not), and against the same method's
+result on the unwarped pair composed with the known warp (does it find the same alignment
+whatever the start: the part of the error the method is responsible for).
+
+    python benchmarks/bench_registration.py [--quick] [--wsi-size 4096] [--real | --real-only]
 """
 
 from __future__ import annotations
@@ -67,7 +75,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one synthetic pair and a smaller whole slide")
     ap.add_argument("--wsi-size", type=int, default=4096, help="0: skip the whole-slide part")
+    ap.add_argument("--real", action="store_true", help="also the real MIST pairs (if present)")
+    ap.add_argument("--real-only", action="store_true", help="only the real MIST pairs")
     args = ap.parse_args()
+    if args.real or args.real_only:
+        real_pairs()
+    if args.real_only:
+        return
     has_elastix = elastix_available()
     print(f"{'pair':28s} {'step':22s} {'wall/cpu s':>12s} {'TRE med px':>10s} {'folded %':>8s}")
     rows = []
@@ -143,6 +157,85 @@ def wsi(size: int) -> None:
           f"its moving region; reading a 1024x1024 tile of the file {c_r} s; "
           f"ratio {c_w.wall / c_r.wall:.1f}x wall")
     assert tile.shape == ref.shape
+
+
+MIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_her2_mist"
+#: one known warp per real pair: (angle deg, flip, scale)
+REAL_WARPS = [(0, False, 1.0), (170, True, 0.8), (-120, False, 1.25), (45, True, 0.9),
+              (180, False, 1.1), (-75, True, 1.2), (100, False, 0.85), (-150, True, 1.0)]
+
+
+def real_pairs() -> None:
+    from skimage.io import imread
+
+    from napari_bci.registration import RegistrationFailed
+    from napari_bci.registration.images import tissue_mask
+    from napari_bci.registration.known_warp import grid_points, random_transform
+
+    files = sorted((MIST / "HE").glob("*.jpg"))
+    if not files:
+        print(f"real pairs: {MIST} not found; skipped")
+        return
+    rows = []
+    print(f"{'real pair':22s} {'warp':16s} {'step':10s} {'cpu s':>6s} {'score':>6s} "
+          f"{'TRE vs warp med/p90 px':>22s} {'TRE vs own med/p90 px':>22s}")
+    for i, f in enumerate(files):
+        he = imread(f)[..., :3]
+        ihc = imread(MIST / "IHC" / f.name)[..., :3]
+        angle, flip, scale = REAL_WARPS[i % len(REAL_WARPS)]
+        k = random_transform(he.shape[:2], seed=i, angle=angle, flip=flip, scale=scale, field_amplitude=6)
+        moving = k.warp_image(he, he.shape[:2], cval=255)
+        h = grid_points(he.shape[:2], 32, 24)
+        q = k.forward(h)
+        ok = ((q > 24) & (q < np.array(he.shape[1::-1]) - 24)).all(1) & tissue_mask(he)[
+            h[:, 1].astype(int), h[:, 0].astype(int)]
+        h, q = h[ok], q[ok]
+        diag = float(np.hypot(*he.shape[:2]))
+        ref, res = {}, {}
+        for name, moving_img in (("ref", he), ("warp", moving)):
+            out = {}
+            with Clock() as c:
+                try:
+                    r = register(ihc, moving_img, method="deformable", quality=False)
+                except RegistrationFailed as e:
+                    out["failed"] = str(e)
+            out["cpu"] = c.cpu
+            if "failed" not in out:
+                out["auto"], out["deformable"] = Transform(r.transform.matrix), r.transform
+                out["score"], out["kept"] = r.report["auto_score"], r.report.get("deformable_kept")
+            (ref if name == "ref" else res).update(out)
+        label = f"{angle:+d} deg{' flip' if flip else ''} x{scale:g}"
+        if "failed" in res:
+            print(f"{f.stem[:22]:22s} {label:16s} {'FAILED':10s} {res['cpu']:6.1f}  {res['failed']}")
+            rows.append({"pair": f.stem, "ok": False})
+            continue
+        for step in ("auto", "deformable"):
+            e_w = np.linalg.norm(res[step].forward(q) - h, axis=1)
+            e_o = (np.linalg.norm(res[step].forward(q) - ref[step].forward(h), axis=1)
+                   if step in ref else np.full(len(h), np.nan))
+            cpu = res["cpu"]
+            rows.append({"pair": f.stem, "step": step, "ok": True, "cpu": cpu, "w": e_w, "o": e_o,
+                         "diag": diag, "ref_failed": "failed" in ref})
+            kept = "" if step == "auto" else (" field kept" if res["kept"] else " field rejected")
+            print(f"{f.stem[:22]:22s} {label:16s} {step:10s} {cpu:6.1f} {res['score']:6.2f} "
+                  f"{np.median(e_w):10.1f} /{np.percentile(e_w, 90):7.1f}    "
+                  f"{np.median(e_o):10.1f} /{np.percentile(e_o, 90):7.1f}{kept}")
+    n = len(files)
+    for step in ("auto", "deformable"):
+        rr = [r for r in rows if r.get("step") == step]
+        if not rr:
+            continue
+        w = np.concatenate([r["w"] for r in rr])
+        o = np.concatenate([r["o"] for r in rr if not r["ref_failed"]] or [np.array([np.nan])])
+        good = sum(1 for r in rr if not r["ref_failed"] and np.median(r["o"]) <= 0.01 * r["diag"])
+        d = rr[0]["diag"]
+        print(f"real pairs, {step}: success (no failure and median TRE vs own <= 1 % of the diagonal) "
+              f"{good}/{n}; TRE vs warp median {np.median(w):.1f} px ({100 * np.median(w) / d:.2f} %), "
+              f"p90 {np.percentile(w, 90):.1f} px; TRE vs own median {np.nanmedian(o):.1f} px "
+              f"({100 * np.nanmedian(o) / d:.2f} %), p90 {np.nanpercentile(o, 90):.1f} px; "
+              f"CPU s per 1024 px pair (automatic + deformable) {np.mean([r['cpu'] for r in rr]):.1f}")
+    if not elastix_available():
+        print("note: itk-elastix is not installed; no elastix reference on the real pairs")
 
 
 if __name__ == "__main__":

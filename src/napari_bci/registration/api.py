@@ -46,7 +46,9 @@ def register(
     or a slide with ``.levels``.
 
     ``method``: ``"landmarks"`` (needs ``landmarks`` = (moving (N,2), fixed (N,2)) level-0 px),
-    ``"auto"`` (features, any rotation and flips), ``"deformable"`` (landmarks when given, else
+    ``"auto"`` (stain-invariant search, any rotation and flips; raises
+    :class:`~napari_bci.registration.features.RegistrationFailed` when it finds no trustworthy
+    alignment), ``"deformable"`` (landmarks when given, else
     auto, then the dense field with ``engine`` ``"flow"`` or ``"elastix"``). Landmarks given with
     ``"auto"`` are used for the quality report only.
     """
@@ -70,7 +72,8 @@ def register(
 
         res = register_auto(pf, pm, coarse_side=coarse_side, refine_side=refine_side, seed=seed, progress=sub)
         t = res.transform
-        report.update({"feature_inliers": res.inliers, "feature_matches": res.matches,
+        report.update({"auto_start": t.meta.get("start"), "auto_score": t.meta.get("score"),
+                       "feature_inliers": res.inliers, "feature_matches": res.matches,
                        "flipped": res.flipped})
     if cancelled is not None and cancelled():
         raise Cancelled("registration cancelled")
@@ -78,8 +81,19 @@ def register(
         def sub2(msg, frac):
             say(msg, 0.4 + 0.55 * frac)
 
-        t = register_deformable(pf, pm, t, engine=engine, max_side=deform_side, part=part, overlap=overlap,
-                                progress=sub2, cancelled=cancelled)
+        td = register_deformable(pf, pm, t, engine=engine, max_side=deform_side, part=part, overlap=overlap,
+                                 progress=sub2, cancelled=cancelled)
+        if landmarks is None:
+            # consecutive sections share no cells: where the dense field does not raise the
+            # stain-invariant correlation it follows noise, and the projective is kept
+            from .quality import image_similarity
+
+            a, b = image_similarity(pf, pm, t)["ncc"], image_similarity(pf, pm, td)["ncc"]
+            report["deformable_kept"] = bool(b >= a)
+            if b < a:
+                report["deformable_rejected"] = f"the field lowered the ranked-hematoxylin NCC ({a:.3f} -> {b:.3f})"
+                td = Transform(t.matrix, meta=dict(t.meta, deformable="rejected"))
+        t = td
     t.meta["method"] = method
     if quality:
         say("quality", 0.97)

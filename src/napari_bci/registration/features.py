@@ -24,7 +24,7 @@ class RegistrationFailed(BCIError):
 
 #: below this overlap-weighted correlation of tissue and hematoxylin (at 512 px) the automatic
 #: result is refused; calibrated on real H&E / HER2-IHC sections (docs/registration.md)
-MIN_SCORE = 0.3
+MIN_SCORE = 0.4
 #: from this score on, the feature path is not tried
 CONFIDENT_SCORE = 0.5
 

@@ -1,5 +1,6 @@
-"""Registration quality: landmark TRE, NCC and mutual information of the hematoxylin channel
-before/after, and the fraction of folded pixels of the displacement field."""
+"""Registration quality: landmark TRE, NCC and mutual information of the stain-invariant
+(ranked hematoxylin) channel before/after, the tissue overlap, and the fraction of folded pixels
+of the displacement field."""
 
 from __future__ import annotations
 
@@ -70,17 +71,25 @@ def folded_fraction(transform: Transform) -> float:
 
 
 def image_similarity(fixed: Any, moving: Any, transform: Transform | None, max_side: int = 1024) -> dict:
-    """NCC and mutual information of the hematoxylin channels in the fixed frame (at a level with
-    longer side <= ``max_side``), where the warped moving image has data."""
+    """In the fixed frame (at a level with longer side <= ``max_side``), where the warped moving
+    image has data: NCC and mutual information of the ranked hematoxylin channels (comparable
+    across H&E and IHC, see :func:`~napari_bci.registration.intensity.invariant_channels`), and
+    the tissue overlap (Dice coefficient of the two tissue masks)."""
+    from .intensity import invariant_channels
+
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     fimg, dsf = pf.image_at(max_side)
     mv, dsm = pm.image_near(dsf, max_side)
     t = transform if transform is not None else Transform()
     warped, valid = warp_region(mv, t, (0, 0), fimg.shape[:2], dsf, dsm, fill="constant", return_valid=True)
-    a, b = od_channel(fimg), od_channel(warped)
     if valid.sum() < 100:
-        return {"ncc": 0.0, "mi": 0.0, "overlap": float(valid.mean())}
-    return {"ncc": ncc(a, b, valid), "mi": mutual_information(a, b, valid), "overlap": float(valid.mean())}
+        return {"ncc": 0.0, "mi": 0.0, "tissue_overlap": 0.0, "overlap": float(valid.mean())}
+    sigma = max(fimg.shape[:2]) / 512  # cell scale at 20x: consecutive sections share no cells
+    a, b = invariant_channels(fimg, sigma), invariant_channels(warped, sigma)
+    ta, tb = (a[0] > 0.5) & valid, (b[0] > 0.5) & valid
+    dice = 2 * float((ta & tb).sum()) / max(float(ta.sum() + tb.sum()), 1.0)
+    return {"ncc": ncc(a[1], b[1], valid), "mi": mutual_information(a[1], b[1], valid),
+            "tissue_overlap": dice, "overlap": float(valid.mean())}
 
 
 def quality_report(fixed: Any, moving: Any, transform: Transform, landmarks=None,
@@ -92,6 +101,7 @@ def quality_report(fixed: Any, moving: Any, transform: Transform, landmarks=None
     out = {
         "ncc_before": b["ncc"], "ncc_after": a["ncc"],
         "mi_before": b["mi"], "mi_after": a["mi"],
+        "tissue_overlap_before": b["tissue_overlap"], "tissue_overlap_after": a["tissue_overlap"],
         "folded_fraction": folded_fraction(transform),
     }
     if landmarks is not None:

@@ -425,9 +425,14 @@ def _check_images(f_levels, m_levels, transform, tile: int = 32) -> dict:
 
 def format_quality(r: dict) -> str:
     lines = []
+    if r.get("auto_score") is not None:
+        lines.append(f"Automatic start: {r.get('auto_start')}, score {r['auto_score']:.2f}")
     if "ncc_before" in r:
-        lines.append(f"NCC (hematoxylin): {r['ncc_before']:.3f} -> {r['ncc_after']:.3f}")
+        lines.append(f"NCC (ranked hematoxylin): {r['ncc_before']:.3f} -> {r['ncc_after']:.3f}")
         lines.append(f"Mutual information: {r['mi_before']:.3f} -> {r['mi_after']:.3f}")
+        if "tissue_overlap_after" in r:
+            lines.append(f"Tissue overlap (Dice): {r['tissue_overlap_before']:.2f} -> "
+                         f"{r['tissue_overlap_after']:.2f}")
         lines.append(f"Folded pixels: {100 * r['folded_fraction']:.2f}%")
     if r.get("tre_after") and r["tre_after"].get("n"):
         b, a = r["tre_before"], r["tre_after"]
@@ -437,5 +442,8 @@ def format_quality(r: dict) -> str:
         lines.append(f"Landmark residuals (px): {res}")
     if "flipped" in r:
         flip = "; H&E flipped" if r["flipped"] else ""
-        lines.append(f"Features: {r.get('feature_inliers', 0)} inliers{flip}")
+        if r.get("auto_start") == "features":
+            lines.append(f"Features: {r.get('feature_inliers', 0)} inliers{flip}")
+        elif flip:
+            lines.append(flip[2:])
     return "\n".join(lines)

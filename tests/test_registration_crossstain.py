@@ -1,0 +1,81 @@
+"""Automatic registration across stains: the stain-invariant global search (any rotation, flip,
+scale), its refinement, the quality figures and the clear failure on unrelated tissue.
+
+The pairs are made from real H&E in tests/data: the fixed image re-renders its hematoxylin and a
+DAB membrane-like stain (no eosin) after a known warp, so colours differ as between H&E and IHC.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.io import imread
+
+from napari_bci.registration import RegistrationFailed, register, register_auto
+from napari_bci.registration.images import as_pyramid
+from napari_bci.registration.intensity import global_search, invariant_channels
+from napari_bci.registration.known_warp import make_known_pair, truth_points
+
+
+@pytest.fixture(scope="module")
+def he(data_dir):
+    return imread(data_dir / "he_carcinoma_1000.png")[:512, :512, :3]
+
+
+def _tre(t, pair, shape):
+    pm, pf = truth_points(pair.transform, shape, pair.fixed.shape[:2], step=24)
+    return float(np.median(np.linalg.norm(t.forward(pm) - pf, axis=1)))
+
+
+def test_global_search_finds_rotation_flip_and_scale(he):
+    pair = make_known_pair(he, seed=2, angle=160, flip=True, scale=0.85, field_amplitude=0)
+    f, _ = as_pyramid(pair.fixed).image_at(96)
+    m, _ = as_pyramid(pair.moving).image_at(96)
+    best = global_search(invariant_channels(f), invariant_channels(m))[0]
+    assert best.flipped
+    # the true moving -> fixed rotation, read from the matrix (the flip is applied first)
+    a = pair.transform.matrix[:2, :2] @ np.diag([-1.0, 1.0])
+    true_angle = np.degrees(np.arctan2(a[1, 0], a[0, 0])) % 360
+    assert abs((best.angle - true_angle + 180) % 360 - 180) <= 10, (best.angle, true_angle)
+    assert abs(best.scale - 0.85) < 0.1
+
+
+@pytest.mark.parametrize("angle, flip, scale", [(160.0, True, 0.85), (-100.0, False, 1.2)])
+def test_auto_cross_stain_any_pose(he, angle, flip, scale):
+    pair = make_known_pair(he, seed=4, angle=angle, flip=flip, scale=scale, field_amplitude=0)
+    res = register_auto(pair.fixed, pair.moving, refine_side=512)
+    assert res.flipped == flip and res.transform.meta["start"] == "intensity"
+    assert _tre(res.transform, pair, he.shape[:2]) < 2.0
+
+
+def test_deformable_cross_stain_and_quality_figures(he):
+    pair = make_known_pair(he, seed=6, angle=120, flip=True, field_amplitude=5)
+    res = register(pair.fixed, pair.moving, method="deformable", refine_side=512, deform_side=512)
+    init = type(res.transform)(res.transform.matrix)
+    assert _tre(res.transform, pair, he.shape[:2]) < min(1.5, _tre(init, pair, he.shape[:2]))
+    r = res.report
+    assert r["auto_start"] == "intensity" and r["auto_score"] > 0.5
+    assert r["ncc_after"] > r["ncc_before"] + 0.3 and r["mi_after"] > r["mi_before"]
+    assert r["tissue_overlap_after"] > max(0.85, r["tissue_overlap_before"] + 0.1)
+    assert r["folded_fraction"] == 0.0
+
+
+def test_unrelated_tissue_fails_clearly(he, data_dir):
+    other = imread(data_dir / "he_skin_10x.tif")[:512, :512, :3]
+    pair = make_known_pair(he, seed=1, angle=30, field_amplitude=0)
+    with pytest.raises(RegistrationFailed, match=r"^registration failed: .*\(try landmarks"):
+        register_auto(pair.fixed, other)
+
+
+def test_cli_failure_is_exit_2_one_line(he, data_dir, tmp_path, run_cli):
+    from skimage.io import imsave
+
+    other = imread(data_dir / "he_skin_10x.tif")[:512, :512, :3]
+    pair = make_known_pair(he, seed=1, angle=30, field_amplitude=0)
+    imsave(tmp_path / "ihc.png", pair.fixed)
+    imsave(tmp_path / "he.png", other)
+    code, out, err = run_cli("register", tmp_path / "ihc.png", tmp_path / "he.png", "--out",
+                             tmp_path / "T.json", "--method", "auto")
+    assert code == 2 and out == "" and err.strip().count("\n") == 0
+    assert "registration failed" in err and "try landmarks" in err
+    assert not (tmp_path / "T.json").exists()
