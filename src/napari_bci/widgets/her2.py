@@ -26,6 +26,7 @@ from ..her2.scoring import CLASSES, LEVELS, HER2Result, display_text
 from ..her2.tiles import LEGEND, LEVEL_COLOURS
 from ..io import layers as L
 from ._layers import levels, rgb_layers
+from ._worker import Jobs
 
 SCOPES = ("Visible region", "Drawn regions", "Whole image")
 CELLS_LAYER = "HER2 cells"
@@ -72,6 +73,7 @@ class HER2Widget(QWidget):
         #: generator whose HER2 head gives the learned level (registry name or checkpoint path)
         self.model_name = "builtin"
         self._worker = None
+        self._jobs = Jobs(self)
 
         self.ihc_combo = QComboBox()
         self.he_combo = QComboBox()
@@ -220,7 +222,6 @@ class HER2Widget(QWidget):
     # -- running -------------------------------------------------------------------------------
     def run(self, scope: str | None = None):
         """Start scoring (``scope``: one of :data:`SCOPES`, default the combo's) in a worker."""
-        from napari.qt.threading import thread_worker
         from napari.utils.notifications import show_error, show_warning
 
         if self._worker is not None:
@@ -247,23 +248,16 @@ class HER2Widget(QWidget):
         else:
             regions = None
 
-        @thread_worker(progress=True)
-        def work():
-            return (yield from _compute(lv, mpp, regions, he_levels, he_mpp, model_name, **kw))
-
-        w = work()
-        w.yielded.connect(self._on_progress)
-        w.returned.connect(lambda res: self._on_done(res, layer, scope))
-        w.errored.connect(lambda e: show_error(f"HER2: {type(e).__name__}: {e}"))
-        w.finished.connect(self._on_finished)
-        self._worker = w
         self.score_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         self.progress.setVisible(True)
         self.progress.setValue(0)
         self.explanation.setText(f"Scoring ({scope.lower()}) ...")
-        w.start()
-        return w
+        self._worker = self._jobs.start(
+            _compute, lv, mpp, regions, he_levels, he_mpp, model_name, **kw,
+            on_item=self._on_progress, on_done=lambda res: self._on_done(res, layer, scope),
+            on_error=lambda e: show_error(f"HER2: {type(e).__name__}: {e}"), on_finished=self._on_finished)
+        return self._worker
 
     def cancel(self):
         if self._worker is not None:
