@@ -204,8 +204,9 @@ def default_generator_name() -> str:
 
 def load_generator(name_or_path: str | Path | Generator, device: str | None = None, **kwargs: Any) -> Generator:
     """A ready generator from a registered name, an entry-point name or a checkpoint path
-    (``.pth``/``.pt`` state dict or TorchScript, ``.safetensors`` (+ ``.json``), a JSON config, or a
-    folder holding ``latest_net_G.pth``)."""
+    (pix2pix / CUT-family / BCIStainer ``.pth`` state dict or TorchScript, ``.safetensors``
+    (+ ``.json``), a JSON config, or a folder holding ``latest_net_G.pth`` / ``model_best_psnr.pth``;
+    ``config=`` a dict or a config file, see :func:`napari_bci.models.checkpoints.load_checkpoint`)."""
     if isinstance(name_or_path, Generator):
         return name_or_path.to(device) if device is not None else name_or_path
     key = str(name_or_path)
