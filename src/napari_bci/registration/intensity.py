@@ -23,11 +23,11 @@ from ..stain import hematoxylin, rgb_to_od
 
 
 def _rank(a: np.ndarray) -> np.ndarray:
-    """Values replaced by their quantile in ``[0, 1]`` (removes each stain's contrast curve)."""
+    """Values replaced by their quantile in ``[0, 1]`` (removes each stain's contrast curve);
+    equal values share one rank, so a blank image stays blank."""
     flat = a.ravel()
-    r = np.empty(flat.size, np.float32)
-    r[np.argsort(flat, kind="stable")] = np.linspace(0.0, 1.0, flat.size, dtype=np.float32)
-    return r.reshape(a.shape)
+    r = np.searchsorted(np.sort(flat), flat, side="left").astype(np.float32)
+    return (r / max(flat.size - 1, 1)).reshape(a.shape)
 
 
 def tissue_threshold(od_sum: np.ndarray) -> float:
