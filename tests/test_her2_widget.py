@@ -182,3 +182,13 @@ def test_export_report(viewer_with_ihc, qtbot, tmp_path):
     assert len(lines) == 2 and lines[1].startswith("whole image,3+,3+,True")
     png = imread(png_path)
     assert png.shape[1] == 1100 and png.shape[0] > 512
+
+
+def test_cell_and_level_colours_do_not_share_meanings():
+    """The level map and the cell classes use different palettes (a yellow cell is not '1+')."""
+    from napari_bci.her2 import LEGEND
+    from napari_bci.widgets.her2 import CLASS_COLOURS
+
+    for c in CLASS_COLOURS:
+        for lv in LEGEND.values():
+            assert np.abs(np.asarray(c[:3]) - np.asarray(lv[:3])).sum() > 0.3

@@ -34,9 +34,10 @@ OUTLINES_LAYER = "HER2 cell outlines"
 #: Largest outline image (analysis pixels) shown for drawn / visible regions.
 MAX_OUTLINE_PX = 4096 * 4096
 LEARNED_LAYER = "HER2 (learned from H&E)"
-#: Points colours per membrane class (none, faint, weak-moderate, intense).
+#: Cell colours per membrane class (none, faint, weak-moderate, intense): cyan, then DAB browns
+#: from light to dark, so they never read as the level map's blue/yellow/orange/red.
 CLASS_COLOURS = (
-    (0.35, 0.55, 0.95, 1.0), (1.0, 0.95, 0.3, 1.0), (1.0, 0.55, 0.1, 1.0), (0.85, 0.05, 0.05, 1.0)
+    (0.0, 0.85, 0.85, 1.0), (0.93, 0.80, 0.58, 1.0), (0.72, 0.45, 0.20, 1.0), (0.38, 0.16, 0.04, 1.0)
 )
 #: Detected cells not counted as tumour cells (lymphocytes, stroma, isolated cells).
 REJECTED_COLOUR = (0.6, 0.6, 0.6, 0.8)
@@ -233,6 +234,8 @@ class HER2Widget(QWidget):
             show_error("HER2: no RGB IHC layer to score")
             return None
         lv, mpp = levels(layer), _mpp(layer)
+        if not (layer.metadata or {}).get("mpp"):
+            show_warning(f"HER2: {layer.name} has no pixel size; assuming {mpp} um/px (set it in the Slides widget)")
         he = self._layer(self.he_combo.currentText())
         he_levels = levels(he) if (he is not None and self.learned_check.isChecked()) else None
         he_mpp = _mpp(he) if he is not None else None
