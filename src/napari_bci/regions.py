@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -411,20 +410,16 @@ def to_geojson(regions: Iterable[Region], *, feature_collection: bool = True) ->
 
 
 def write_geojson(path: str | os.PathLike, regions: Iterable[Region], *, feature_collection: bool = True) -> None:
-    """Write regions as QuPath-importable GeoJSON, atomically (temp file + ``os.replace``)."""
+    """Write regions as QuPath-importable GeoJSON, atomically (:func:`napari_bci.io.writers.atomic_output`)."""
+    from .io.writers import atomic_output
+
     p = Path(path)
     parent = p.resolve().parent
     if not parent.is_dir():
         raise InputError(p, f"folder {parent} does not exist")
     text = json.dumps(to_geojson(regions, feature_collection=feature_collection), indent=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(p) as f:
+        f.write(text)
 
 
 # ------------------------------------------------------------------ napari Shapes
