@@ -270,3 +270,26 @@ def test_virtual_ihc_widget_runs_bcistainer_with_tta_and_shows_its_level(make_na
     layer = w.output_layer
     assert layer.metadata["her2_model_level"]["level"] in ("0", "1+", "2+", "3+")
     np.testing.assert_allclose(sum(layer.metadata["her2_model_level"]["probabilities"]), 1, atol=1e-5)
+
+
+def test_pix2pix_reads_train_opt(tmp_path):
+    from napari_bci.models.architectures import resnet_generator
+
+    torch.manual_seed(0)
+    net = resnet_generator(ngf=4, n_blocks=2, norm="instance", use_dropout=True)
+    torch.save(net.state_dict(), tmp_path / "latest_net_G.pth")
+    opt = "\n".join(["----------------- Options ---------------", "                    model: pix2pix",
+                     "                     netG: resnet_2blocks                \t[default: resnet_9blocks]",
+                     "                      ngf: 4", "                     norm: instance",
+                     "               no_dropout: False", "----------------- End -------------------"])
+    (tmp_path / "train_opt.txt").write_text(opt + "\n")
+    gen = load_checkpoint(tmp_path)
+    assert gen.family == "pix2pix" and gen.config["use_dropout"] and gen.window_dependent
+    assert gen.quantize == "truncate"  # tensor2im
+    x = REF["he"][None, :32, :32]
+    with torch.no_grad():
+        ref = net.eval()(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    np.testing.assert_array_equal(gen(x), np.floor((ref.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) / 2 * 255).astype(np.uint8))
+    (tmp_path / "train_opt.txt").write_text(opt.replace("no_dropout: False", "no_dropout: True") + "\n")
+    with pytest.raises(ModelError, match=r"pix2pix checkpoint does not fit.*use_dropout=True \(dropout on\)"):
+        load_checkpoint(tmp_path)
