@@ -148,8 +148,6 @@ def check_size(config: dict, path: Path, limit: int = MAX_PARAMETERS) -> int:
     try:
         with torch.device("meta"):
             module = build(config)
-    except ModelError:
-        raise
     except (RuntimeError, ValueError, TypeError, OverflowError, MemoryError) as e:
         raise InputError(path, f"model config cannot be built ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     n = sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
