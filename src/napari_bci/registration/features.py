@@ -25,8 +25,8 @@ class RegistrationFailed(BCIError):
 #: below this overlap-weighted correlation of tissue and hematoxylin (at 512 px) the automatic
 #: result is refused; calibrated on real H&E / HER2-IHC sections (docs/registration.md)
 MIN_SCORE = 0.4
-#: from this score on, the feature path is not tried
-CONFIDENT_SCORE = 0.5
+#: below this score the feature path is tried too (it rescues pairs that share their cells)
+CONFIDENT_SCORE = 0.4
 
 
 @dataclass
@@ -211,7 +211,10 @@ def _features(pf, pm, detector, coarse_side, refine_side, flips, seed):
 
 
 def _flow_polish(pf, pm, m0, refine_side, seed, info):
-    """Dense-flow projective refinement (precise where both images share their structure)."""
+    """Dense-flow projective refinement (precise where both images share their structure; the
+    deformable step refines further, so at most 512 px for images up to 2048 px)."""
+    if max(pf.shape) <= 2048:
+        refine_side = min(refine_side, 512)
     fimg2, dsf2 = pf.image_at(refine_side)
     mimg2, dsm2 = pm.image_at(refine_side)
     mk2, res = refine_projective(fimg2, mimg2, matrix_to_level(m0, dsm2, dsf2), seed=seed)

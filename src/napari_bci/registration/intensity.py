@@ -188,11 +188,11 @@ def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float
     return out
 
 
-def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, angle_step: float = 3.0,
+def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, angle_step: float = 4.0,
                  scale_step: float = 0.06) -> Candidate:
-    """The best pose near ``cand`` (angles within one coarse step, scales within 6 %)."""
+    """The best pose near ``cand`` (angles within 4 degrees, scales within 6 %)."""
     poses = [(cand.angle + da, cand.scale * (1 + ds), cand.flipped)
-             for da in np.arange(-2, 3) * angle_step for ds in (-scale_step, 0.0, scale_step)]
+             for da in (-angle_step, 0.0, angle_step) for ds in (-scale_step, 0.0, scale_step)]
     return max(search(fixed_ch, moving_ch, poses), key=lambda c: c.score)
 
 
@@ -205,7 +205,7 @@ def _normaliser(shape) -> np.ndarray:
 
 
 def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, model: str = "affine",
-               iterations: int = 30, eps: float = 1e-4, samples: int = 20000, seed: int = 0
+               iterations: int = 25, eps: float = 1e-4, samples: int = 12000, seed: int = 0
                ) -> tuple[np.ndarray, float]:
     """Refine a moving -> fixed ``matrix`` (pixels of these images) by maximising the correlation
     coefficient of the channels (stacked) over an ``"affine"`` or ``"projective"`` map, on up to
@@ -291,7 +291,8 @@ def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, 
 
 # --------------------------------------------------------------------------- pipeline
 #: (longer side px, smoothing sigma px) of the search, local search and refinement levels
-LEVELS = {"search": (96, 1.0), "local": (160, 1.25), "affine": (256, 2.0), "projective": (512, 3.0)}
+LEVELS = {"search": (96, 1.0), "local": (160, 1.25), "affine": (256, 2.0), "projective": (512, 3.0),
+          "slide": (1024, 3.0)}  # "slide": a further projective level for images over 2048 px
 
 
 @dataclass
@@ -317,7 +318,7 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
 
     say("global search", 0.0)
     (cf, _), (cm, _) = chans(pf, "search"), chans(pm, "search")
-    cands = global_search(cf, cm, flips=flips, keep=4)
+    cands = global_search(cf, cm, flips=flips, keep=3)
     say("local search", 0.45)
     (cf, dsf), (cm, dsm) = chans(pf, "local"), chans(pm, "local")
     best = max((local_search(cf, cm, c) for c in cands), key=lambda c: c.score)
@@ -325,19 +326,28 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     info = {"search_score": best.score, "angle": best.angle, "scale": best.scale,
             "flipped": best.flipped}
     score = best.score
-    for k, key in enumerate(("affine", "projective")):
+    keys = ["affine", "projective"] + (["slide"] if score_level(pf) == "slide" else [])
+    for k, key in enumerate(keys):
         say(f"refine ({key})", 0.7 + 0.15 * k)
         (cf, dsf), (cm, dsm) = chans(pf, key), chans(pm, key)
-        mk, score = ecc_refine(cf, cm, matrix_to_level(m0, dsm, dsf), key, seed=seed)
+        mk, score = ecc_refine(cf, cm, matrix_to_level(m0, dsm, dsf), "affine" if key == "affine" else
+                               "projective", seed=seed)
         m0 = matrix_to_level0(mk, dsm, dsf)
         info[f"{key}_score"] = score
     return IntensityResult(m0 / m0[2, 2], float(score), best, info)
 
 
-def invariant_score(pf, pm, matrix0: np.ndarray, key: str = "projective") -> float:
-    """The overlap-weighted correlation :func:`ecc_refine` maximises, for a level-0 matrix."""
+def score_level(pf) -> str:
+    """The :data:`LEVELS` key the final score of a fixed pyramid is measured at."""
+    return "slide" if max(pf.shape) > 2048 else "projective"
+
+
+def invariant_score(pf, pm, matrix0: np.ndarray) -> float:
+    """The overlap-weighted correlation :func:`ecc_refine` maximises, for a level-0 matrix, at
+    the level of the final score (:func:`score_level`)."""
     from .images import matrix_to_level
 
+    key = score_level(pf)
     fi, dsf = pf.image_at(LEVELS[key][0])
     mi, dsm = pm.image_at(LEVELS[key][0])
     _, score = ecc_refine(invariant_channels(fi, LEVELS[key][1]), invariant_channels(mi, LEVELS[key][1]),
