@@ -176,8 +176,6 @@ OWNED_ELSEWHERE: dict[str, str] = {
                                   "after registering (then '/sys/T.json.tmp: permission denied')",
     "evaluate-tiny": "owner: metrics (coordinator): images below the SSIM window give 'ValueError: images smaller "
                      "than the 7x7 SSIM window: (1, 1, 3)', exit 1, no file named",
-    "generate-pickle-checkpoint": "owner: models (issue 12): torch.load's 'Detected pickle protocol 4' UserWarning "
-                                  "is printed before the (correct) refusal: two lines",
     "train-missing-folder": "owner: train (coordinator): --out in a missing folder is checked only after the "
                             "synthetic pairs are built; tqdm progress lines precede the error",
     "train-unwritable-folder": "owner: train (coordinator): an unwritable --out is found only after the synthetic "
