@@ -147,6 +147,26 @@ def test_level_map_is_pooled_and_teacher_forcing_sets_the_decoder_level():
     assert build(TINY).cond_pool == 1  # configs from before the option load unchanged
 
 
+def test_dab_gain_scales_stained_dab_only_and_follows_the_level_map():
+    from napari_bci import stain
+    from napari_bci.samples.synthetic import make_pair
+
+    m = build({**TINY, "dab_gain": [1.0, 1.0, 1.0, 3.0]})
+    ihc = make_pair("3+", 128, seed=12).ihc
+    x = torch.from_numpy(ihc).permute(2, 0, 1)[None].float() / 127.5 - 1
+    level = torch.zeros(1, 4, 8, 8)
+    level[:, 0] = 1
+    torch.testing.assert_close(m.scale_dab(x, level), x)  # level 0: gain 1, unchanged
+    level = level.roll(3, dims=1)  # all 3+
+    out = ((m.scale_dab(x, level) + 1) * 127.5).round().byte()[0].permute(1, 2, 0).numpy()
+    d0, d1 = stain.dab(ihc), stain.dab(out)
+    strong, faint = d0 > 0.2, d0 < 0.03
+    assert np.median(d1[strong] / d0[strong]) == pytest.approx(3.0, rel=0.1)
+    assert np.abs(d1[faint] - d0[faint]).max() < 0.01  # faint background DAB is left alone
+    # hematoxylin is kept (except where tripled DAB saturates the 8-bit pixel)
+    assert np.percentile(np.abs(stain.hematoxylin(out) - stain.hematoxylin(ihc)), 90) < 0.02
+
+
 def test_dab_od_matches_colour_deconvolution():
     from napari_bci import stain
     from napari_bci.samples.synthetic import make_pair

@@ -17,6 +17,11 @@ The level map the decoder sees can be the head's logits box-averaged over ``cond
 For training, ``forward(x, level, use_level)`` replaces it by the true level for chosen samples
 (teacher forcing), so the decoder learns to draw every level whatever the head says.
 
+``dab_gain`` (one factor per level, default none): the output's DAB concentration (colour
+deconvolution, :data:`napari_bci.stain.HED_MATRIX`) is multiplied by the level map's mixture of
+these gains, a per-level stain calibration fitted after training (``scripts/train_builtin.py``:
+the gain that makes the membrane DAB of the output match the real IHC's on calibration pairs).
+
 Layout (defaults, ~1.3 M parameters, ~10 GMAC per 512x512 tile): a 3-stride U-Net-style
 encoder (16, 32, 64, 128 channels), 3 residual blocks at 1/8 resolution, bilinear-upsampling
 decoder with skip connections, BatchNorm (eval mode at inference: per-pixel affine, so tiles
@@ -40,7 +45,11 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 BUILTIN_WEIGHTS = WEIGHTS_DIR / "builtin.safetensors"
 BUILTIN_CONFIG = WEIGHTS_DIR / "builtin.json"
 
-DEFAULTS = {"channels": [16, 32, 64, 128], "n_blocks": 3, "head_channels": 64, "n_classes": 4, "cond_pool": 1}
+#: DAB OD below which ``dab_gain`` leaves a pixel unchanged, and above which it applies fully.
+DAB_GAIN_RAMP = (0.04, 0.12)
+
+DEFAULTS = {"channels": [16, 32, 64, 128], "n_blocks": 3, "head_channels": 64, "n_classes": 4, "cond_pool": 1,
+            "dab_gain": None}
 
 
 def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -103,9 +112,10 @@ class LevelAwareGenerator(nn.Module):
     multiple = 16
 
     def __init__(self, channels=(16, 32, 64, 128), n_blocks: int = 3, head_channels: int = 64,
-                 n_classes: int = 4, cond_pool: int = 1):
+                 n_classes: int = 4, cond_pool: int = 1, dab_gain=None):
         super().__init__()
         self.cond_pool = int(cond_pool)
+        self.dab_gain = None if dab_gain is None else [float(g) for g in dab_gain]
         c0, c1, c2, c3 = channels
         k = n_classes
         self.enc0 = _cbr(3, c0)
@@ -158,9 +168,28 @@ class LevelAwareGenerator(nn.Module):
         y = self.up1(y, s1, cond)
         y = self.up0(y, s0, cond)
         img = torch.tanh(self.out(y))
+        if self.dab_gain is not None:
+            img = self.scale_dab(img, cond)
         if ph or pw:
             img = img[..., :h, :w]
         return img, dense
+
+    def scale_dab(self, img: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Multiply the DAB concentration of ``img`` ([-1, 1] RGB) by the level map ``cond``'s
+        mixture of :attr:`dab_gain`, in optical density (Beer-Lambert); the gain ramps in over
+        :data:`DAB_GAIN_RAMP` (DAB OD) so that faint background DAB stays unchanged."""
+        from .. import stain
+
+        m = torch.as_tensor(stain.HED_MATRIX, dtype=torch.float32, device=img.device)
+        gain = torch.as_tensor(self.dab_gain, dtype=torch.float32, device=img.device)
+        g = F.interpolate((cond.float() * gain.view(1, -1, 1, 1)).sum(1, keepdim=True), size=img.shape[-2:],
+                          mode="bilinear", align_corners=False)
+        od = -torch.log10(((img.float() + 1) * 127.5).clamp(min=1.0) / 255.0)
+        dab = torch.einsum("nchw,c->nhw", od, torch.linalg.inv(m)[:, 2])[:, None].clamp(min=0.0)
+        lo, hi = DAB_GAIN_RAMP  # stained structures only: faint background DAB is left as it is
+        w = ((dab - lo) / (hi - lo)).clamp(0.0, 1.0)
+        od = od + (g - 1) * w * dab * m[2].view(1, 3, 1, 1)
+        return (255.0 * torch.pow(10.0, -od) / 127.5 - 1).clamp(-1, 1).to(img.dtype)
 
     def forward(self, x: torch.Tensor, level: torch.Tensor | None = None,
                 use_level: torch.Tensor | None = None):
@@ -170,10 +199,10 @@ class LevelAwareGenerator(nn.Module):
 
 def build(config: dict | None = None) -> LevelAwareGenerator:
     """Builder for the architecture registry: ``config`` keys channels, n_blocks, head_channels,
-    cond_pool."""
+    cond_pool, dab_gain."""
     cfg = {**DEFAULTS, **{k: v for k, v in (config or {}).items() if k in DEFAULTS}}
     return LevelAwareGenerator(tuple(cfg["channels"]), int(cfg["n_blocks"]), int(cfg["head_channels"]),
-                               int(cfg["n_classes"]), int(cfg["cond_pool"]))
+                               int(cfg["n_classes"]), int(cfg["cond_pool"]), cfg["dab_gain"])
 
 
 register_arch(ARCH, build)
