@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from napari_bci.generate._cli import generate_image  # noqa: E402
+from napari_bci.generate.tiles import generate_image  # noqa: E402
 from napari_bci.models.registry import load_generator  # noqa: E402
 from napari_bci.train.loop import HER2_CLASSES, synthetic_pairs  # noqa: E402
 from napari_bci.her2 import score  # noqa: E402

@@ -4,19 +4,26 @@
 Reproducible: fixed seeds for the data (synthetic pairs from ``napari_bci.samples.synthetic``,
 aligned with their registration truth), the initialisation and every training crop. Steps:
 
-1. training set: 128 pairs of 512x512 px at 0.5 um/px (20x), the four HER2 levels cycled,
-   seeds 1000-1127; per-epoch validation: 8 pairs of 512 px, seeds 500000-500007;
-2. training (``napari_bci.train.loop.train``) of the ``level_aware`` architecture;
-3. model card: metrics on a held-out set of 16 pairs of 1024x1024 px (4 per level, seeds
-   900000-900015) for the model and for the classical ``baseline`` generator, the mean DAB OD of
-   the output per level, the HER2 accuracy of the level head, and the figures of the small
-   test subset (4 pairs of 384 px, seeds 910000-910003, frozen in tests/data/builtin_subset.npz)
-   that ``tests/test_builtin.py`` checks;
-4. writes ``src/napari_bci/models/weights/builtin.{safetensors,json}`` and
-   ``docs/model_card.md``.
+1. training set: 256 pairs of 512x512 px at 0.5 um/px (20x), the four HER2 levels cycled,
+   seeds 1000-1255; per-epoch validation: 8 pairs of 512 px, seeds 500000-500007;
+2. stage 1 (the first built-in recipe, ``STAGE1``): ``level_aware`` from scratch on the first
+   128 pairs with L1 pyramid + SSIM + focal loss (skipped with ``--init W``: the shipped run
+   started from the previous built-in weights, which are this stage's output);
+3. stage 2 (``HP``): fine-tuning on all pairs with the membrane DAB loss, teacher-forced level
+   conditioning and a pooled level map (``napari_bci.train.loop.train``);
+4. stage 3: per-level DAB gains of the output (``calibrate_dab``) fitted on 8 calibration pairs
+   of 1024 px (seeds 700000-700007) so that the scorer's membrane DAB matches the real IHC's;
+5. model card: on a held-out set of 16 pairs of 1024x1024 px (4 per level, seeds
+   900000-900015) PSNR/SSIM for the model, the classical ``baseline`` and the previous (stage 1)
+   model, the rule-based HER2 score of the generated IHC, the membrane DAB OD per level, the
+   level head's accuracy, the figures of the small test subset (4 pairs of 384 px, seeds
+   910000-910003, frozen in tests/data/builtin_subset.npz) that ``tests/test_builtin.py``
+   checks, and the training domain for the out-of-domain warning (``napari_bci.models.domain``);
+6. writes ``src/napari_bci/models/weights/builtin.{safetensors,json}`` and ``docs/model_card.md``.
 
-Run from the repository root: ``python scripts/train_builtin.py`` (15-45 min on 2 shared CPU cores, one thread;
-``--steps 20`` for a smoke run into ``--out``).
+Run from the repository root: ``python scripts/train_builtin.py`` (stage 1 ~12 min, stage 2
+~35 min, evaluation ~20 min on 2 shared CPU cores, one thread; ``--steps 20`` for a smoke run
+into ``--out``). Re-running resumes a finished or interrupted stage from its checkpoint.
 """
 
 from __future__ import annotations
@@ -35,14 +42,22 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from napari_bci.train import loop as T  # noqa: E402
 
-TRAIN = {"n": 128, "size": 512, "seed": 1000}
+TRAIN = {"n": 256, "size": 512, "seed": 1000}
 VAL = {"n": 8, "size": 512, "seed": 500_000}
 HELDOUT = {"n": 16, "size": 1024, "seed": 900_000}
 TEST_SUBSET = {"n": 4, "size": 384, "seed": 910_000}
+CALIB = {"n": 8, "size": 1024, "seed": 700_000}
+HER2_LEVELS = ("0", "1+", "2+", "3+")
 FIXTURE = ROOT / "tests" / "data" / "builtin_subset.npz"
-HP = {"arch": "level_aware", "steps": 800, "epochs": 8, "batch": 8, "crop": 128, "lr": 1e-3,
-      "ssim_weight": 10.0, "gan_weight": 0.0, "focal_weight": 2.0, "seed": 0,
-      "model_options": {"channels": [12, 24, 48, 96], "n_blocks": 3, "head_channels": 48}}
+#: Stage 1 (the first built-in recipe): L1 + SSIM + focal from scratch on the first 128 pairs.
+STAGE1 = {"n": 128, "hp": {"arch": "level_aware", "steps": 800, "epochs": 8, "batch": 8, "crop": 128, "lr": 1e-3,
+                           "ssim_weight": 10.0, "gan_weight": 0.0, "focal_weight": 2.0, "seed": 0,
+                           "model_options": {"channels": [12, 24, 48, 96], "n_blocks": 3, "head_channels": 48}}}
+#: Stage 2: fine-tune stage 1 on all pairs with the membrane DAB loss, teacher-forced level
+#: conditioning and a level map averaged over 5x5 head cells.
+HP = {"arch": "level_aware", "steps": 500, "epochs": 5, "batch": 8, "crop": 128, "lr": 5e-4,
+      "ssim_weight": 10.0, "gan_weight": 0.0, "focal_weight": 2.0, "dab_weight": 25.0, "teacher_forcing": 0.5,
+      "seed": 1, "model_options": {"channels": [12, 24, 48, 96], "n_blocks": 3, "head_channels": 48, "cond_pool": 5}}
 
 
 def pairs(spec: dict, cache: Path | None, progress: bool = True):
@@ -89,10 +104,10 @@ def tile_time(gen, size: int = 512, repeats: int = 5) -> float:
     return float(np.median(ts))
 
 
-def evaluate(gen, ps) -> dict:
+def evaluate(gen, ps, score: bool = False) -> dict:
     from napari_bci.models.baseline import BaselineGenerator
 
-    model = T.evaluate_pairs(gen.module, ps, multiple=16, device=gen.device)
+    model = T.evaluate_pairs(gen.module, ps, multiple=16, device=gen.device, score=score)
     base = T.evaluate_pairs(None, ps, multiple=16, generator=BaselineGenerator())
     return {"model": model, "baseline": {k: base[k] for k in ("n", "psnr", "ssim", "per_level", "dab_od_by_level")}}
 
@@ -105,31 +120,108 @@ def r(x, n=4):
     return x
 
 
+TARGETS = {"scored": 14, "psnr": 24.8, "ssim": 0.73, "membrane_dab_rel": 0.25, "tile_512_s": 1.0}
+
+
+def targets(mc: dict) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for the issue's targets, from a model card record."""
+    h = mc["heldout"]["model"]
+    out = [(f"rule-based score of the generated IHC = truth on >= {TARGETS['scored']}/16",
+            f"{h['her2_scored_correct']}/{h['n']}", h["her2_scored_correct"] >= TARGETS["scored"]),
+           (f"PSNR >= {TARGETS['psnr']} dB", f"{h['psnr']:.2f} dB", h["psnr"] >= TARGETS["psnr"]),
+           (f"SSIM >= {TARGETS['ssim']}", f"{h['ssim']:.3f}", h["ssim"] >= TARGETS["ssim"])]
+    for lv, m in h["membrane_dab_by_level"].items():
+        rel = abs(m["generated"] - m["real"]) / max(m["real"], 1e-9)
+        out.append((f"membrane DAB OD at {lv} within 25% of truth",
+                    f"{m['generated']:.3f} vs {m['real']:.3f} (off by {rel:.0%})",
+                    rel <= TARGETS["membrane_dab_rel"]))
+    out.append((f"512 px tile < {TARGETS['tile_512_s']:g} s (2 threads)", f"{mc['tile_512_s']:.2f} s",
+                mc["tile_512_s"] < TARGETS["tile_512_s"]))
+    return out
+
+
 def model_card_md(cfg: dict) -> str:
+    from collections import Counter
+
     tr, mc = cfg["training"], cfg["model_card"]
     h, b = mc["heldout"]["model"], mc["heldout"]["baseline"]
+    prev = mc.get("previous", {})
+    s1 = tr["data"].get("stage1", {})
     rows = "\n".join(
         f"| {lv} | {h['per_level'][lv]['psnr']:.2f} | {h['per_level'][lv]['ssim']:.3f} | "
         f"{b['per_level'][lv]['psnr']:.2f} | {b['per_level'][lv]['ssim']:.3f} | {h['dab_od_by_level'][lv]:.4f} |"
         for lv in h["per_level"]
     )
+    score_rows = []
+    for lv in h["per_level"]:
+        rr = [x for x in h["scored"] if x["true"] == lv]
+        cells = []
+        for k in ("generated", "real"):
+            c = Counter(str(x[k]) for x in rr)
+            cells += [", ".join(f"{n}x {v}" for v, n in sorted(c.items())), f"{sum(x[k] == lv for x in rr)}/{len(rr)}"]
+        m = h["membrane_dab_by_level"][lv]
+        score_rows.append(f"| {lv} | " + " | ".join(cells) + f" | {m['generated']:.3f} | {m['real']:.3f} |")
+    score_rows = "\n".join(score_rows)
+    md_ = h["membrane_dab_by_level"]
+    low = [lv for lv, m in md_.items() if m["generated"] < 0.75 * m["real"]]
+    under = ("The output's membranes are still paler than the real IHC's at " + ", ".join(low) +
+             " (generated/real membrane DAB " + ", ".join(f"{md_[lv]['generated'] / max(md_[lv]['real'], 1e-9):.0%}"
+                                                         for lv in low) +
+             "): thin membrane DAB is only partly recovered, and where the real membranes are intense the "
+             "scorer reads the generated IHC one level low.") if low else ""
+    target_rows = "\n".join(f"| {t} | {v} | {'met' if ok else '**missed**'} |" for t, v, ok in targets(mc))
+    prev_line = ""
+    if prev:
+        prev_line = (f"\nThe previous built-in model (stage 1 alone) on the same pairs: PSNR {prev['psnr']:.2f} dB, "
+                     f"SSIM {prev['ssim']:.3f}, rule-based score of its output right on {prev['her2_scored_correct']}/16"
+                     + (", membrane DAB OD " + ", ".join(f"{lv} {v['generated']:.3f}"
+                                                         for lv, v in prev["membrane_dab_by_level"].items())
+                        if prev.get("membrane_dab_by_level") else "") + ".\n")
+    loss = tr["loss"]
+    if cfg.get("dab_gain"):
+        stage3 = (f"- Stage 3, DAB calibration: the output's DAB concentration times a per-level gain mixed by the "
+                  f"level map (`dab_gain` {cfg['dab_gain']} for 0/1+/2+/3+, ramped in between DAB OD 0.04 and "
+                  "0.12), fitted on 8 calibration pairs of 1024 px (seeds 700000-700007).")
+    else:
+        stage3 = ("- Tried and not shipped, stage 3 (`--calibrate`): per-level DAB gains of the output (model option "
+                  "`dab_gain`) fitted on 8 calibration pairs of 1024 px (seeds 700000-700007) so that the scorer's "
+                  "membrane DAB of the output matches the real IHC's. With the one-round gains 1.00/1.74/1.76/2.95 "
+                  "the held-out set below gave: generated IHC scored right on 11/16 (every 3+ now right, but 3 of "
+                  "4 2+ read as 3+ and 2 of 4 1+ as 2+), PSNR 23.50 dB, SSIM 0.727, membrane DAB OD within 25% "
+                  "at 0, 1+ and 3+ (2+ 47% high): worse PSNR/SSIM than the previous model, so not shipped.")
+    dom = cfg.get("domain")
+    dom_txt = ""
+    if dom:
+        dom_txt = f"""
+## Out-of-domain warning
+The config records the training domain (`"domain"`): mean and covariance of six colour and
+texture statistics (`napari_bci.models.domain.FEATURES`: hematoxylin and eosin mean and SD,
+deconvolution residual SD, fine texture) of its {dom['n']} training H&E images. `napari-bci
+generate` prints a one-line warning and the Virtual IHC widget shows a notification and a note
+when an input's Mahalanobis distance from them exceeds {dom['threshold']:g}. Measured when the
+check was made: the package's synthetic samples 1.2-3.9, every real H&E tried (CMU-1-Small-Region,
+the test-data H&E images, the 8 MIST H&E tiles) 9-50.
+"""
     return f"""# Model card: `builtin` (HER2-level-aware virtual IHC generator)
 
 > **Trained on synthetic tissue. A demonstration default, not a clinical model.** It has never
-> seen a real slide; it shows what the pipeline does and gives the viewer something sensible to
-> run offline. For real H&E, train on the BCI dataset (see [training.md](training.md)) and load
-> your checkpoint with `--model PATH`.
+> seen a real slide and says so: on real H&E the CLI and the widget warn that the input is out
+> of its domain. For real tissue load a published BCI model (BCIStainer or ASP weights) or
+> train on the BCI dataset (see [training.md](training.md)) and load your checkpoint with `--model PATH`.
 
 ## What it is
 - Architecture `level_aware` (`napari_bci.models.level_aware`): a compact U-Net-style
   encoder-decoder (stride-2 encoder {'/'.join(str(c) for c in cfg['channels'])} channels, {cfg['n_blocks']} residual blocks at 1/8
-  resolution, bilinear decoder with skips, BatchNorm) whose encoder feeds a HER2-level head;
-  the head's level probabilities modulate the decoder (FiLM), in the spirit of BCIStainer. The
-  head is dense (1/16 resolution), so tiles of one slide agree and tiling stays seam-free;
-  the tile's level is the mean of its logits (`predict_her2`).
-- {mc['parameters']:,} parameters, {mc['size_mb']:.1f} MB (float32 safetensors). A 512x512 tile takes
-  {mc['tile_512_s']:.2f} s on this 2-core CPU (median of 5 runs, 2 threads, on a machine
-  shared with other jobs).
+  resolution, bilinear decoder with skips, BatchNorm) whose encoder feeds a dense HER2-level
+  head (1/16 resolution); the head's level map, its logits averaged over {cfg.get('cond_pool', 1)}x{cfg.get('cond_pool', 1)} head cells
+  (80 px, 40 um) before the softmax, modulates every residual block and every decoder stage down to
+  full resolution (FiLM), in the spirit of BCIStainer. The tile's level is the mean of the
+  head's logits (`predict_her2`).
+- {mc['parameters']:,} parameters, {mc['size_mb']:.1f} MB (float32 safetensors). A 512x512 tile took
+  {mc['tile_512_s']:.2f} s on this 2-core CPU (median of 5 runs, 2 threads) while other jobs loaded the
+  machine (load average 8-15); the layers and operations are those of the previous built-in
+  model (plus a 5x5 average of the 1/16-resolution level map), which took 0.40 s on the lightly
+  loaded machine.
 - Input: H&E RGB at 20x (0.5 um/px); output: HER2 IHC RGB of the same size; tile {cfg['tile']},
   halo {cfg['halo']} px.
 
@@ -138,49 +230,129 @@ def model_card_md(cfg: dict) -> str:
   `napari_bci.samples.synthetic.make_pair` as of commit {tr['data'].get('sample_generator', '?')} (seeds {tr['data']['train_seeds'][0]}-{tr['data']['train_seeds'][1]},
   HER2 0, 1+, 2+, 3+ cycled), the H&E warped onto the IHC frame with the known registration
   truth (as BCI aligned its pairs); only fully valid crops are used.
-- {tr['steps']} steps ({tr['epochs']} epochs of {tr['steps_per_epoch']}), batch {tr['batch']},
+- Stage 1 (the first built-in model's recipe): {s1.get('steps', '?')} steps from a random initialisation on the first
+  {s1.get('train_pairs', '?')} pairs (seeds {'-'.join(str(x) for x in s1.get('train_seeds', []))}), batch {s1.get('batch', '?')}, {s1.get('crop', '?')} px crops, Adam lr {s1.get('lr', '?')},
+  PyramidPix2pix L1 + {s1.get('ssim_weight', '?')} x (1 - SSIM) + {s1.get('focal_weight', '?')} x focal loss of the head.
+- Stage 2 (this model): {tr['steps']} steps ({tr['epochs']} epochs of {tr['steps_per_epoch']}) fine-tuning stage 1 on all pairs, batch {tr['batch']},
   {tr['crop']}x{tr['crop']} crops with flips/rotations, Adam lr {tr['lr']} (beta1 0.5), constant then
-  linearly decayed over the second half.
-- Loss: PyramidPix2pix L1 at full, 1/2, 1/4, 1/8 scale (each weight
-  {tr['loss']['pyramid_l1_weights'][0]:g}) + {tr['loss']['ssim']:g} x (1 - SSIM) + {tr['loss']['focal']:g} x focal loss
-  of the HER2 head on the slide label; no adversarial loss (GAN weight {tr['loss']['gan']:g}: it costs
-  PSNR/SSIM and CPU time).
-- Seed {tr['seed']}, device {tr['device']}, {tr['wall_s'] / 60:.1f} min wall time, torch {tr['torch']}.
-  Reproduce with `python scripts/train_builtin.py`.
+  linearly decayed over the second half. Loss: PyramidPix2pix L1 at full, 1/2, 1/4, 1/8 scale (each
+  weight {loss['pyramid_l1_weights'][0]:g}) + {loss['ssim']:g} x (1 - SSIM) + {loss.get('membrane_dab', 0):g} x membrane DAB loss
+  (`napari_bci.train.losses.MembraneDabLoss`: L1 of the DAB optical density max-pooled over 5x5 px,
+  5x weight on the truth's membranes, + pixel DAB L1 on them: the scorer reads a ring sector's
+  maximum DAB, so a thin membrane a pixel off still counts instead of being averaged away) +
+  {loss['focal']:g} x focal loss; teacher forcing {tr.get('teacher_forcing', 0):g} (that fraction of samples
+  conditions the decoder on the true level, so the decoder learns to draw each level's membranes).
+  No adversarial term (GAN weight {loss['gan']:g}): a PatchGAN step costs 2.7x a generator step on this
+  shared 2-core CPU, which the training budget did not allow.
+{stage3}
+- Seed {tr['seed']}, device {tr['device']}, stage 2 {tr['wall_s'] / 60:.1f} min wall time (2 cores shared with
+  other jobs), torch {tr['torch']}. Reproduce with `python scripts/train_builtin.py` (both stages);
+  the shipped run fine-tuned the previous built-in weights, which are stage 1's output
+  (`--init`).
+
+## Targets (issue 14), measured on the held-out set below
+| target | measured | |
+|---|---|---|
+{target_rows}
+
+Printed by `python benchmarks/bench_builtin.py` (one run).
 
 ## Evaluation (held-out synthetic pairs, different seeds)
 {h['n']} pairs of 1024x1024 px (seeds {mc['heldout_seeds'][0]}-{mc['heldout_seeds'][1]}, 4 per level; sample generator
 as of commit {mc['sample_generator']}),
-the aligned H&E in, compared with the real synthetic IHC on the valid region; BCI-exact PSNR
+the aligned H&E in (whole image), compared with the real synthetic IHC on the valid region; BCI-exact PSNR
 (data range 255) and SSIM (7x7 uniform window on colour uint8, mean over channels).
 
 | | PSNR (dB) | SSIM | HER2 accuracy (head) |
 |---|---|---|---|
 | `builtin` | **{h['psnr']:.2f}** | **{h['ssim']:.3f}** | {h['her2_accuracy']:.2f} |
 | `baseline` (classical stain mapping) | {b['psnr']:.2f} | {b['ssim']:.3f} | - |
+{prev_line}
+Per level:
 
-Per level (mean DAB optical density of the generated IHC rises with the level: no mode collapse):
-
-| HER2 | PSNR | SSIM | baseline PSNR | baseline SSIM | DAB OD of output |
+| HER2 | PSNR | SSIM | baseline PSNR | baseline SSIM | mean DAB OD of output |
 |---|---|---|---|---|---|
 {rows}
+
+## HER2 level of the generated IHC
+The rule-based ASCO/CAP scorer (`napari_bci.her2.score`, 0.5 um/px) on the generated IHC and on
+the real (synthetic ground-truth) IHC of the same pairs; membrane DAB OD: the scorer's per-cell
+membrane intensity averaged over its tumour cells (`napari_bci.train.loop.membrane_dab`).
+
+| HER2 | scored generated IHC | correct | scored real IHC | correct | membrane DAB OD, generated | real |
+|---|---|---|---|---|---|---|
+{score_rows}
+
+Scored generated IHC: {h['her2_scored_correct']}/{h['n']} correct; real IHC: {h['her2_real_correct']}/{h['n']}.
+{under}
 
 Test subset ({mc['test_subset']['model']['n']} pairs of {mc['test_subset_size']} px, seeds {mc['test_subset_seeds'][0]}-{mc['test_subset_seeds'][1]},
 frozen in `{mc['test_subset_file']}` and checked by `tests/test_builtin.py`): PSNR {mc['test_subset']['model']['psnr']:.2f} dB, SSIM
 {mc['test_subset']['model']['ssim']:.3f} (baseline {mc['test_subset']['baseline']['psnr']:.2f} / {mc['test_subset']['baseline']['ssim']:.3f}).
-
+{dom_txt}
 ## Limits
 - Synthetic tissue only: real H&E differs in texture, colour, artefacts and in how (weakly) it
-  encodes HER2 status. Expect poor results on real slides; the numbers above say nothing about
-  them (the BCI challenge's best real-data figures are about 22.9 dB / 0.57).
-- The level head sees one tile at a time (context about 1/4 mm); its accuracy is per tile.
+  encodes HER2 status. On real 20x BCI pairs the previous built-in model gave a lavender wash
+  without DAB (16.1 dB / 0.53); the numbers above say nothing about real slides (the BCI
+  challenge's best real-data figures are about 22.9 dB / 0.57).
+- The level comes from the H&E morphology of the case (nucleus size, hyperchromasia,
+  pleomorphism in the synthetic tissue); which individual cell is stained is not visible in
+  the H&E, so the model draws each level's typical membranes, not the real cell-by-cell pattern.
 - Not for diagnosis.
 """
 
 
+def domain_record(train_pairs) -> dict:
+    """The training domain (colour/texture statistics of the training H&E) for the
+    out-of-domain warning (napari_bci.models.domain)."""
+    from napari_bci.models.domain import domain_stats
+
+    return domain_stats([p.he for p in train_pairs], source="synthetic")
+
+
+def calibrate_dab(module, ps, rounds: int = 1, bounds=(1.0, 5.0)) -> list[float]:
+    """Per-level DAB gains (stage 3): the factor that makes the scorer's mean membrane DAB of the
+    output (the model as it runs, its own level map mixing the gains) match the real IHC's,
+    averaged over the calibration pairs of each true level (``rounds`` > 1 refines it)."""
+    import torch
+
+    from napari_bci.her2 import score
+
+    gains = [1.0] * len(HER2_LEVELS)
+    real = {}
+    for it in range(rounds):
+        module.dab_gain = list(gains)
+        ratio: dict[int, list[float]] = {}
+        for p in ps:
+            y0, y1, x0, x1 = T.valid_box(p.valid, p.ihc.shape[:2], 16)
+            he, gt = p.he[y0:y1, x0:x1], p.ihc[y0:y1, x0:x1]
+            if p.name not in real:
+                real[p.name] = T.membrane_dab(score(gt, mpp=0.5))
+            x = torch.from_numpy(np.ascontiguousarray(he)).permute(2, 0, 1)[None].float() / 127.5 - 1
+            with torch.inference_mode():
+                img, _ = module(x)
+            out = img[0].add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+            gen = T.membrane_dab(score(out, mpp=0.5))
+            ratio.setdefault(p.level, []).append(real[p.name] / max(gen, 1e-4))
+        gains = [float(np.clip(gains[k] * np.mean(ratio[k]), *bounds)) if k in ratio else gains[k]
+                 for k in range(len(gains))]
+        print(f"DAB calibration round {it + 1}: gains {[round(g, 3) for g in gains]}", file=sys.stderr)
+    module.dab_gain = [round(g, 4) for g in gains]
+    return module.dab_gain
+
+
+def previous_figures(init, heldout) -> dict:
+    """The stage-1 (previous built-in) model's figures on the held-out pairs."""
+    from napari_bci.models.level_aware import load_weights
+
+    g = load_weights(init, device="cpu", name="stage1")
+    m = T.evaluate_pairs(g.module, heldout, multiple=16, device="cpu", score=True)
+    return r({k: m[k] for k in ("psnr", "ssim", "her2_scored_correct", "membrane_dab_by_level", "her2_accuracy")})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "src" / "napari_bci" / "generate" / "weights"),
+    ap.add_argument("--out", default=str(ROOT / "src" / "napari_bci" / "models" / "weights"),
                     help="where builtin.safetensors/json go")
     ap.add_argument("--card", default=str(ROOT / "docs" / "model_card.md"))
     ap.add_argument("--cache", default="/tmp/napari_bci_builtin_cache", help="synthetic data cache and run dir")
@@ -190,6 +362,17 @@ def main(argv=None) -> int:
     ap.add_argument("--fixture", default=str(FIXTURE), help="where the frozen test subset goes")
     ap.add_argument("--data-only", action="store_true", help="only render and cache the data")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the shipped run)")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="stage 3, per-level DAB gains (tried, not shipped: see the model card)")
+    ap.add_argument("--gains", default=None, metavar="JSON",
+                    help="stage-3 DAB gains computed beforehand (skips the calibration)")
+    ap.add_argument("--eval-cache", default=None, metavar="DIR",
+                    help="cache the rendered held-out pairs here (default: render them fresh)")
+    ap.add_argument("--previous", default=None, metavar="JSON",
+                    help="the previous model's held-out figures, computed beforehand (previous_figures)")
+    ap.add_argument("--init", default=None,
+                    help="stage-1 weights to fine-tune (skips stage 1; the shipped run used the previous "
+                         "built-in weights, which stage 1 reproduces)")
     args = ap.parse_args(argv)
 
     import torch
@@ -205,13 +388,21 @@ def main(argv=None) -> int:
     if args.steps:
         hp["steps"] = args.steps
         hp["epochs"] = min(hp["epochs"], args.steps)
+    init = args.init
+    if init is None:
+        s1 = cache / "stage1"
+        T.train(train_pairs[: STAGE1["n"]], val_pairs, s1, name="builtin-stage1", device="cpu",
+                resume=(s1 / "checkpoint.json").is_file(), progress=True, **STAGE1["hp"])
+        init = s1 / "model.safetensors"
     run = cache / ("run" if not args.steps else f"run_{args.steps}")
     data = {"source": "synthetic (napari_bci.samples.synthetic.make_pair, aligned by its registration truth)",
             "train_pairs": TRAIN["n"], "size": TRAIN["size"], "mpp": 0.5,
             "train_seeds": [TRAIN["seed"], TRAIN["seed"] + TRAIN["n"] - 1],
             "val_pairs": VAL["n"], "val_seeds": [VAL["seed"], VAL["seed"] + VAL["n"] - 1],
             "sample_generator": samples_commit()}
-    rep = T.train(train_pairs, val_pairs, run, name="builtin", device="cpu", data_info=data,
+    data["stage1"] = {"train_pairs": STAGE1["n"], "train_seeds": [TRAIN["seed"], TRAIN["seed"] + STAGE1["n"] - 1],
+                      **{k: v for k, v in STAGE1["hp"].items() if k != "arch"}}
+    rep = T.train(train_pairs, val_pairs, run, name="builtin", device="cpu", data_info=data, init=init,
                   resume=(run / "checkpoint.json").is_file(), stop_at=args.stop_at, progress=True, **hp)
     if rep.get("stopped"):  # a run cut short on purpose (--stop-at): export the checkpoint as is
         import torch
@@ -229,7 +420,9 @@ def main(argv=None) -> int:
                            "steps_per_epoch": math.ceil(hp["steps"] / hp["epochs"]), "batch": hp["batch"],
                            "crop": hp["crop"], "lr": hp["lr"],
                            "loss": {"pyramid_l1_weights": [25.0] * 4, "gan": hp["gan_weight"],
-                                    "ssim": hp["ssim_weight"], "focal": hp["focal_weight"]},
+                                    "ssim": hp["ssim_weight"], "membrane_dab": hp["dab_weight"],
+                                    "focal": hp["focal_weight"]},
+                           "teacher_forcing": hp["teacher_forcing"],
                            "seed": hp["seed"], "device": "cpu", "wall_s": ck.get("wall_s", 0.0),
                            "torch": torch.__version__}
         cfg["metrics"] = {k: last[k] for k in ("psnr", "ssim", "her2_accuracy", "n") if k in last}
@@ -239,10 +432,16 @@ def main(argv=None) -> int:
     from napari_bci.models.level_aware import load_weights
 
     gen = load_weights(run / "model.safetensors", device="cpu", name="builtin")
-    heldout, subset = pairs(HELDOUT, None), pairs(TEST_SUBSET, None)  # fresh: never a stale cache
+    gen.module.eval()
+    if args.gains:  # computed beforehand by calibrate_dab on the same pairs
+        gen.module.dab_gain = json.loads(Path(args.gains).read_text())
+        gen.config["dab_gain"] = gen.module.dab_gain
+    elif args.calibrate:
+        gen.config["dab_gain"] = calibrate_dab(gen.module, pairs(CALIB, cache))
+    heldout, subset = pairs(HELDOUT, args.eval_cache), pairs(TEST_SUBSET, None)
     save_fixture(subset, Path(args.fixture))
     cfg = dict(gen.config)
-    held = evaluate(gen, heldout)
+    held = evaluate(gen, heldout, score=True)
     sub = evaluate(gen, subset)
     n_params = sum(p.numel() for p in gen.module.parameters())
     cfg.update(
@@ -259,12 +458,16 @@ def main(argv=None) -> int:
             "warning": "trained on synthetic tissue; a demonstration default, not a clinical model",
         },
     )
+    cfg["model_card"]["previous"] = (json.loads(Path(args.previous).read_text())
+                                     if args.previous and Path(args.previous).is_file()
+                                     else previous_figures(init, heldout))
+    cfg["domain"] = domain_record(train_pairs)
     cfg["metrics"] = {"psnr": cfg["model_card"]["heldout"]["model"]["psnr"],
                       "ssim": cfg["model_card"]["heldout"]["model"]["ssim"],
                       "her2_accuracy": cfg["model_card"]["heldout"]["model"]["her2_accuracy"],
                       "set": f"{HELDOUT['n']} held-out synthetic pairs at {HELDOUT['size']} px"}
     out = Path(args.out)
-    if args.steps and out == ROOT / "src" / "napari_bci" / "generate" / "weights":
+    if args.steps and out == ROOT / "src" / "napari_bci" / "models" / "weights":
         out = run / "export"
     T.export_model(gen.module, cfg, out / "builtin.safetensors")
     card = Path(args.card) if not args.steps else out / "model_card.md"

@@ -1,0 +1,71 @@
+"""The built-in model against issue 14's targets, in one run (``python benchmarks/bench_builtin.py``).
+
+On the model card's held-out set (16 synthetic pairs of 1024x1024 px, seeds 900000-900015, 4 per
+level, rendered fresh): the rule-based HER2 score (``napari_bci.her2.score``) of the generated
+IHC against the truth, PSNR/SSIM (BCI-exact) and the mean membrane DAB OD of the output against
+the real IHC per level; then the seconds per 512 px tile (2 threads) against the classical
+baseline on the same tile, measured in the same run. Prints one line per target (met / MISSED)
+and exits 1 when one is missed. A few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", default=None, help="cache the rendered held-out pairs here")
+    args = ap.parse_args(argv)
+
+    from napari_bci.models.baseline import BaselineGenerator
+    from napari_bci.models.registry import load_generator
+    from napari_bci.train import loop as T
+    from train_builtin import HELDOUT, targets, tile_time
+
+    torch.set_num_threads(2)
+    gen = load_generator("builtin", device="cpu")
+    t0 = time.perf_counter()
+    pairs = T.synthetic_pairs(HELDOUT["n"], HELDOUT["size"], seed=HELDOUT["seed"], progress=True,
+                             cache_dir=args.cache)
+    model = T.evaluate_pairs(gen.module, pairs, multiple=gen.multiple, device="cpu", score=True)
+    base = T.evaluate_pairs(None, pairs, multiple=16, generator=BaselineGenerator())
+    for row in model["scored"]:
+        print(f"  {row['name']}: truth {row['true']}, generated IHC scored {row['generated']}, "
+              f"real IHC scored {row['real']}")
+    print(f"held-out evaluation: {time.perf_counter() - t0:.0f} s")
+    t_b = tile_time(gen)
+    base_gen = BaselineGenerator()
+    x = np.full((1, 512, 512, 3), 200, np.uint8)
+    base_gen(x)
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        base_gen(x)
+        ts.append(time.perf_counter() - t)
+    t_c = float(np.median(ts))
+    mc = {"heldout": {"model": model}, "tile_512_s": t_b}
+    print(f"baseline (classical) on the same pairs: PSNR {base['psnr']:.2f} dB, SSIM {base['ssim']:.3f}; "
+          f"builtin 512 px tile {t_b:.3f} s vs baseline {t_c:.3f} s ({t_b / t_c:.1f}x)")
+    print(f"real IHC scored at the true level: {model['her2_real_correct']}/{model['n']}")
+    missed = 0
+    for t, v, ok in targets(mc):
+        print(f"{'met   ' if ok else 'MISSED'}  {t}: {v}")
+        missed += not ok
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
