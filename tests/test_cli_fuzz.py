@@ -172,6 +172,8 @@ def _cases():
 OWNED_ELSEWHERE: dict[str, str] = {
     "register-tiny": "owner: registration (issue 17): 1x1 image gives ValueError from numpy.gradient, exit 1",
     "register-sliver": "owner: registration (issue 17): 5x50000 image gives a dask chunks ValueError, exit 1",
+    "evaluate-tiny": "owner: metrics (coordinator): images below the SSIM window give 'ValueError: images smaller "
+                     "than the 7x7 SSIM window: (1, 1, 3)', exit 1, no file named",
     "train-missing-folder": "owner: train (coordinator): --out in a missing folder is checked only after the "
                             "synthetic pairs are built; tqdm progress lines precede the error",
     "train-unwritable-folder": "owner: train (coordinator): an unwritable --out is found only after the synthetic "
