@@ -50,6 +50,14 @@ class WSIPair:
         frame = Frame(None if section == "he" else self.transform)
         return render_window(self.scene, section, frame, y0, x0, h, w, d=2**level)
 
+    def registered_he_levels(self) -> list:
+        """The H&E section as a lazy pyramid in the IHC's frame: registered by the pair's known
+        transform, rendered (not resampled) like the IHC, so each pixel shows the H&E of the
+        cell the IHC pixel shows."""
+        tag = f"{self.seed}-{self.her2}-{self.shape[0]}x{self.shape[1]}-{self.mpp}-{self.tile}"
+        return [_level_array(self.scene, "he", Frame(self.transform), lv.shape[:2], 2**k, self.tile,
+                             f"synthetic-he-registered-{tag}-L{k}") for k, lv in enumerate(self.ihc_levels)]
+
     def tumour_centre(self, grid: int = 96) -> tuple[float, float]:
         """IHC-frame level-0 ``(y, x)`` px of a point deep in a tumour nest, in tissue: where the
         real IHC shows membranes (the scene's nest field, sampled on a ``grid`` x ``grid`` net and

@@ -22,17 +22,15 @@ def dock_widgets(viewer, names: Iterable[str] = WIDGETS) -> dict:
 
 def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> tuple[list[tuple], object]:
     """The embedded default data: the synthetic whole-slide H&E / IHC pair as layer tuples, plus
-    the H&E registered to the IHC (warped lazily by the pair's known transform, as a registration
-    would), so that generated and real IHC show the same cells. Returns ``(tuples, pair)``."""
+    the H&E registered to the IHC by the pair's known transform (rendered in the IHC's frame), so
+    that generated and real IHC show the same cells. Returns ``(tuples, pair)``."""
     from .._npe2 import wsi_pair
     from ..io.layers import HE, HE_REGISTERED, image_layer
-    from ..registration.warp import warp_levels
 
     tuples = wsi_pair(size=size, seed=seed, her2=her2)
     (he, he_attrs, _), (ihc, ihc_attrs, _) = tuples
     pair = he_attrs["metadata"]["truth"]
-    warped = warp_levels(he, pair.transform, [lv.shape[:2] for lv in ihc], chunk=512)
-    reg = image_layer(warped, HE_REGISTERED, mpp=pair.mpp, role="he", fmt="synthetic", her2=pair.her2,
+    reg = image_layer(pair.registered_he_levels(), HE_REGISTERED, mpp=pair.mpp, role="he", fmt="synthetic", her2=pair.her2,
                       extra_metadata={"registered_to": ihc_attrs["name"], "transform": pair.transform.to_dict(),
                                       "registration": "the synthetic pair's known transform"})
     he_attrs = {**he_attrs, "visible": False, "name": HE}
