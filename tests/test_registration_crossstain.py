@@ -51,9 +51,9 @@ def test_auto_cross_stain_any_pose(he, angle, flip, scale):
 def test_deformable_cross_stain_and_quality_figures(he):
     pair = make_known_pair(he, seed=6, angle=120, flip=True, field_amplitude=5)
     res = register(pair.fixed, pair.moving, method="deformable", refine_side=512, deform_side=512)
-    init = type(res.transform)(res.transform.matrix)
-    assert _tre(res.transform, pair, he.shape[:2]) < min(1.5, _tre(init, pair, he.shape[:2]))
     r = res.report
+    assert r["deformable_kept"] and res.transform.field is not None
+    assert _tre(res.transform, pair, he.shape[:2]) < 1.0
     assert r["auto_start"] == "intensity" and r["auto_score"] > 0.5
     assert r["ncc_after"] > r["ncc_before"] + 0.3 and r["mi_after"] > r["mi_before"]
     assert r["tissue_overlap_after"] > max(0.85, r["tissue_overlap_before"] + 0.1)

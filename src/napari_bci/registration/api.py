@@ -85,12 +85,12 @@ def register(
                                  progress=sub2, cancelled=cancelled)
         if landmarks is None:
             # consecutive sections share no cells: where the dense field does not raise the
-            # stain-invariant correlation it follows noise, and the projective is kept
+            # stain-invariant correlation it follows noise: one that clearly lowers it is dropped
             from .quality import image_similarity
 
             a, b = image_similarity(pf, pm, t)["ncc"], image_similarity(pf, pm, td)["ncc"]
-            report["deformable_kept"] = bool(b >= a)
-            if b < a:
+            report["deformable_kept"] = bool(b >= a - 0.01)
+            if not report["deformable_kept"]:
                 report["deformable_rejected"] = f"the field lowered the ranked-hematoxylin NCC ({a:.3f} -> {b:.3f})"
                 td = Transform(t.matrix, meta=dict(t.meta, deformable="rejected"))
         t = td
