@@ -170,12 +170,6 @@ def _cases():
 
 # Failures in modules owned by others (tracked in their issues): strict, so a fix shows up.
 OWNED_ELSEWHERE: dict[str, str] = {
-    "register-tiny": "owner: registration (issue 17): 1x1 image gives ValueError from numpy.gradient, exit 1",
-    "register-sliver": "owner: registration (issue 17): 5x50000 image gives a dask chunks ValueError, exit 1",
-    "evaluate-tiny": "owner: metrics (coordinator): images below the SSIM window give 'ValueError: images smaller "
-                     "than the 7x7 SSIM window: (1, 1, 3)', exit 1, no file named",
-    "train-unwritable-folder": "owner: train (coordinator): an unwritable --out is found only after the synthetic "
-                               "pairs are built, and tqdm's progress lines precede the one error line",
 }
 
 
@@ -219,9 +213,6 @@ def test_bad_input_gives_one_line_and_exit_2(build, named, bad, tmp_path, capsys
     _check_contract(rc, out, err, argv[0], bad[named], out_dir)
 
 
-@pytest.mark.xfail(strict=True, reason="owner: generate (coordinator): the tissue mask reads the corrupt tile and "
-                   "stops with the (clean) InputError; in skip mode it could open the slide with "
-                   "open_slide(path, on_error='fill')")
 def test_generate_skip_goes_past_a_corrupt_tile(bad, tmp_path, capsys):
     out = tmp_path / "o.ome.tif"
     rc, _, err = _run(["generate", str(bad["corrupt_tile"]), "--model", "baseline", "--on-error", "skip",

@@ -278,9 +278,11 @@ def _model_id(model: Any, generator) -> dict:
 
 def plan_slide(source: Any, generator, *, model: Any = None, mpp: float | None = None, level: int | None = None,
                tile: int | None = None, halo: int | None = None, batch_size: int | None = None,
-               tissue: bool = True, source_id: dict | None = None) -> SlidePlan:
+               tissue: bool = True, source_id: dict | None = None, on_error: str = "stop") -> SlidePlan:
     """Open ``source`` (a path, a :class:`~napari_bci.io.slide.Slide` or a list of levels), set up
-    the tile engine and find the tissue tiles."""
+    the tile engine and find the tissue tiles. With ``on_error="skip"`` a tissue mask that cannot
+    be read (corrupt tile data in the mask level) makes every tile count as tissue, with a
+    warning, so the bad tiles are then found, skipped and reported one by one."""
     from ..io.slide import Slide, open_slide
     from .cache import TileCache
     from .engine import TileEngine
@@ -299,7 +301,16 @@ def plan_slide(source: Any, generator, *, model: Any = None, mpp: float | None =
                      cache=TileCache(0), image_id=str(path) if path else None)
     if eng.grid.tile % 16:
         raise InputError(None, f"tile size {eng.grid.tile}: OME-TIFF tiles must be a multiple of 16 (use --tile)")
-    mask = tissue_tiles(levels, eng.level, eng.grid) if tissue else np.ones(eng.grid.shape, bool)
+    mask = np.ones(eng.grid.shape, bool)
+    if tissue:
+        try:
+            mask = tissue_tiles(levels, eng.level, eng.grid)
+        except InputError as e:
+            if on_error != "skip":
+                raise
+            import warnings
+
+            warnings.warn(f"tissue mask unreadable ({e}); generating every tile", RuntimeWarning, stacklevel=2)
     if source_id is None and path is None:  # in-memory levels: their shapes and tissue layout
         source_id = {"levels": [list(map(int, lv.shape)) for lv in levels],
                      "tissue": hashlib.sha1(np.packbits(mask).tobytes()).hexdigest()}
@@ -529,7 +540,7 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     if generator is None:
         generator = load_generator(model, device="cpu" if distributed else device)
     plan = plan_slide(source, generator, model=model, level=level, tile=tile, halo=halo, batch_size=batch_size,
-                      tissue=tissue)
+                      tissue=tissue, on_error=on_error)
     results = None
     cluster_info: dict = {}
     ctx = None

@@ -390,8 +390,10 @@ def _tiff_level(p: Path, tf, series, level: int, i: int, fill: bool = False, raw
                             asarray=False, fancy=False, lock=False, inline_array=True)
     else:
         z = zarr.open_array(series.aszarr(level=level), mode="r")
-        # dask chunks of ~512 px group small tiles: one zarr call per group, far fewer tasks
-        chunks = tuple(c * max(1, round(512 / c)) if k < 2 else c for k, c in enumerate(z.chunks))
+        # dask chunks of ~512 px group tiles under 256 px: one zarr call per group, far fewer
+        # tasks. Tiles of 256 px and more stay one chunk each, so a corrupt tile fails only the
+        # windows that overlap it (a whole group would fail with it).
+        chunks = tuple(c * max(1, round(512 / c)) if k < 2 and c < 256 else c for k, c in enumerate(z.chunks))
         arr = da.from_array(_Chunks(p, z, page, i, fill), chunks=chunks, name=f"tiff-{next(_ids)}-{p.name}-L{i}",
                             asarray=False, fancy=False, lock=False, inline_array=True)
     return _normalise_axes(arr, s.axes, p, page.photometric, getattr(page, "colormap", None))

@@ -97,6 +97,8 @@ def evaluate_folders(
         if a.shape != b.shape:
             raise InputError(pp, f"size {a.shape[1]}x{a.shape[0]} differs from the ground truth's "
                                  f"{b.shape[1]}x{b.shape[0]} ({gp})")
+        if min(a.shape[:2]) < 7:
+            raise InputError(pp, f"{a.shape[1]}x{a.shape[0]} px is smaller than the 7x7 SSIM window of the BCI metric")
         m = compare_pair(a, b, mpp=mpp, tolerant=tolerant, device=device)
         row = {"name": name, "her2": level_of(name) or "unknown"}
         row.update({k: m[k] for k in keys})

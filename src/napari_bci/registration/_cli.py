@@ -43,6 +43,10 @@ def register(sub) -> None:
     t.set_defaults(func=run_transform)
 
 
+#: Smallest side (px) an automatic registration works on: its coarsest search is at 96 px.
+MIN_SIDE = 64
+
+
 def run_register(args) -> dict:
     import time
     from pathlib import Path
@@ -64,6 +68,11 @@ def run_register(args) -> dict:
         _check_warp_out(Path(args.warp_out))
     fixed = read_pyramid(args.fixed)
     moving = read_pyramid(args.moving)
+    for path, pyr in ((args.fixed, fixed), (args.moving, moving)):
+        h, w = pyr.shape[:2]
+        if method != "landmarks" and min(h, w) < MIN_SIDE:
+            raise InputError(path, f"{w}x{h} px is too small to register automatically "
+                                   f"(at least {MIN_SIDE} px a side; place landmarks instead)")
     res = do_register(fixed, moving, method=method, landmarks=landmarks, model=args.model,
                       ransac=args.ransac, engine=args.engine, seed=args.seed)
     t = res.transform

@@ -56,6 +56,23 @@ def register(sub) -> None:
     p.set_defaults(func=run_train)
 
 
+def _check_out(out: Path) -> None:
+    """The output folder can be made and written, before any data is built."""
+    from ..io.writers import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "--out must be a folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(out, f"cannot create the output folder: {existing} is not a folder")
+    try:
+        check_writable(existing / "model.safetensors")  # nothing is created yet
+    except InputError:
+        raise InputError(out, f"cannot write the output folder: {existing} is not writable") from None
+
+
 def run_train(args) -> dict:
     from ..models.device import set_cpu_threads
 
@@ -69,6 +86,7 @@ def run_train(args) -> dict:
     for flag in ("batch", "val"):
         if getattr(args, flag) < (1 if flag == "batch" else 0):
             raise InputError(None, f"--{flag} must be positive")
+    _check_out(Path(args.out))
     if root is None or root == "synthetic":
         n = synthetic if synthetic is not None else 32
         if n < 1:
