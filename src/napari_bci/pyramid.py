@@ -7,7 +7,8 @@
 
 Level picking rule (:func:`pick_level`): with a target mpp, the level whose mpp is closest to it
 in log scale (``prefer="nearest"``) or the coarsest level not coarser than it
-(``prefer="finer"``: enough resolution for the target); with no target or unknown mpp, level 0.
+(``prefer="finer"``: enough resolution for the target, up to ``tolerance`` coarser); with no
+target or unknown mpp, level 0.
 ``max_pixels`` then moves to coarser levels until the level has at most that many pixels.
 """
 
@@ -39,7 +40,8 @@ def level_mpps(levels: Sequence[Any], mpp: float | None) -> list[float | None]:
 
 
 def pick_level(levels: Sequence[Any], mpp: float | None, target_mpp: float | None, *,
-               prefer: str = "nearest", max_pixels: int | None = None, start: int = 0) -> int:
+               prefer: str = "nearest", max_pixels: int | None = None, start: int = 0,
+               tolerance: float = 1.0001) -> int:
     """Index of the level to use for ``target_mpp`` (see the module docstring for the rule)."""
     if prefer not in ("nearest", "finer"):
         raise ValueError(f"prefer must be 'nearest' or 'finer', not {prefer!r}")
@@ -49,7 +51,7 @@ def pick_level(levels: Sequence[Any], mpp: float | None, target_mpp: float | Non
         if prefer == "nearest":
             k = int(np.argmin([abs(math.log(m / target_mpp)) for m in mpps]))
         else:
-            ok = [i for i, m in enumerate(mpps) if m <= target_mpp * 1.0001]
+            ok = [i for i, m in enumerate(mpps) if m <= target_mpp * tolerance]
             k = max(ok) if ok else 0
         k = max(k, int(start))
     if max_pixels is not None:

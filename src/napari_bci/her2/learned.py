@@ -44,15 +44,12 @@ def predict_tiles(tiles: np.ndarray, model) -> np.ndarray:
 
 
 def _level_for(levels, mpp: float | None, target: float | None) -> tuple[int, float]:
+    from ..pyramid import level_downsamples, pick_level
+
     if not mpp or not target:
         return 0, 1.0
-    h0 = levels[0].shape[0]
-    best, ds_best = 0, 1.0
-    for i, lv in enumerate(levels):
-        ds = h0 / lv.shape[0]
-        if mpp * ds <= target * 1.05:
-            best, ds_best = i, ds
-    return best, ds_best
+    i = pick_level(levels, mpp, target, prefer="finer", tolerance=1.05)
+    return i, level_downsamples(levels)[i]
 
 
 def _probs_of_window(rgb: np.ndarray, model, scale: float) -> np.ndarray:

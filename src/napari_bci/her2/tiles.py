@@ -44,13 +44,11 @@ def as_levels(image) -> list:
 
 def choose_level(levels: Sequence, mpp: float, max_mpp: float = 1.0) -> tuple[int, float, float]:
     """(level index, its downsample from level 0, its mpp): the coarsest level with mpp <= max_mpp."""
-    h0 = levels[0].shape[0]
-    best = (0, 1.0, mpp)
-    for i, lv in enumerate(levels):
-        ds = h0 / lv.shape[0]
-        if mpp * ds <= max_mpp * 1.001 and ds >= best[1]:
-            best = (i, ds, mpp * ds)
-    return best
+    from ..pyramid import level_downsamples, pick_level
+
+    i = pick_level(levels, mpp, max_mpp, prefer="finer", tolerance=1.001)
+    ds = level_downsamples(levels)[i]
+    return i, ds, mpp * ds
 
 
 def thumbnail(levels: Sequence, target: int = 2048) -> np.ndarray:

@@ -66,13 +66,9 @@ class Slide:
 
     def level_for_mpp(self, mpp: float) -> int:
         """The finest level whose pixel size does not exceed ``mpp`` (level 0 when mpp is unknown)."""
-        if not self.mpp:
-            return 0
-        best = 0
-        for i, d in enumerate(self.downsamples):
-            if self.mpp * d <= mpp * 1.05:
-                best = i
-        return best
+        from ..pyramid import pick_level
+
+        return pick_level(self.levels, self.mpp or None, mpp, prefer="finer", tolerance=1.05)
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Pixels ``[y:y+h, x:x+w]`` of ``level`` as an ``(h, w, 3)`` uint8 array; outside is white."""
