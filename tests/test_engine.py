@@ -292,7 +292,7 @@ def test_one_level_picking_rule():
     levels = [np.zeros((1024, 1024)), np.zeros((512, 512)), np.zeros((256, 256))]
     assert pick_level(levels, 0.25, 0.9) == 2  # 1.0 is nearer 0.9 than 0.5
     assert pick_level(levels, 0.25, 0.9, prefer="finer") == 1  # 1.0 would be coarser than 0.9
-    assert pick_level(levels, 0.25, 0.52, prefer="finer") == 0
-    assert pick_level(levels, 0.25, 0.52, prefer="finer", tolerance=1.05) == 1
+    assert pick_level(levels, 0.25, 0.49, prefer="finer") == 0
+    assert pick_level(levels, 0.25, 0.49, prefer="finer", tolerance=1.05) == 1
     assert pick_level(levels, None, 0.5, prefer="finer") == 0
     assert pick_level(levels, 0.25, 0.25, max_pixels=300 * 300) == 2
