@@ -103,19 +103,13 @@ def launch_demo(
     if generate:
         vihc.start_following()
     compare = widgets["Compare"]
-    state = {"mean_at": None}
 
     def ready() -> bool:
-        """The view's virtual IHC is done and the SSIM heatmap was computed after its last tile."""
+        """The view's virtual IHC is done and the SSIM heatmap shown was read after its last tile."""
         if not generate:
             return True
-        if not (vihc.jobs_started and vihc.is_idle() and vihc.written):
-            state["mean_at"] = None
-            return False
-        if state["mean_at"] is None:  # generation just settled: wait for a heatmap of the result
-            state["mean_at"] = compare.heatmap_count
-            return False
-        return compare.heatmap_count > state["mean_at"] and not compare._heat.busy
+        return (bool(vihc.jobs_started) and vihc.is_idle() and bool(vihc.written) and not compare._heat.busy
+                and compare.heatmap_read_at > vihc.last_tile_at)
 
     _finish(viewer, widgets.values(), screenshot, wait_s=180, ready=ready)
     return viewer

@@ -10,6 +10,7 @@ blending and visibility only of the layers it shows, restoring them when it stop
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import napari
@@ -134,6 +135,7 @@ class CompareWidget(QWidget):
         self.scores: list[RegionScore] = []
         self.heatmap_mean: float | None = None
         self.heatmap_count = 0  # heatmaps shown so far
+        self.heatmap_read_at = 0.0
         self._heat = Jobs(self)
         self._heat_pending = False
         self._regions = Jobs(self)
@@ -365,8 +367,10 @@ class CompareWidget(QWidget):
         self._watched_gen = None
 
     def _on_gen_data(self, *_):
-        if not self._closed:
-            self._data_timer.start()
+        g = self._watched_gen
+        if self._closed or g is None or (g.metadata or {}).get("generating"):
+            return  # the Virtual IHC is still writing tiles: measure once it is done
+        self._data_timer.start()
 
     # ---------------------------------------------------------- side by side / overlay
 
@@ -487,8 +491,9 @@ class CompareWidget(QWidget):
         if win.empty or min(win.shape) < 11:
             self.mean_label.setText("Mean local SSIM: – (no overlap with the real IHC in view)")
             return
+        started = time.monotonic()
         self._heat.start(compute_heatmap, 0, gen, truth, win, self.window_combo.currentData(),
-                         on_done=self._on_heatmap, on_error=self._on_heat_error,
+                         on_done=lambda res: self._on_heatmap(res, started), on_error=self._on_heat_error,
                          on_finished=self._on_heat_finished)
 
     def _on_heat_finished(self):
@@ -501,11 +506,12 @@ class CompareWidget(QWidget):
 
         show_warning(f"SSIM heatmap: {e}")
 
-    def _on_heatmap(self, res: HeatmapResult) -> None:
+    def _on_heatmap(self, res: HeatmapResult, started: float = 0.0) -> None:
         if not self.heat_check.isChecked() or self._pair() is None:
             return
         self.heatmap_mean = res.mean
         self.heatmap_count += 1
+        self.heatmap_read_at = started  # when its pixels were read (time.monotonic())
         shown = self.side_radio.isChecked()
         if L.SSIM in self.viewer.layers:
             ly = self.viewer.layers[L.SSIM]

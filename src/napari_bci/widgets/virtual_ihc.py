@@ -115,6 +115,7 @@ class VirtualIHCWidget(QWidget):
         self.jobs_started = 0
         self.main_thread_max_ms = 0.0
         self._alive = True
+        self.last_tile_at = 0.0  # time.monotonic() of the last tile written
         self._tile_seconds: float | None = None  # running mean of seconds per tile
         self._job_t0 = 0.0
 
@@ -531,6 +532,7 @@ class VirtualIHCWidget(QWidget):
         self._worker = worker
         self._job_total, self._job_done = len(todo), 0
         self._job_t0 = time.perf_counter()
+        self._mark_generating(True)
         self.progress.setText(f"0 / {len(todo)} tiles")
         self.status.setText(f"Generating {len(todo)} tiles with {self.generator.name} on {self.generator.device}…")
         worker.start()
@@ -553,6 +555,7 @@ class VirtualIHCWidget(QWidget):
         y0, _, x0, _ = self.engine.grid.core(idx)
         self.written.add(idx)
         self.output.write_pyramid(y0, x0, tile)
+        self.last_tile_at = time.monotonic()
         self._job_done += 1
         per = (t0 - self._job_t0) / self._job_done
         self._tile_seconds = per if self._tile_seconds is None else 0.7 * self._tile_seconds + 0.3 * per
@@ -608,6 +611,8 @@ class VirtualIHCWidget(QWidget):
         self._cancel = None
         if not self._alive:
             return
+        if not (self._pending or (self._following and self._error is None)):
+            self._mark_generating(False)
         self._refresh_output(thumbnail=not self._pending)
         if self._error is not None:
             self._pending = None
@@ -621,7 +626,17 @@ class VirtualIHCWidget(QWidget):
             self._set_idle(f"Done: {len(self.written)} tiles generated "
                            f"({self.engine.stats()['cache']['hits']} cache hits)." if self.engine else "Done.")
 
+    def _mark_generating(self, on: bool) -> None:
+        """``metadata["generating"]`` of the output layer: other widgets (Compare) wait for the
+        stream of tiles to end before measuring it."""
+        layer = self.output_layer
+        if layer is not None and layer in self.viewer.layers:
+            layer.metadata["generating"] = bool(on)
+            if not on:
+                layer.events.set_data()
+
     def _set_idle(self, text: str) -> None:
+        self._mark_generating(False)
         if not self._alive:
             return
         self._say(text)
