@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (
 from ..io import layers as L
 from ._layers import levels, rgb_layers
 
-WARPED = "H&E (registered)"
+WARPED = L.HE_REGISTERED
 CHECK = "Registration check"
 VIEWS = ("Overlay", "Checkerboard", "Difference")
 #: Landmark colours by pair number (cycled), the same in both Points layers.
@@ -98,7 +98,7 @@ class RegisterWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Fixed (IHC)", self.fixed_combo)
-        form.addRow("Moving (H&E)", self.moving_combo)
+        form.addRow("Moving (H&&E)", self.moving_combo)  # "&&": a literal &, not a mnemonic
         form.addRow("Landmark model", self.model_combo)
         form.addRow("", self.ransac_check)
         form.addRow("Deformable engine", self.engine_combo)
