@@ -39,7 +39,9 @@ def _nn():
     return nn
 
 
-def _norm(norm: str):
+def norm_factory(norm: str, *, family: str = "", option: str = "norm"):
+    """``(factory(channels) -> module, conv bias)`` for the pix2pix/CUT ``norm`` option (the
+    convolutions before an affine-free instance norm keep their bias, as upstream)."""
     nn = _nn()
     if norm == "batch":
         return (lambda c: nn.BatchNorm2d(c, affine=True, track_running_stats=True)), False
@@ -47,10 +49,11 @@ def _norm(norm: str):
         return (lambda c: nn.InstanceNorm2d(c, affine=False, track_running_stats=False)), True
     if norm == "none":
         return (lambda c: nn.Identity()), False
-    raise ModelError(f"unknown norm '{norm}' (batch, instance or none)")
+    raise ModelError(f"{family}unknown {option} '{norm}' (batch, instance or none)")
 
 
-def _pad(padding_type: str):
+def pad_layers(padding_type: str, *, family: str = ""):
+    """``(padding modules, conv padding)`` of a 3x3 convolution for a pix2pix/CUT ``padding_type``."""
     nn = _nn()
     if padding_type == "reflect":
         return [nn.ReflectionPad2d(1)], 0
@@ -58,7 +61,7 @@ def _pad(padding_type: str):
         return [nn.ReplicationPad2d(1)], 0
     if padding_type == "zero":
         return [], 1
-    raise ModelError(f"unknown padding type '{padding_type}'")
+    raise ModelError(f"{family}unknown padding type '{padding_type}'")
 
 
 def _resnet_block(dim: int, norm_layer, use_bias: bool, use_dropout: bool, padding_type: str):
@@ -68,11 +71,11 @@ def _resnet_block(dim: int, norm_layer, use_bias: bool, use_dropout: bool, paddi
         def __init__(self):
             super().__init__()
             layers = []
-            pad, p = _pad(padding_type)
+            pad, p = pad_layers(padding_type)
             layers += pad + [nn.Conv2d(dim, dim, 3, padding=p, bias=use_bias), norm_layer(dim), nn.ReLU(True)]
             if use_dropout:
                 layers.append(nn.Dropout(0.5))
-            pad, p = _pad(padding_type)
+            pad, p = pad_layers(padding_type)
             layers += pad + [nn.Conv2d(dim, dim, 3, padding=p, bias=use_bias), norm_layer(dim)]
             self.conv_block = nn.Sequential(*layers)
 
@@ -87,7 +90,7 @@ def resnet_generator(input_nc=3, output_nc=3, ngf=64, norm="batch", use_dropout=
     """ResNet generator (Johnson et al.): 7x7 conv, 2 stride-2 downsamplings, ``n_blocks``
     residual blocks, 2 transposed-conv upsamplings, 7x7 conv, tanh."""
     nn = _nn()
-    norm_layer, use_bias = _norm(norm)
+    norm_layer, use_bias = norm_factory(norm)
 
     class ResnetGenerator(nn.Module):
         def __init__(self):
@@ -120,7 +123,7 @@ def unet_generator(input_nc=3, output_nc=3, num_downs=8, ngf=64, norm="batch", u
     nn = _nn()
     import torch
 
-    norm_layer, use_bias = _norm(norm)
+    norm_layer, use_bias = norm_factory(norm)
     if num_downs < 5:
         raise ModelError(f"unet needs at least 5 downsamplings, got {num_downs}")
 

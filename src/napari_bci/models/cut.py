@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelError
+from .architectures import norm_factory, pad_layers
 
 CUT_DEFAULTS = {"input_nc": 3, "output_nc": 3, "ngf": 64, "norm": "instance", "n_blocks": 9,
                 "n_downsampling": 2, "no_antialias": False, "no_antialias_up": False,
@@ -105,33 +106,13 @@ def _wn(conv: nn.Module, spectral: bool) -> nn.Module:
     return SpectralNormConv(conv)
 
 
-def _norm(norm: str):
-    if norm == "batch":
-        return (lambda c: nn.BatchNorm2d(c, affine=True, track_running_stats=True)), False
-    if norm == "instance":
-        return (lambda c: nn.InstanceNorm2d(c, affine=False, track_running_stats=False)), True
-    if norm == "none":
-        return (lambda c: nn.Identity()), False
-    raise ModelError(f"CUT: unknown normG '{norm}' (instance, batch or none)")
-
-
-def _pad(padding_type: str):
-    if padding_type == "reflect":
-        return [nn.ReflectionPad2d(1)], 0
-    if padding_type == "replicate":
-        return [nn.ReplicationPad2d(1)], 0
-    if padding_type == "zero":
-        return [], 1
-    raise ModelError(f"CUT: unknown padding type '{padding_type}'")
-
-
 class ResnetBlock(nn.Module):
     def __init__(self, dim, norm_layer, bias, use_dropout, padding_type, spectral):
         super().__init__()
-        pad, p = _pad(padding_type)
+        pad, p = pad_layers(padding_type, family="CUT: ")
         layers = pad + [_wn(nn.Conv2d(dim, dim, 3, padding=p, bias=bias), spectral), norm_layer(dim), nn.ReLU(True)]
         layers += [nn.Dropout(0.5)] if use_dropout else []
-        pad, p = _pad(padding_type)
+        pad, p = pad_layers(padding_type, family="CUT: ")
         layers += pad + [_wn(nn.Conv2d(dim, dim, 3, padding=p, bias=bias), spectral), norm_layer(dim)]
         self.conv_block = nn.Sequential(*layers)
 
@@ -143,7 +124,7 @@ class CUTResnetGenerator(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         c = {**CUT_DEFAULTS, **config}
-        norm_layer, bias = _norm(c["norm"])
+        norm_layer, bias = norm_factory(c["norm"], family="CUT: ", option="normG")
         sn = c["weight_norm"] == "spectral"
         if c["weight_norm"] not in ("spectral", "none"):
             raise ModelError(f"CUT: unknown weight_norm '{c['weight_norm']}' (none or spectral)")
