@@ -189,44 +189,35 @@ def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95
         raise
     except Exception as e:  # imagecodecs' PngError/Jpeg8Error: size or layout it cannot encode
         raise InputError(path, f"cannot encode the image ({type(e).__name__}: {e})") from None
-    tmp = temp_path(path)
-    try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    with atomic_output(path, "wb", check=False) as f:  # checked above, before encoding
         if data is not None:
-            with open(tmp, "wb") as f:
-                f.write(data)
+            f.write(data)
         else:
             import tifffile
 
-            tifffile.imwrite(tmp, arr, photometric="minisblack" if arr.ndim == 2 else "rgb",
+            tifffile.imwrite(f, arr, photometric="minisblack" if arr.ndim == 2 else "rgb",
                              compression="zlib", bigtiff=arr.nbytes > 2**31 - 2**25,
                              tile=(512, 512) if max(arr.shape[:2]) > 2048 else None,
                              extrasamples=("unassalpha",) if arr.ndim == 3 and arr.shape[2] == 4 else None)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(path, f"cannot write: {_os_problem(e)}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    remove_stale_temps(path)
     return path
 
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike, mode: str = "w", *, encoding: str | None = "utf-8",
-                  newline: str | None = ""):
+                  newline: str | None = "", check: bool = True):
     """``with atomic_output(path) as f: ...``: a file object on a hidden temporary beside
     ``path``, renamed over it (mode 0644 less the umask) only when the block succeeds; on any
     error the temporary is removed and ``path`` is untouched. For text (``"w"``) and bytes
     (``"wb"``); :func:`write_image_atomic` and :func:`write_pyramid` use the same temporaries."""
     path = Path(path)
-    check_writable(path)
+    if check:  # False: the caller has just checked (before expensive work)
+        check_writable(path)
     tmp = temp_path(path)
     binary = "b" in mode
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as f:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        # reopened by name: writers such as tifffile want a file object with a real path
+        with open(tmp, mode, **({} if binary else {"encoding": encoding, "newline": newline})) as f:
             yield f
         os.replace(tmp, path)
     except OSError as e:
