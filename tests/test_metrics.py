@@ -294,3 +294,57 @@ def test_filter_paths_agree(kind):
         assert torch.equal(conv, shift)
     else:
         assert (conv - shift).abs().max() < 1e-2  # float32 rounding of values up to 65025
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian"])
+def test_ssim_bands_equal_the_whole_map(he, kind):
+    """Band by band (any band height, short last band included) equals the whole-image map."""
+    from napari_bci.metrics.ssim import ssim_map_bands
+
+    a, b = he[:203, :150], _perturbed(he)[:203, :150]
+    full = ssim_map(a, b, kind=kind)
+    for rows in (window(kind).size, 64, 100, 203):
+        parts = list(ssim_map_bands(lambda y0, y1: a[y0:y1], lambda y0, y1: b[y0:y1], a.shape[:2],
+                                    kind=kind, band_rows=rows))
+        assert [y0 for y0, _ in parts] == list(range(0, 203, rows))
+        # exact for the integer box window; the Gaussian's float32 centring is per band
+        assert np.abs(np.concatenate([m for _, m in parts]) - full).max() < (0 if kind == "uniform" else 1e-4) + 1e-9
+
+
+def test_ssim_file_of_a_large_strip_tiff_is_tiled_and_exact(tmp_path, he):
+    """A one-strip TIFF above 2048 px is read in bands and the map written tiled; map and mean
+    equal the in-memory computation."""
+    from napari_bci.metrics.ssim import ssim_map_file
+
+    a = np.tile(he, (8, 8, 1))[:2600, :2100]
+    b = np.tile(_perturbed(he), (8, 8, 1))[:2600, :2100]
+    assert a.shape == (2600, 2100, 3)
+    tifffile.imwrite(tmp_path / "a.tif", a, photometric="rgb")  # one strip
+    tifffile.imwrite(tmp_path / "b.tif", b, photometric="rgb", tile=(256, 256))
+    rep = ssim_map_file(tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "m.tif", band_rows=512)
+    full = ssim_map(a, b)
+    with tifffile.TiffFile(tmp_path / "m.tif") as tf:
+        assert tf.pages[0].is_tiled and tf.pages[0].shape == (2600, 2100)
+        m = tf.asarray()
+    assert np.abs(m - full).max() < 1e-6
+    assert rep["mean"] == pytest.approx(ssim_mean(full), abs=1e-9)
+    assert rep["shape"] == [2600, 2100]
+
+
+def test_ssim_file_stops_cleanly_on_a_corrupt_tile(tmp_path, he):
+    """A tile that does not decode half-way through: an error naming the file, no output left."""
+    from napari_bci.errors import InputError
+    from napari_bci.metrics.ssim import ssim_map_file
+
+    a = np.tile(he[:512, :512], (6, 6, 1))
+    tifffile.imwrite(tmp_path / "a.tif", a, photometric="rgb", tile=(256, 256), compression="zlib")
+    raw = bytearray((tmp_path / "a.tif").read_bytes())
+    with tifffile.TiffFile(tmp_path / "a.tif") as tf:
+        page = tf.pages[0]
+        off, n = page.dataoffsets[len(page.dataoffsets) * 3 // 4], page.databytecounts[len(page.dataoffsets) * 3 // 4]
+    raw[off:off + n] = b"\x00" * n
+    (tmp_path / "bad.tif").write_bytes(bytes(raw))
+    out = tmp_path / "m.tif"
+    with pytest.raises(InputError, match="bad.tif"):
+        ssim_map_file(tmp_path / "a.tif", tmp_path / "bad.tif", out, band_rows=256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "bad.tif"]

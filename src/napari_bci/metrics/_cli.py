@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 
@@ -57,30 +55,6 @@ def run_evaluate(args) -> dict:
 
 
 def run_ssim(args) -> dict:
-    import numpy as np
-    import tifffile
+    from .ssim import ssim_map_file
 
-    from ..errors import InputError
-    from .evaluate import read_rgb
-    from .ssim import ssim_map, ssim_mean, window
-
-    out = Path(args.out)
-    if not out.resolve().parent.is_dir():
-        raise InputError(out, f"folder {out.resolve().parent} does not exist")
-    a, b = read_rgb(Path(args.a)), read_rgb(Path(args.b))
-    if a.shape != b.shape:
-        raise InputError(args.b, f"size {b.shape[1]}x{b.shape[0]} differs from {args.a} ({a.shape[1]}x{a.shape[0]})")
-    if min(a.shape[:2]) < window(args.window).size:
-        raise InputError(args.a, f"image {a.shape[1]}x{a.shape[0]} is smaller than the SSIM window")
-    smap = ssim_map(a, b, kind=args.window, data_range=255.0, device=args.device).astype(np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tif", dir=out.resolve().parent)
-    os.close(fd)
-    try:
-        tifffile.imwrite(tmp, smap, photometric="minisblack", compression="zlib",
-                         metadata={"description": f"local SSIM ({args.window}) of {Path(args.a).name} vs {Path(args.b).name}"})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return {"mean": ssim_mean(smap, args.window), "window": args.window, "shape": list(smap.shape),
-            "out": str(out)}
+    return ssim_map_file(args.a, args.b, args.out, kind=args.window, device=args.device)

@@ -17,6 +17,7 @@ real H&E, up to ~1.4e-4 on a synthetic worst case of flat 0 and 250 regions).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -131,16 +132,26 @@ def ssim_map(
     win = window(kind)
     if min(a_shape[:2]) < win.size:
         raise ValueError(f"images smaller than the {win.size}x{win.size} SSIM window: {a_shape}")
+    r = win.pad
+    return _ssim_padded(_padded(a, r), _padded(b, r), win, data_range, device, dtype, reduce_channels)
+
+
+def _ssim_padded(pa: np.ndarray, pb: np.ndarray, win: Window, data_range: float, device, dtype,
+                 reduce_channels: bool = True) -> np.ndarray:
+    """SSIM of the rows and columns that ``(H + 2r, W + 2r, C)`` inputs padded by ``r`` surround."""
+    import torch
+
     dev = torch.device(device or "cpu")
     dt = dtype or torch.float32
     r = win.pad
-    pa = torch.from_numpy(_padded(a, r))
-    pb = torch.from_numpy(_padded(b, r))
-    exact = kind == "uniform" and pa.dtype == torch.uint8 and pb.dtype == torch.uint8 and dt == torch.float32
-    h, w, nc = a_shape[0], a_shape[1], pa.shape[-1]
+    pa = torch.from_numpy(np.ascontiguousarray(pa))
+    pb = torch.from_numpy(np.ascontiguousarray(pb))
+    exact = win.name == "uniform" and pa.dtype == torch.uint8 and pb.dtype == torch.uint8 and dt == torch.float32
+    h, w, nc = pa.shape[0] - 2 * r, pa.shape[1] - 2 * r, pa.shape[-1]
     c1 = (K1 * data_range) ** 2
     c2 = (K2 * data_range) ** 2
-    out = torch.empty((nc, h, w), dtype=dt, device=dev)
+    # averaged over channels band by band: a third of the memory
+    out = torch.empty((h, w) if reduce_channels else (nc, h, w), dtype=dt, device=dev)
     # Bands of rows small enough to stay in cache on CPU (memory traffic, not arithmetic, is
     # the cost); one band on a GPU.
     band = h if dev.type != "cpu" else max(16, int(2**22 // (60 * (w + 2 * r))))
@@ -152,7 +163,11 @@ def ssim_map(
         y1 = min(h, y0 + band)
         xa = pa[y0 : y1 + 2 * r].to(dev)
         xb = pb[y0 : y1 + 2 * r].to(dev)
-        out[:, y0:y1] = _ssim_band(xa, xb, win, dt, c1, c2, exact)
+        res = _ssim_band(xa, xb, win, dt, c1, c2, exact)
+        if reduce_channels:
+            out[y0:y1] = res.mean(dim=0)
+        else:
+            out[:, y0:y1] = res
 
     workers = min(torch.get_num_threads(), len(starts)) if dev.type == "cpu" else 1
     if workers <= 1:
@@ -165,8 +180,37 @@ def ssim_map(
 
         with ThreadPoolExecutor(workers) as ex:
             list(ex.map(lambda y0: run(y0, True), starts))
-    s = out.mean(dim=0) if reduce_channels else out.permute(1, 2, 0)
+    s = out if reduce_channels else out.permute(1, 2, 0)
     return s.float().cpu().numpy()
+
+
+def ssim_map_bands(read_a, read_b, shape: tuple[int, int], *, kind: str = "uniform",
+                   data_range: float = 255.0, device: str | None = None, band_rows: int | None = None):
+    """Local SSIM of two images too large to hold, band by band: yields ``(y0, map rows)``.
+
+    ``read_a(y0, y1)`` / ``read_b(y0, y1)`` return image rows ``[y0, y1)`` as ``(rows, W[, C])``.
+    Each band of ``band_rows`` output rows (default: about 4 M pixels) is computed from its rows
+    plus the window radius around them, the image border mirrored as :func:`ssim_map` does, so
+    the bands put together equal ``ssim_map`` of the whole images; memory is a band, not the image.
+    """
+    win = window(kind)
+    h, w = int(shape[0]), int(shape[1])
+    if min(h, w) < win.size:
+        raise ValueError(f"images smaller than the {win.size}x{win.size} SSIM window: {(h, w)}")
+    r = win.pad
+    rows = max(2 * r + 1, min(h, band_rows or 2**22 // w))
+    for y0 in range(0, h, rows):
+        y1 = min(h, y0 + rows)
+        lo, hi = max(0, y0 - r), min(h, y1 + r)
+        pads = ((r - (y0 - lo), r - (hi - y1)), (r, r), (0, 0))
+        bands = []
+        for read in (read_a, read_b):
+            x = np.asarray(read(lo, hi))
+            if x.ndim == 2:
+                x = x[..., None]
+            # mirrored at the image border only, where the rows read hold >= r rows to mirror
+            bands.append(np.pad(x, pads, mode="symmetric"))
+        yield y0, _ssim_padded(bands[0], bands[1], win, data_range, device, None)
 
 
 def _ssim_band(pa, pb, win: Window, dt, c1: float, c2: float, exact: bool):
@@ -229,3 +273,63 @@ def ssim_mean(smap: np.ndarray, kind: str = "uniform") -> float:
     r = window(kind).pad
     inner = smap[r : smap.shape[0] - r, r : smap.shape[1] - r]
     return float(inner.mean(dtype=np.float64))
+
+
+def ssim_map_file(a, b, out, *, kind: str = "uniform", device: str | None = None,
+                  band_rows: int | None = None) -> dict:
+    """Write the local SSIM map of image files ``a`` and ``b`` (same size) as a float32 TIFF.
+
+    Reads both level-0 images band by band (tiled or strip TIFFs are never held whole; PNG and
+    JPEG are decoded whole, as their formats require) and writes ``out`` atomically, tiled when a
+    side exceeds 2048 px. Returns ``{"mean", "window", "shape", "out"}``; the mean is
+    skimage's scalar SSIM (window radius cropped). InputError naming the file for unreadable
+    inputs, different sizes, an image below the window or an output that cannot be written.
+    """
+    import tifffile
+
+    from ..errors import InputError
+    from ..io.slide import open_slide
+    from ..io.writers import atomic_output, check_writable
+
+    out = check_writable(out)
+    win = window(kind)
+    r = win.pad
+    tile = 256
+    with open_slide(a) as sa, open_slide(b) as sb:
+        (h, w), (hb, wb) = sa.shape[:2], sb.shape[:2]
+        if (h, w) != (hb, wb):
+            raise InputError(b, f"size {wb}x{hb} differs from {a} ({w}x{h})")
+        if min(h, w) < win.size:
+            raise InputError(a, f"image {w}x{h} is smaller than the {win.size}x{win.size} SSIM window")
+        tiled = max(h, w) > 2048
+        if band_rows is None:
+            band_rows = max(tile, 2**22 // w // tile * tile) if tiled else h
+        bands = ssim_map_bands(lambda y0, y1: sa.read_region(0, y0, 0, y1 - y0, w),
+                               lambda y0, y1: sb.read_region(0, y0, 0, y1 - y0, w),
+                               (h, w), kind=kind, device=device, band_rows=band_rows)
+        total = 0.0
+
+        def tiles():
+            nonlocal total
+            for y0, m in bands:
+                total += float(m[max(0, r - y0): max(0, h - r - y0), r: w - r].sum(dtype=np.float64))
+                if not tiled:
+                    yield m
+                    continue
+                for ty in range(0, m.shape[0], tile):
+                    for tx in range(0, w, tile):
+                        t = np.zeros((tile, tile), np.float32)
+                        part = m[ty: ty + tile, tx: tx + tile]
+                        t[: part.shape[0], : part.shape[1]] = part
+                        yield t
+
+        description = f"local SSIM ({kind}) of {Path(a).name} vs {Path(b).name}"
+        with atomic_output(out, "wb", check=False) as f:
+            if tiled:
+                tifffile.imwrite(f, tiles(), shape=(h, w), dtype=np.float32, tile=(tile, tile),
+                                 photometric="minisblack", compression="zlib", bigtiff=h * w * 4 > 2**31 - 2**25,
+                                 metadata={"description": description})
+            else:
+                tifffile.imwrite(f, np.concatenate(list(tiles())), photometric="minisblack",
+                                 compression="zlib", metadata={"description": description})
+    return {"mean": total / ((h - 2 * r) * (w - 2 * r)), "window": kind, "shape": [h, w], "out": str(out)}
