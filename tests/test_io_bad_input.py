@@ -299,3 +299,27 @@ def test_corrupt_tile_reads_white_with_one_warning_in_fill_mode(corrupt_svs, dat
     bad = np.zeros(out.shape[:2], bool)
     bad[480:720, :240] = True
     np.testing.assert_array_equal(out[~bad], ref[~bad])
+
+
+def test_reader_shows_a_corrupt_tile_as_white_and_bounds_the_dask_cache(corrupt_svs):
+    """napari's reader opens a damaged slide for review: the bad tile is white with one warning
+    (not an error on every redraw), the rest is the slide; napari's chunk cache is bounded."""
+    import warnings
+
+    import napari.utils._dask_utils as dask_utils
+    from napari.utils import resize_dask_cache
+
+    from napari_bci._npe2 import dask_cache_budget, get_reader
+
+    resize_dask_cache(4 << 30)
+    try:
+        (data, meta, kind), = get_reader(str(corrupt_svs))(str(corrupt_svs))
+        assert dask_utils._DASK_CACHE.cache.available_bytes == dask_cache_budget() <= 1 << 30
+    finally:
+        resize_dask_cache(dask_cache_budget())
+    assert kind == "image" and meta["name"] == "H&E"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        level0 = np.asarray(data[0][:960, :480])
+    assert [str(w.message).endswith("shown as white") for w in caught] == [True]
+    assert (level0[480:720, :240] == 255).all() and level0[:240, :240].std() > 5

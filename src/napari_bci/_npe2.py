@@ -45,8 +45,34 @@ def get_reader(path: str | list[str]) -> Callable | None:
     return read_paths
 
 
+#: napari's dask chunk cache (default: a tenth of RAM, which a long session fills with slide
+#: tiles it never shows again): at most this, and at most 1/16 of RAM.
+DASK_CACHE_BYTES = 1 << 30
+
+
+def dask_cache_budget() -> int:
+    """Bytes of napari's dask cache once the plugin opens slides: min(1 GiB, RAM / 16)."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return DASK_CACHE_BYTES
+    return int(min(DASK_CACHE_BYTES, ram // 16))
+
+
+def bound_dask_cache() -> None:
+    """Resize napari's dask cache to :func:`dask_cache_budget` (``view``, ``demo`` and the reader)."""
+    from napari.utils import resize_dask_cache
+
+    resize_dask_cache(dask_cache_budget())
+
+
 def read_paths(path: str | list[str]) -> list[tuple]:
-    """Layer data for each path (a BCI patch or folder brings its partner)."""
+    """Layer data for each path (a BCI patch or folder brings its partner).
+
+    Tiles that cannot be decoded show as white with one warning each (``open_slide``'s fill
+    mode: a damaged tile must not stop a review), and napari's dask cache is bounded.
+    """
+    bound_dask_cache()
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     out: list[tuple] = []
     for p in map(Path, paths):
@@ -70,10 +96,10 @@ def read_file(p: Path) -> list[tuple]:
     partner = find_ihc_partner(p) if bci else None
     is_ihc = _is_ihc_name(p)
     her2 = bci.her2 if bci else None
-    main = slide_layer(open_slide(p), IHC_TRUTH if is_ihc else HE, "ihc" if is_ihc else "he", her2)
+    main = slide_layer(open_slide(p, on_error="fill"), IHC_TRUTH if is_ihc else HE, "ihc" if is_ihc else "he", her2)
     if partner is None:
         return [main]
-    other = slide_layer(open_slide(partner), HE if is_ihc else IHC_TRUTH, "he" if is_ihc else "ihc", her2)
+    other = slide_layer(open_slide(partner, on_error="fill"), HE if is_ihc else IHC_TRUTH, "he" if is_ihc else "ihc", her2)
     return [other, main] if is_ihc else [main, other]
 
 
@@ -90,9 +116,9 @@ def read_bci_folder(p: Path, index: int = 0) -> list[tuple]:
     pair = ds[index]
     info = {"bci": {"root": str(ds.root), "index": index, "count": len(ds), "name": pair.name,
                     "split": pair.split}}
-    layers = [slide_layer(open_slide(pair.he_path), HE, "he", pair.her2, **info)]
+    layers = [slide_layer(open_slide(pair.he_path, on_error="fill"), HE, "he", pair.her2, **info)]
     if pair.ihc_path is not None:
-        layers.append(slide_layer(open_slide(pair.ihc_path), IHC_TRUTH, "ihc", pair.her2, **info))
+        layers.append(slide_layer(open_slide(pair.ihc_path, on_error="fill"), IHC_TRUTH, "ihc", pair.her2, **info))
     return layers
 
 

@@ -5,22 +5,6 @@ from __future__ import annotations
 from ..levels import HER2_LEVELS
 
 SAMPLES = ("bci-0", "bci-1+", "bci-2+", "bci-3+", "wsi-pair", "cmu-small")
-#: napari's dask chunk cache (default: a tenth of RAM, which a long session fills with slide
-#: tiles it never shows again): at most this, and at most 1/16 of RAM.
-DASK_CACHE_BYTES = 1 << 30
-
-
-def dask_cache_budget() -> int:
-    """Bytes of napari's dask cache for ``view``/``demo``: min(1 GiB, RAM / 16)."""
-    import os
-
-    try:
-        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
-        return DASK_CACHE_BYTES
-    return int(min(DASK_CACHE_BYTES, ram // 16))
-
-
 def check_screenshot_target(path: str | None) -> None:
     """InputError (one line, exit 2) unless a screenshot can be saved at ``path``: checked
     before napari starts, so a bad target never leaves a window open."""
@@ -32,12 +16,6 @@ def check_screenshot_target(path: str | None) -> None:
     if not path.lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")):
         raise InputError(path, "screenshot must be an image file (.png, .jpg, .tif)")
     check_writable(path)
-
-
-def _setup_napari() -> None:
-    from napari.utils import resize_dask_cache
-
-    resize_dask_cache(dask_cache_budget())
 
 
 def register(sub) -> None:
@@ -72,9 +50,10 @@ def run_demo(args):
     check_screenshot_target(args.screenshot)
     if not args.zoom > 0:
         raise InputError(None, f"--zoom {args.zoom}: must be positive")
+    from .._npe2 import bound_dask_cache
     from .app import launch_demo, launch_real_demo
 
-    _setup_napari()
+    bound_dask_cache()
     if args.real:
         launch_real_demo(model=args.model, generate=not args.no_generate, screenshot=args.screenshot)
         return
@@ -104,7 +83,8 @@ def run_view(args):
         if reader is None:
             raise InputError(p, "not a supported slide, image or BCI dataset folder")
         layers.extend(reader(str(p)))
+    from .._npe2 import bound_dask_cache
     from .app import launch_view
 
-    _setup_napari()
+    bound_dask_cache()  # also with samples only (the reader bounds it for paths)
     launch_view(layers, samples=args.sample, model=args.model, screenshot=args.screenshot)
