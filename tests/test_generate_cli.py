@@ -28,6 +28,19 @@ def test_single_level_slides_to_image_outputs(run_cli, data_dir, tmp_path, src, 
     assert sorted(p.name for p in tmp_path.iterdir()) == [out]  # nothing else left behind
 
 
+def test_jpeg_output_follows_quality(run_cli, data_dir, tmp_path):
+    """``--quality`` reaches a .jpg image output (it used to be fixed at 95)."""
+    sizes = {}
+    for q in (30, 95):
+        out = tmp_path / f"q{q}.jpg"
+        code, _, err = run_cli("generate", data_dir / "he_tile_240.png", "--model", "baseline", "--out", out,
+                               "--quality", str(q))
+        assert code == 0, err
+        sizes[q] = out.stat().st_size
+        assert read_patch(out).shape == (240, 240, 3)
+    assert sizes[30] < 0.6 * sizes[95]
+
+
 def test_folder_of_slides_to_folder_output(run_cli, data_dir, tmp_path):
     src = tmp_path / "in"
     src.mkdir()

@@ -206,7 +206,7 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
         print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     res, eng = generate_image(gen, image, tile=args.tile, batch_size=args.batch_size)
-    write_image_atomic(out, res)
+    write_image_atomic(out, res, quality=args.quality)
     dt = time.perf_counter() - t0
     result = {"n": 1, "out": str(out), "model": gen.name, "device": gen.device, "shape": list(res.shape[:2]),
               "mpp": mpp, "tiles": eng.computed, "seconds": round(dt, 3), "tta": bool(args.tta)}

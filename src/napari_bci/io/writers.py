@@ -142,7 +142,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def _encode_image(path: Path, arr: np.ndarray) -> bytes | None:
+def _encode_image(path: Path, arr: np.ndarray, quality: int) -> bytes | None:
     """Encoded bytes for PNG/JPEG (None for TIFF, which tifffile writes to the file itself)."""
     import imagecodecs
 
@@ -155,7 +155,7 @@ def _encode_image(path: Path, arr: np.ndarray) -> bytes | None:
         if max(arr.shape[:2]) > JPEG_MAX_SIDE:
             raise InputError(path, f"JPEG is limited to {JPEG_MAX_SIDE} px a side, the image is "
                                    f"{arr.shape[1]} x {arr.shape[0]}; write .ome.tif instead")
-        return imagecodecs.jpeg8_encode(arr, level=95)
+        return imagecodecs.jpeg8_encode(arr, level=quality)
     return None
 
 
@@ -165,8 +165,8 @@ def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95
     ``array``: ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 (PNG/TIFF also uint16), numpy
     or dask. The file appears complete or not at all (temporary file in the same folder,
     ``os.replace``), with mode 0644 (less the umask), and stale temporaries of earlier killed
-    runs are removed. Raises InputError naming the file for an unsupported suffix, a missing or
-    read-only folder, or an image the format cannot hold.
+    runs are removed. ``quality``: JPEG quality (1-100). Raises InputError naming the file for an
+    unsupported suffix, a missing or read-only folder, or an image the format cannot hold.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -184,7 +184,7 @@ def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95
     if suffix in (".jpg", ".jpeg") and arr.ndim == 3 and arr.shape[2] == 4:
         raise InputError(path, "JPEG has no alpha channel; write .png or .tif")
     try:
-        data = _encode_image(path, arr)
+        data = _encode_image(path, arr, quality)
     except InputError:
         raise
     except Exception as e:  # imagecodecs' PngError/Jpeg8Error: size or layout it cannot encode
