@@ -190,6 +190,9 @@ def test_bad_input():
     blank = score(np.full((64, 64, 3), 250, np.uint8), 0.5)
     assert blank.her2 is None and blank.cells == 0 and blank.reason_code == "no_tissue"
     assert blank.display().startswith("not assessable (no tissue")
+    tiny = score(np.full((1, 1, 3), 120, np.uint8), 0.5)  # all tissue, but one pixel
+    assert tiny.her2 is None and tiny.reason_code == "no_tissue"
+    assert tiny.reason == "too little tissue to score (1 px of 1x1; at least 100 px needed)"
 
 
 # -- learned level ------------------------------------------------------------------------------

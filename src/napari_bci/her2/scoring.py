@@ -465,8 +465,11 @@ def image_check(rgb: np.ndarray, mpp: float, params: ScoreParams = ScoreParams()
     within = np.ones(sub.shape[:2], bool) if mask is None else np.asarray(mask, bool)[::step, ::step]
     tissue = _tissue(sub) & within
     frac = tissue.sum() / max(within.sum(), 1)
-    if tissue.sum() < 100 or frac < MIN_TISSUE:
+    if frac < MIN_TISSUE:
         return _image_finding("no_tissue", f"no tissue ({frac:.1%} of the area is stained tissue)")
+    if tissue.sum() < 100:
+        return _image_finding("no_tissue", f"too little tissue to score ({int(tissue.sum()) * step * step} px "
+                              f"of {rgb.shape[1]}x{rgb.shape[0]}; at least 100 px needed)")
     px = sub[tissue].astype(np.int16)
     if float(np.abs(np.diff(px, axis=1)).mean()) < 2.0:
         return _image_finding("grayscale", "the image has no colour (grayscale): hematoxylin and DAB "
