@@ -52,12 +52,96 @@ def test_landmarks_register_and_views(setup, qtbot):
     assert ncc(od_channel(warped[c, c]), od_channel(pair.fixed[c, c])) > 0.9
     assert np.allclose(viewer.layers[WARPED].scale, viewer.layers[L.IHC_TRUTH].scale)
     assert "NCC" in w.quality.text() and "TRE" in w.quality.text()
-    w.view_combo.setCurrentText("Checkerboard")
-    assert CHECK in viewer.layers and viewer.layers[CHECK].rgb
     w.view_combo.setCurrentText("Difference")
-    assert CHECK in viewer.layers and not viewer.layers[CHECK].rgb
+    qtbot.waitUntil(lambda: CHECK in viewer.layers and not viewer.layers[CHECK].rgb, timeout=20000)
+    assert not viewer.layers[WARPED].visible
     w.view_combo.setCurrentText("Overlay")
     assert CHECK not in viewer.layers and viewer.layers[WARPED].visible
+    w.mix_slider.setValue(80)  # the blend: the registered H&E's opacity
+    assert viewer.layers[WARPED].opacity == pytest.approx(0.8)
+
+
+def _check(qtbot, w, viewer, view):
+    w.check_result = None
+    w.view_combo.setCurrentText(view) if w.view_combo.currentText() != view else w.update_check(force=True)
+    qtbot.waitUntil(lambda: w.check_result is not None, timeout=20000)
+    return w.check_result
+
+
+def _registered(w, pair, tmp_path):
+    pair.transform.save(tmp_path / "t.json")
+    assert w.load_transform(tmp_path / "t.json") is not None
+
+
+def test_checkerboard_in_micrometres_and_swipe_follow_the_view(setup, qtbot, tmp_path):
+    viewer, w, pair = setup
+    _registered(w, pair, tmp_path)
+    fixed, warped = np.asarray(viewer.layers[L.IHC_TRUTH].data), np.asarray(viewer.layers[WARPED].data)
+    viewer.reset_view()
+    w.cell_spin.setValue(25.0)  # 25 um at 0.5 um/px: squares of 50 level-0 px
+    res = _check(qtbot, w, viewer, "Checkerboard")
+    assert res.cell_px == pytest.approx(50.0) and "25 µm" in w.status.text()
+    img, win = res.image, res.window
+    assert win.level == 0 and win.step == 1 and img.shape[:2] == win.shape
+    ys, xs = np.arange(win.y0, win.y1), np.arange(win.x0, win.x1)
+    board = ((ys[:, None] // 50) + (xs[None, :] // 50)) % 2 == 1
+    f, m = fixed[win.y0:win.y1, win.x0:win.x1], warped[win.y0:win.y1, win.x0:win.x1]
+    assert np.array_equal(img[board], m[board]) and np.array_equal(img[~board], f[~board])
+    layer = viewer.layers[CHECK]
+    assert layer.rgb and np.allclose(layer.translate, viewer.layers[L.IHC_TRUTH].translate)
+    # zoomed in on a corner, the view is recomputed there; the squares stay anchored to the slide
+    cam = viewer.camera
+    cam.center = (60.0, 60.0)
+    cam.zoom = cam.zoom * 4
+    qtbot.waitUntil(lambda: w.check_result is not None and w.check_result.window != win, timeout=20000)
+    res2 = w.check_result
+    assert res2.window.y0 < 60 < res2.window.y1 and res2.window.y1 - res2.window.y0 < 384
+    y, x = res2.window.y0, res2.window.x0
+    assert np.array_equal(res2.image[0, 0], (m if ((y // 50 + x // 50) % 2) else f)[y - win.y0, x - win.x0])
+    # Swipe: registered H&E left of the cut, IHC right of it
+    viewer.reset_view()
+    w.mix_slider.setValue(25)
+    res = _check(qtbot, w, viewer, "Swipe")
+    win = res.window
+    cut = np.argmax((res.image == (255, 220, 0)).all(-1).any(0))
+    assert 0.15 * win.shape[1] < cut < 0.35 * win.shape[1]
+    f, m = fixed[win.y0:win.y1, win.x0:win.x1], warped[win.y0:win.y1, win.x0:win.x1]
+    assert np.array_equal(res.image[:, : cut - 2], m[:, : cut - 2])
+    assert np.array_equal(res.image[:, cut + 4:], f[:, cut + 4:])
+    w.mix_slider.setValue(75)
+    qtbot.waitUntil(lambda: np.argmax((w.check_result.image == (255, 220, 0)).all(-1).any(0)) > 0.6 * win.shape[1],
+                    timeout=20000)
+
+
+def test_shapes_drawn_on_the_he_are_carried_to_the_ihc_and_back(setup, qtbot, tmp_path):
+    viewer, w, pair = setup
+    _registered(w, pair, tmp_path)
+    square = np.array([[40.0, 40], [40, 90], [90, 90], [90, 40]])  # world (row, col) on the H&E
+    k = viewer.layers[L.HE].scale[-1]  # world units per level-0 pixel (0.5 um)
+    assert np.allclose(viewer.layers[L.IHC_TRUTH].scale, k) and not np.any(viewer.layers[L.HE].translate)
+    viewer.add_shapes([square], shape_type="rectangle", name="Tumour", edge_color="cyan",
+                      features={"name": ["nest 1"]})
+    w.transfer_combo.setCurrentText("Tumour")
+    on_ihc = w.transfer_shapes(to_ihc=True)
+    assert on_ihc.name == "Tumour → IHC" and list(on_ihc.features["name"]) == ["nest 1"]
+    verts = on_ihc.data[0]
+    assert on_ihc.shape_type == ["polygon"] and len(verts) > 4  # edges cut so the map bends them
+    # every corner lands where the known transform sends it
+    want = pair.transform.forward(square[:, ::-1] / k)[:, ::-1] * k
+    for c in want:
+        assert np.min(np.linalg.norm(verts - c, axis=1)) < 1e-3  # napari keeps float32
+    w.transfer_combo.setCurrentText("Tumour → IHC")
+    back = w.transfer_shapes(to_ihc=False)
+    assert back.name == "Tumour → IHC → H&E"
+    for c in square:
+        assert np.min(np.linalg.norm(back.data[0] - c, axis=1)) < 1e-3
+    # an ellipse becomes its outline; with nothing registered there is a message, not a crash
+    viewer.add_shapes([square], shape_type="ellipse", name="Ellipse")
+    w.transfer_combo.setCurrentText("Ellipse")
+    ell = w.transfer_shapes(to_ihc=True)
+    assert ell.shape_type == ["polygon"] and len(ell.data[0]) >= 64
+    w.transform = None
+    assert w.transfer_shapes(to_ihc=True) is None and "register" in w.status.text()
 
 
 def test_automatic_and_save_load(setup, qtbot, tmp_path):

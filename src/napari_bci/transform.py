@@ -90,6 +90,27 @@ class Transform:
 
     __call__ = forward
 
+    def map_path(self, points: np.ndarray, *, inverse: bool = False, closed: bool = True,
+                 max_segment: float = 16.0) -> np.ndarray:
+        """An outline's vertices ``(N, 2)`` ``(x, y)`` moved H&E -> IHC (``inverse``: IHC -> H&E).
+
+        Edges are first cut into pieces of at most ``max_segment`` px, so a projective or
+        deformable map bends them as it bends the tissue (a straight edge between two mapped
+        corners would not follow a deformation); ``closed`` also cuts the closing edge.
+        """
+        pts = _as_points(points)
+        if len(pts) > 1:
+            ends = np.vstack([pts[1:], pts[:1]]) if closed else pts[1:]
+            starts = pts[: len(ends)]
+            pieces = []
+            for a, b in zip(starts, ends):
+                n = max(1, int(np.ceil(np.hypot(*(b - a)) / max_segment)))
+                pieces.append(a + (b - a) * (np.arange(n)[:, None] / n))
+            if not closed:
+                pieces.append(pts[-1:])
+            pts = np.vstack(pieces)
+        return self.backward(pts) if inverse else self.forward(pts)
+
     # -- images -------------------------------------------------------------------------
     def backward_grid(self, y0: int, x0: int, height: int, width: int, downsample: float = 1.0) -> np.ndarray:
         """Moving level-0 ``(x, y)`` positions for each pixel of a fixed-frame window given in

@@ -188,6 +188,61 @@ def compute_heatmap(request: int, gen: LayerGeom, truth: LayerGeom, win: Window,
     return HeatmapResult(request, smap.astype(np.float32), ssim_mean(smap, kind), win, scale, translate)
 
 
+#: Registration check views computed for the visible region (``compute_check``).
+CHECK_VIEWS = ("Swipe", "Checkerboard", "Difference")
+
+
+@dataclass
+class CheckResult:
+    request: int
+    image: np.ndarray  # RGB uint8 (Swipe, Checkerboard) or float32 0-1 (Difference)
+    window: Window
+    scale: tuple[float, float]
+    translate: tuple[float, float]
+    cell_px: float | None = None  # level-0 px per checkerboard square
+
+    @property
+    def rgb(self) -> bool:
+        return self.image.ndim == 3
+
+
+def compute_check(request: int, fixed: LayerGeom, warped: LayerGeom, win: Window, view: str, *,
+                  cell_um: float = 100.0, split_x: float | None = None) -> CheckResult:
+    """A registration check of the fixed (IHC) layer and the registered H&E in ``win`` (fixed's
+    grid): ``"Checkerboard"`` (squares of ``cell_um`` micrometres, or level-0 px when the pixel
+    size is unknown, anchored to level 0 so they stay put while panning and zooming),
+    ``"Swipe"`` (registered H&E left of world x ``split_x``, IHC right of it, a yellow line on
+    the cut) or ``"Difference"`` (absolute hematoxylin OD difference, 0-1)."""
+    from ..registration.images import od_channel
+
+    if view not in CHECK_VIEWS:
+        raise ValueError(f"unknown check view {view!r} (use {', '.join(CHECK_VIEWS)})")
+    f = read_window(fixed, win)
+    m = read_on_grid(warped, fixed, win)
+    ds = np.asarray(fixed.downsamples[win.level]) * win.step
+    scale = tuple(float(v) for v in np.asarray(fixed.scale) * ds)
+    translate = tuple(float(v) for v in fixed.level_to_world(win.level, (win.y0, win.x0)))
+    h, w = f.shape[:2]
+    # level-0 row/column of each window pixel's centre
+    rows = (np.arange(h) * win.step + win.y0 + 0.5) * fixed.downsamples[win.level][0]
+    cols = (np.arange(w) * win.step + win.x0 + 0.5) * fixed.downsamples[win.level][1]
+    cell = None
+    if view == "Difference":
+        img = np.abs(od_channel(f) - od_channel(m)).clip(0, 1).astype(np.float32)
+    elif view == "Checkerboard":
+        cell = float(cell_um / fixed.mpp) if fixed.mpp else float(cell_um)
+        board = ((rows // cell)[:, None] + (cols // cell)[None, :]) % 2 == 1
+        img = np.where(board[..., None], m, f)
+    else:
+        # columns whose centre lies left of split_x (column j is at world x translate + j * scale)
+        cut = w // 2 if split_x is None else int(np.clip(np.ceil((split_x - translate[1]) / scale[1]), 0, w))
+        img = f.copy()
+        img[:, :cut] = m[:, :cut]
+        line = max(1, w // 400)
+        img[:, max(cut - line, 0):min(cut + line, w)] = (255, 220, 0)
+    return CheckResult(request, np.ascontiguousarray(img), win, scale, translate, cell)
+
+
 @dataclass
 class RegionScore:
     region: Any  # napari_bci.regions.Region (level-0 px of the truth layer)

@@ -13,3 +13,36 @@ def rgb_layers(viewer) -> list:
 def levels(layer) -> list:
     """An image layer's pyramid levels (level 0 first; one level for a plain image)."""
     return list(layer.data) if layer.multiscale else [layer.data]
+
+
+def layer_geom(layer):
+    """What the workers need from an image layer (:class:`~napari_bci.metrics.compare.LayerGeom`),
+    captured on the main thread."""
+    from ..metrics.compare import LayerGeom
+
+    if layer.multiscale:
+        ds = [tuple(float(v) for v in f[-2:]) for f in layer.downsample_factors]
+    else:
+        ds = [(1.0, 1.0)]
+    meta = layer.metadata or {}
+    mpp = meta.get("mpp")
+    return LayerGeom(name=layer.name, levels=levels(layer), scale=tuple(float(v) for v in layer.scale[-2:]),
+                     translate=tuple(float(v) for v in layer.translate[-2:]), downsamples=ds,
+                     mpp=float(mpp) if mpp else None, her2=meta.get("her2"))
+
+
+def view_window(viewer, geom, max_side: int):
+    """``(window, world box)`` of the region the camera shows, on ``geom``'s grid at the level
+    napari displays (the coarsest whose pixels are no bigger than a screen pixel), coarser
+    still when a side would exceed ``max_side``."""
+    from ..metrics.compare import fit_window
+    from ..pyramid import view_box
+
+    cam = viewer.scene.camera
+    box = view_box(cam.center, cam.zoom, viewer.canvas.viewbox_size(viewer.layers))
+    screen_px_world = 1.0 / cam.zoom
+    start = 0
+    for i in range(len(geom.levels)):
+        if geom.pixel_world_size(i) <= screen_px_world * 1.0001:
+            start = i
+    return fit_window(geom, box, start=start, max_side=max_side), box

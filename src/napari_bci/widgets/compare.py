@@ -42,16 +42,13 @@ from ..metrics.compare import (
     MAX_REGION_PIXELS,
     MAX_VIEW_SIDE,
     HeatmapResult,
-    LayerGeom,
     RegionScore,
     compute_heatmap,
     export_csv,
     export_geojson,
-    fit_window,
     measure_region,
 )
-from ..pyramid import view_box
-from ._layers import levels, rgb_layers
+from ._layers import layer_geom, levels, rgb_layers, view_window
 from ._worker import Jobs
 
 DEBOUNCE_MS = 300
@@ -73,19 +70,6 @@ TABLE_COLUMNS = (
     ("area", "Area"),
     ("level", "Level"),
 )
-
-
-def layer_geom(layer) -> LayerGeom:
-    """What the workers need from an image layer, captured on the main thread."""
-    if layer.multiscale:
-        ds = [tuple(float(v) for v in f[-2:]) for f in layer.downsample_factors]
-    else:
-        ds = [(1.0, 1.0)]
-    meta = layer.metadata or {}
-    mpp = meta.get("mpp")
-    return LayerGeom(name=layer.name, levels=levels(layer), scale=tuple(float(v) for v in layer.scale[-2:]),
-                     translate=tuple(float(v) for v in layer.translate[-2:]), downsamples=ds,
-                     mpp=float(mpp) if mpp else None, her2=meta.get("her2"))
 
 
 def _role(layer) -> str | None:
@@ -464,17 +448,7 @@ class CompareWidget(QWidget):
             return None
         g, t = pair
         gen, truth = layer_geom(g), layer_geom(t)
-        cam = self.viewer.scene.camera
-        vb = self.viewer.canvas.viewbox_size(self.viewer.layers)
-        box = view_box(cam.center, cam.zoom, vb)
-        start = 0
-        if t.multiscale:
-            # napari's rule: the coarsest level whose pixels are no bigger than a screen pixel
-            screen_px_world = 1.0 / cam.zoom
-            for i in range(len(truth.levels)):
-                if truth.pixel_world_size(i) <= screen_px_world * 1.0001:
-                    start = i
-        win = fit_window(truth, box, start=start, max_side=MAX_VIEW_SIDE)
+        win, _ = view_window(self.viewer, truth, MAX_VIEW_SIDE)
         return win, gen, truth
 
     def update_heatmap(self) -> None:

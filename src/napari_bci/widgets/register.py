@@ -1,36 +1,43 @@
 """The "Register" dock widget: align an H&E (moving) layer onto an IHC (fixed) layer from paired
-landmarks, automatically, or deformably; show the warped H&E, the quality figures, and a
-checkerboard / difference view to judge the alignment."""
+landmarks, automatically, or deformably; show the warped H&E and the quality figures; judge the
+alignment with a blend, a swipe, a checkerboard (squares in micrometres) or a hematoxylin
+difference computed for the view; carry drawn regions between the two sections."""
 
 from __future__ import annotations
 
 import numpy as np
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
+    QSlider,
     QVBoxLayout,
     QWidget,
 )
 
 from ..io import layers as L
-from ._layers import levels, rgb_layers
+from ..metrics.compare import CHECK_VIEWS, CheckResult, compute_check
+from ._layers import layer_geom, levels, rgb_layers, view_window
+from ._worker import Jobs
 
 WARPED = L.HE_REGISTERED
 CHECK = "Registration check"
-VIEWS = ("Overlay", "Checkerboard", "Difference")
+VIEWS = ("Overlay",) + CHECK_VIEWS
+#: the check views are computed for the visible region, at most this many px a side
+CHECK_MAX_SIDE = 2048
+DEBOUNCE_MS = 200
 #: Landmark colours by pair number (cycled), the same in both Points layers.
 PALETTE = np.array([
     (0.90, 0.10, 0.10, 1), (0.10, 0.60, 0.95, 1), (0.10, 0.80, 0.20, 1), (1.00, 0.60, 0.00, 1),
     (0.70, 0.20, 0.90, 1), (0.00, 0.80, 0.80, 1), (1.00, 0.90, 0.10, 1), (0.95, 0.35, 0.70, 1),
 ])
-CHECK_SIDE = 1024  # the check views are computed at a level with longer side <= this
 
 
 def _rgb_layers(viewer):
@@ -59,7 +66,9 @@ class RegisterWidget(QWidget):
         self.report: dict = {}
         self._worker = None
         self._cancel = False
-        self._check_images: dict = {}
+        self._checks = Jobs(self)
+        self._check_pending = False
+        self.check_result: CheckResult | None = None
         self._watched: set[int] = set()
         self._relay = _Relay()
         self._relay.progress.connect(self._on_progress)
@@ -77,6 +86,27 @@ class RegisterWidget(QWidget):
             self.engine_combo.addItem("elastix")
         self.view_combo = QComboBox()
         self.view_combo.addItems(VIEWS)
+        self.view_combo.setToolTip("Overlay: the registered H&E over the IHC; Swipe: H&E left of the cut, IHC "
+                                   "right; Checkerboard: alternating squares; Difference: hematoxylin difference "
+                                   "(dark = agree). Computed for the view.")
+        self.mix_slider = QSlider(Qt.Horizontal)
+        self.mix_slider.setRange(0, 100)
+        self.mix_slider.setValue(50)
+        self.mix_slider.setToolTip("Overlay: opacity of the registered H&E; Swipe: where the cut is (% of the view)")
+        self.cell_spin = QDoubleSpinBox()
+        self.cell_spin.setRange(1.0, 10000.0)
+        self.cell_spin.setDecimals(0)
+        self.cell_spin.setValue(100.0)
+        self.cell_spin.setSuffix(" µm")
+        self.cell_spin.setToolTip("Side of a checkerboard square in micrometres (level-0 pixels when the IHC's "
+                                  "pixel size is unknown)")
+        self.transfer_combo = QComboBox()
+        self.transfer_combo.setToolTip("A Shapes layer to carry through the transform")
+        self.to_ihc_btn = QPushButton("H&&E → IHC")
+        self.to_ihc_btn.setToolTip("Copy the chosen shapes, drawn on the unregistered H&E, onto the IHC")
+        self.to_he_btn = QPushButton("IHC → H&&E")
+        self.to_he_btn.setToolTip("Copy the chosen shapes, drawn on the IHC (or the registered H&E), onto the "
+                                  "unregistered H&E")
         self.landmark_btn = QPushButton("Add landmark layers")
         self.landmarks_run = QPushButton("Landmarks")
         self.auto_run = QPushButton("Automatic")
@@ -103,6 +133,9 @@ class RegisterWidget(QWidget):
         form.addRow("", self.ransac_check)
         form.addRow("Deformable engine", self.engine_combo)
         form.addRow("Check view", self.view_combo)
+        form.addRow("Blend / swipe", self.mix_slider)
+        form.addRow("Checker square", self.cell_spin)
+        form.addRow("Transfer shapes", self.transfer_combo)
         run = QHBoxLayout()
         for b in (self.landmarks_run, self.auto_run, self.deform_run):
             run.addWidget(b)
@@ -117,6 +150,10 @@ class RegisterWidget(QWidget):
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
         lay.addWidget(self.quality)
+        transfer = QHBoxLayout()
+        transfer.addWidget(self.to_ihc_btn)
+        transfer.addWidget(self.to_he_btn)
+        lay.addLayout(transfer)
         lay.addLayout(io)
         lay.addStretch()
 
@@ -126,6 +163,19 @@ class RegisterWidget(QWidget):
         self.deform_run.clicked.connect(lambda: self.run("deformable"))
         self.cancel_btn.clicked.connect(self.cancel)
         self.view_combo.currentTextChanged.connect(self.show_view)
+        self.mix_slider.valueChanged.connect(self._on_mix)
+        self.cell_spin.valueChanged.connect(self.schedule_check)
+        self.to_ihc_btn.clicked.connect(lambda: self.transfer_shapes(to_ihc=True))
+        self.to_he_btn.clicked.connect(lambda: self.transfer_shapes(to_ihc=False))
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(DEBOUNCE_MS)
+        self._timer.timeout.connect(self.update_check)
+        cam = viewer.scene.camera
+        cam.events.center.connect(self.schedule_check)
+        cam.events.zoom.connect(self.schedule_check)
+        viewer.canvas.events.size.connect(self.schedule_check)
+        self.destroyed.connect(self._disconnect)
         self.save_btn.clicked.connect(self._save_dialog)
         self.load_btn.clicked.connect(self._load_dialog)
         viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -145,6 +195,16 @@ class RegisterWidget(QWidget):
             if pick:
                 combo.setCurrentText(pick)
             combo.blockSignals(False)
+        from napari.layers import Shapes
+
+        shapes = [ly.name for ly in self.viewer.layers if isinstance(ly, Shapes)]
+        cur = self.transfer_combo.currentText()
+        self.transfer_combo.blockSignals(True)
+        self.transfer_combo.clear()
+        self.transfer_combo.addItems(shapes)
+        if cur in shapes:
+            self.transfer_combo.setCurrentText(cur)
+        self.transfer_combo.blockSignals(False)
         if event is not None and getattr(event, "type", "") == "inserted":
             self._watch_landmarks()
 
@@ -270,8 +330,7 @@ class RegisterWidget(QWidget):
             # levels small enough are computed here, not while napari slices; finer whole-slide
             # levels stay lazy (each chunk reads only the moving region it needs)
             warped = [np.asarray(w) if max(w.shape[:2]) <= 2048 else w for w in warped]
-            checks = _check_images(f_levels, m_levels, res.transform)
-            return res, warped, checks
+            return res, warped
 
         w = work()
         w.returned.connect(lambda out: self._on_done(out, fixed, method))
@@ -327,16 +386,15 @@ class RegisterWidget(QWidget):
     def _on_done(self, out, fixed, method):
         if isinstance(out, _Failed):
             return self._on_error(out.error)
-        res, warped, checks = out
+        res, warped = out
         self.transform, self.report = res.transform, res.report
-        self._check_images = checks
         data = warped if len(warped) > 1 else warped[0]
         meta = {"role": "he", "registered_to": fixed.name, "transform": res.transform.to_dict(),
                 "mpp": (fixed.metadata or {}).get("mpp"), "levels": [list(w.shape[:2]) for w in warped]}
         if WARPED in self.viewer.layers:
             self.viewer.layers.remove(WARPED)
         self.viewer.add_image(data, name=WARPED, rgb=True, multiscale=len(warped) > 1, scale=fixed.scale[-2:],
-                              translate=fixed.translate[-2:], opacity=0.5, metadata=meta,
+                              translate=fixed.translate[-2:], opacity=self.mix_slider.value() / 100, metadata=meta,
                               units=tuple(fixed.units)[-2:])
         self.quality.setText(format_quality(res.report))
         self.status.setText(f"Done ({method}). '{WARPED}' is aligned to '{fixed.name}'.")
@@ -344,24 +402,130 @@ class RegisterWidget(QWidget):
 
     # -- check views ---------------------------------------------------------------------------
     def show_view(self, view: str | None = None):
-        """Overlay (the warped H&E at half opacity), Checkerboard or Difference (hematoxylin)."""
+        """Overlay (the registered H&E over the IHC, opacity from the slider) or one of
+        :data:`CHECK_VIEWS`, computed for the visible region in a worker."""
         view = view or self.view_combo.currentText()
-        if CHECK in self.viewer.layers:
-            self.viewer.layers.remove(CHECK)
         if WARPED in self.viewer.layers:
             self.viewer.layers[WARPED].visible = view == "Overlay"
-        fixed = self.fixed_layer()
-        if view == "Overlay" or not self._check_images or fixed is None:
+        if view == "Overlay":
+            self._checks.drop()
+            self.check_result = None
+            if CHECK in self.viewer.layers:
+                self.viewer.layers.remove(CHECK)
             return
-        img, ds = self._check_images[view]
-        s = np.asarray(fixed.scale[-2:], float)
-        translate = np.asarray(fixed.translate[-2:], float) + (ds - 1) / 2 * s
-        units = tuple(fixed.units)[-2:]
-        if view == "Checkerboard":
-            self.viewer.add_image(img, name=CHECK, rgb=True, scale=s * ds, translate=translate, units=units)
+        self.update_check(force=True)
+
+    def _on_mix(self, value: int):
+        if self.view_combo.currentText() == "Overlay":
+            if WARPED in self.viewer.layers:
+                self.viewer.layers[WARPED].opacity = value / 100
         else:
-            self.viewer.add_image(img, name=CHECK, colormap="magma", scale=s * ds, translate=translate,
-                                  contrast_limits=(0, 1), units=units)
+            self.schedule_check()
+
+    def schedule_check(self, *_):
+        """(Re)start the debounce timer; the check view follows once the camera rests."""
+        if self.view_combo.currentText() in CHECK_VIEWS and WARPED in self.viewer.layers:
+            self._timer.start()
+
+    def _check_request(self):
+        fixed = self.fixed_layer()
+        if fixed is None or WARPED not in self.viewer.layers:
+            return None
+        f, m = layer_geom(fixed), layer_geom(self.viewer.layers[WARPED])
+        win, box = view_window(self.viewer, f, CHECK_MAX_SIDE)
+        split = box[2] + (box[3] - box[2]) * self.mix_slider.value() / 100
+        return f, m, win, split
+
+    def update_check(self, force: bool = False):
+        """Start computing the chosen check view of the visible region (one job at a time;
+        ``force``: replace the running one, whose result is then dropped)."""
+        view = self.view_combo.currentText()
+        if view not in CHECK_VIEWS:
+            return
+        if self._checks.busy and not force:
+            self._check_pending = True
+            return
+        req = self._check_request()
+        if req is None:
+            return
+        f, m, win, split = req
+        if win.empty or min(win.shape) < 2:
+            return
+        self._checks.start(compute_check, 0, f, m, win, view, cell_um=self.cell_spin.value(), split_x=split,
+                           on_done=self._on_check, on_error=lambda e: self._error(f"check view: {e}"),
+                           on_finished=self._on_check_finished)
+
+    def _on_check_finished(self):
+        if self._check_pending:
+            self._check_pending = False
+            self.schedule_check()
+
+    def _on_check(self, res: CheckResult):
+        view = self.view_combo.currentText()
+        if view not in CHECK_VIEWS:
+            return
+        self.check_result = res
+        fixed = self.fixed_layer()
+        units = tuple(fixed.units)[-2:] if fixed is not None else None
+        if CHECK in self.viewer.layers and self.viewer.layers[CHECK].rgb == res.rgb:
+            ly = self.viewer.layers[CHECK]
+            ly.data = res.image
+            ly.scale, ly.translate = res.scale, res.translate
+        else:
+            if CHECK in self.viewer.layers:
+                self.viewer.layers.remove(CHECK)
+            kw = {} if res.rgb else dict(colormap="magma", contrast_limits=(0, 1))
+            self.viewer.add_image(res.image, name=CHECK, rgb=res.rgb, scale=res.scale, translate=res.translate,
+                                  units=units, **kw)
+            if fixed is not None:
+                self.viewer.layers.selection.active = fixed  # the camera's subject stays the IHC
+        if res.cell_px is not None:
+            mpp = (fixed.metadata or {}).get("mpp") if fixed is not None else None
+            size = f"{self.cell_spin.value():.0f} µm" if mpp else f"{res.cell_px:.0f} px (pixel size unknown)"
+            self.status.setText(f"Checkerboard: squares of {size}; IHC and registered H&E alternate.")
+
+    # -- annotation transfer ---------------------------------------------------------------------
+    def transfer_shapes(self, to_ihc: bool = True):
+        """Copy the chosen Shapes layer through the transform: drawn on the unregistered H&E onto
+        the IHC (``to_ihc``), or drawn on the IHC / registered H&E onto the unregistered H&E.
+        Returns the new layer (named "<name> → IHC" / "<name> → H&E"), or None."""
+        from napari.layers import Shapes
+
+        name = self.transfer_combo.currentText()
+        src = self._layer(name)
+        if not isinstance(src, Shapes):
+            return self._error("choose a Shapes layer to transfer (draw regions first)")
+        if self.transform is None:
+            return self._error("register (or load a transform) first")
+        fixed, moving = self.fixed_layer(), self.moving_layer()
+        if fixed is None or moving is None:
+            return self._error("choose the IHC and H&E layers first")
+        frm, to = (moving, fixed) if to_ihc else (fixed, moving)
+        data, types = [], []
+        for verts, kind in zip(src.data, src.shape_type):
+            world = np.asarray([src.data_to_world(v) for v in np.asarray(verts, float)])[:, -2:]
+            xy = np.asarray([frm.world_to_data(np.r_[[0] * (frm.ndim - 2), w])[-2:] for w in world])[:, ::-1]
+            if kind == "ellipse":
+                xy, kind = _ellipse_outline(xy), "polygon"
+            closed = kind not in ("line", "path")
+            mapped = self.transform.map_path(xy, inverse=not to_ihc, closed=closed)
+            out = np.asarray([to.data_to_world(np.r_[[0] * (to.ndim - 2), p]) for p in mapped[:, ::-1]])[:, -2:]
+            data.append(out)
+            types.append("polygon" if kind in ("rectangle", "polygon") else kind)
+        target = "IHC" if to_ihc else "H&E"
+        new = f"{name} → {target}"
+        if new in self.viewer.layers:
+            self.viewer.layers.remove(new)
+        kw = {}
+        if "name" in src.features:
+            kw["text"] = {"string": "{name}", "color": "yellow", "size": 10, "anchor": "upper_left"}
+        ly = self.viewer.add_shapes(data, shape_type=types, name=new, features=src.features.copy(),
+                                    edge_color=src.edge_color if len(data) else "yellow",
+                                    face_color=src.face_color if len(data) else "transparent",
+                                    edge_width=src.edge_width if len(data) else 2, units=tuple(to.units)[-2:],
+                                    metadata={"transferred_from": name, "to": target}, **kw)
+        self.status.setText(f"'{name}': {len(data)} shape(s) carried onto the {target} as '{new}'.")
+        return ly
 
     # -- files ---------------------------------------------------------------------------------
     def save_transform(self, path):
@@ -389,7 +553,7 @@ class RegisterWidget(QWidget):
         from ..registration.quality import quality_report
 
         res = RegistrationResult(t, quality_report(f_levels, m_levels, t))
-        self._on_done((res, warped, _check_images(f_levels, m_levels, t)), fixed, "loaded")
+        self._on_done((res, warped), fixed, "loaded")
         return t
 
     def _save_dialog(self):
@@ -406,21 +570,23 @@ class RegisterWidget(QWidget):
         self.cancel()
         super().hideEvent(event)
 
+    def _disconnect(self, *_):
+        self._checks.stop()
+        try:
+            cam = self.viewer.scene.camera
+            cam.events.center.disconnect(self.schedule_check)
+            cam.events.zoom.disconnect(self.schedule_check)
+            self.viewer.canvas.events.size.disconnect(self.schedule_check)
+        except (RuntimeError, TypeError, ValueError):
+            pass
 
-def _check_images(f_levels, m_levels, transform, tile: int = 32) -> dict:
-    """Low-resolution checkerboard (RGB) and hematoxylin difference images in the fixed frame."""
-    from ..registration.images import as_pyramid, od_channel
-    from ..registration.warp import warp_region
 
-    pf, pm = as_pyramid(f_levels), as_pyramid(m_levels)
-    fimg, dsf = pf.image_at(CHECK_SIDE)
-    mv, dsm = pm.image_near(dsf, CHECK_SIDE)
-    warped = warp_region(mv, transform, (0, 0), fimg.shape[:2], dsf, dsm, fill="constant")
-    yy, xx = np.mgrid[0:fimg.shape[0], 0:fimg.shape[1]]
-    board = ((yy // tile + xx // tile) % 2).astype(bool)
-    check = np.where(board[..., None], fimg[..., :3], warped[..., :3])
-    diff = np.abs(od_channel(fimg) - od_channel(warped)).clip(0, 1)
-    return {"Checkerboard": (check, dsf), "Difference": (diff, dsf)}
+def _ellipse_outline(corners_xy: np.ndarray, n: int = 64) -> np.ndarray:
+    """A polygon of ``n`` vertices on the ellipse inscribed in napari's 4 corner points."""
+    c = corners_xy.mean(axis=0)
+    a, b = (corners_xy[1] - corners_xy[0]) / 2, (corners_xy[3] - corners_xy[0]) / 2
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)[:, None]
+    return c + np.cos(t) * a + np.sin(t) * b
 
 
 def format_quality(r: dict) -> str:
