@@ -192,3 +192,25 @@ def test_cell_and_level_colours_do_not_share_meanings():
     for c in CLASS_COLOURS:
         for lv in LEGEND.values():
             assert np.abs(np.asarray(c[:3]) - np.asarray(lv[:3])).sum() > 0.3
+
+
+def test_learned_level_from_a_bcistainer_checkpoint(viewer_with_ihc, qtbot, data_dir):
+    """The level model is chosen in the widget: a published level-aware checkpoint (BCIStainer,
+    upstream file layout, the YAML beside it) gives the learned level; a model without a HER2
+    head says so instead of silently showing nothing."""
+    pytest.importorskip("torch")
+    from napari_bci.widgets.her2 import CHECKPOINT_ITEM, HER2Widget
+
+    widget = HER2Widget(viewer_with_ihc)
+    items = [widget.level_combo.itemText(i) for i in range(widget.level_combo.count())]
+    assert items[0] == "builtin" and items[-1] == CHECKPOINT_ITEM and "baseline" not in items
+    ckpt = data_dir / "upstream_tiny" / "bcistainer_tiny.pth"
+    widget.set_level_model(ckpt)
+    assert widget.level_combo.currentText() == "file: bcistainer_tiny.pth" and widget.model_name == str(ckpt)
+    _run(widget, qtbot, "Whole image")
+    assert widget.learned["learned"] in ("0", "1+", "2+", "3+") and widget.learned["probabilities"]
+    assert "vs learned" in widget.explanation.text()
+    widget.set_level_model("baseline")  # a registry model with no HER2 head
+    _run(widget, qtbot, "Whole image")
+    assert widget.learned["learned"] is None
+    assert "baseline has no HER2 head" in widget.explanation.text()

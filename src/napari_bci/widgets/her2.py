@@ -4,6 +4,8 @@ report export, and the learned level from H&E."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
@@ -34,6 +36,7 @@ OUTLINES_LAYER = "HER2 cell outlines"
 #: Largest outline image (analysis pixels) shown for drawn / visible regions.
 MAX_OUTLINE_PX = 4096 * 4096
 LEARNED_LAYER = "HER2 (learned from H&E)"
+CHECKPOINT_ITEM = "Checkpoint file…"
 #: Cell colours per membrane class (none, faint, weak-moderate, intense): cyan, then DAB browns
 #: from light to dark, so they never read as the level map's blue/yellow/orange/red.
 CLASS_COLOURS = (
@@ -80,8 +83,20 @@ class HER2Widget(QWidget):
         self.he_combo = QComboBox()
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(SCOPES)
-        self.learned_check = QCheckBox("learned level from H&&E (built-in model)")
+        self.learned_check = QCheckBox("learned level from H&&E")
         self.learned_check.setChecked(True)
+        self.learned_check.setToolTip("Also predict the level from the H&E with a generator's HER2 head, "
+                                      "shown beside the rule-based score")
+        self.level_combo = QComboBox()
+        self.level_combo.setToolTip("The model whose HER2 head predicts the level: the built-in one (synthetic "
+                                    "tissue only) or a level-aware checkpoint such as BCIStainer")
+        from ..models.registry import available
+
+        for m in available():
+            if m.get("available", True) and m.get("predicts_her2"):
+                self.level_combo.addItem(m["name"])
+        self.level_combo.addItem(CHECKPOINT_ITEM)
+        self._checkpoint: str | None = None
         self.estimate_check = QCheckBox("estimate stain vectors per image (Macenko)")
         self.score_btn = QPushButton("Score")
         self.cancel_btn = QPushButton("Cancel")
@@ -105,6 +120,7 @@ class HER2Widget(QWidget):
         form.addRow("IHC layer", self.ihc_combo)
         form.addRow("H&&E layer", self.he_combo)
         form.addRow("Score", self.scope_combo)
+        form.addRow("Level model", self.level_combo)
         buttons = QHBoxLayout()
         buttons.addWidget(self.score_btn)
         buttons.addWidget(self.cancel_btn)
@@ -140,6 +156,8 @@ class HER2Widget(QWidget):
         lay.addStretch()
 
         self.score_btn.clicked.connect(self.run)
+        self.level_combo.activated.connect(self._on_level_activated)
+        self.level_combo.currentTextChanged.connect(self._on_level_changed)
         self.cancel_btn.clicked.connect(self.cancel)
         self.export_btn.clicked.connect(self._export_clicked)
         viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -261,6 +279,35 @@ class HER2Widget(QWidget):
             on_item=self._on_progress, on_done=lambda res: self._on_done(res, layer, scope),
             on_error=lambda e: show_error(f"HER2: {type(e).__name__}: {e}"), on_finished=self._on_finished)
         return self._worker
+
+    def _on_level_activated(self, *_):
+        if self.level_combo.currentText() == CHECKPOINT_ITEM:
+            path, _f = QFileDialog.getOpenFileName(
+                self, "Level-aware checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors *.json);;All files (*)")
+            if path:
+                self.set_level_model(path)
+            else:
+                self.level_combo.setCurrentIndex(0)
+
+    def _on_level_changed(self, text: str):
+        if text.startswith("file: ") and self._checkpoint:
+            self.model_name = self._checkpoint
+        elif text and text != CHECKPOINT_ITEM:
+            self.model_name = text
+
+    def set_level_model(self, spec) -> None:
+        """The learned level's model: a registry name or a checkpoint path (listed by file name;
+        a BCIStainer checkpoint finds its training YAML beside it)."""
+        spec = str(spec)
+        if self.level_combo.findText(spec) >= 0 and spec != CHECKPOINT_ITEM:
+            self.level_combo.setCurrentText(spec)
+            return
+        self._checkpoint = spec
+        label = f"file: {Path(spec).name}"
+        if self.level_combo.findText(label) < 0:
+            self.level_combo.insertItem(self.level_combo.count() - 1, label)
+        self.level_combo.setCurrentText(label)
+        self.model_name = spec
 
     def cancel(self):
         if self._worker is not None:
@@ -528,4 +575,7 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
                 out["compare"]["text"] += f"; tiles: {dis} of {int(both.sum())} differ"
         else:
             out["compare"] = compare(out["overall"], None)
+            out["compare"]["text"] = (f"rule-based {out['compare']['rule_display']}; no learned level: "
+                                      f"{Path(str(model_name)).name} has no HER2 head or could not be loaded "
+                                      "(use the built-in model or a level-aware checkpoint such as BCIStainer)")
     return out
