@@ -298,14 +298,14 @@ def test_filter_paths_agree(kind):
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian"])
 def test_ssim_bands_equal_the_whole_map(he, kind):
-    """Band by band (any band height, short last band included) equals the whole-image map."""
+    """Band by band and piece by piece (any size, short last ones included) equals the whole map."""
     from napari_bci.metrics.ssim import ssim_map_bands
 
     a, b = he[:203, :150], _perturbed(he)[:203, :150]
     full = ssim_map(a, b, kind=kind)
-    for rows in (window(kind).size, 64, 100, 203):
-        parts = list(ssim_map_bands(lambda y0, y1: a[y0:y1], lambda y0, y1: b[y0:y1], a.shape[:2],
-                                    kind=kind, band_rows=rows))
+    for rows, cols in ((window(kind).size, 150), (64, 40), (100, 149), (203, window(kind).size)):
+        parts = list(ssim_map_bands(lambda y0, y1, x0, x1: a[y0:y1, x0:x1], lambda y0, y1, x0, x1: b[y0:y1, x0:x1],
+                                    a.shape[:2], kind=kind, band_rows=rows, band_cols=cols))
         assert [y0 for y0, _ in parts] == list(range(0, 203, rows))
         # exact for the integer box window; the Gaussian's float32 centring is per band
         assert np.abs(np.concatenate([m for _, m in parts]) - full).max() < (0 if kind == "uniform" else 1e-4) + 1e-9

@@ -185,13 +185,15 @@ def _ssim_padded(pa: np.ndarray, pb: np.ndarray, win: Window, data_range: float,
 
 
 def ssim_map_bands(read_a, read_b, shape: tuple[int, int], *, kind: str = "uniform",
-                   data_range: float = 255.0, device: str | None = None, band_rows: int | None = None):
+                   data_range: float = 255.0, device: str | None = None, band_rows: int | None = None,
+                   band_cols: int = 2048):
     """Local SSIM of two images too large to hold, band by band: yields ``(y0, map rows)``.
 
-    ``read_a(y0, y1)`` / ``read_b(y0, y1)`` return image rows ``[y0, y1)`` as ``(rows, W[, C])``.
-    Each band of ``band_rows`` output rows (default: about 4 M pixels) is computed from its rows
-    plus the window radius around them, the image border mirrored as :func:`ssim_map` does, so
-    the bands put together equal ``ssim_map`` of the whole images; memory is a band, not the image.
+    ``read_a(y0, y1, x0, x1)`` / ``read_b(...)`` return the image window ``[y0:y1, x0:x1]`` as
+    ``(rows, cols[, C])``. Each band of ``band_rows`` output rows (default: about 4 M pixels) is
+    computed in pieces of ``band_cols`` columns from their pixels plus the window radius around
+    them, the image border mirrored as :func:`ssim_map` does, so the bands put together equal
+    ``ssim_map`` of the whole images; memory is one band of the map and one piece of the images.
     """
     win = window(kind)
     h, w = int(shape[0]), int(shape[1])
@@ -199,18 +201,22 @@ def ssim_map_bands(read_a, read_b, shape: tuple[int, int], *, kind: str = "unifo
         raise ValueError(f"images smaller than the {win.size}x{win.size} SSIM window: {(h, w)}")
     r = win.pad
     rows = max(2 * r + 1, min(h, band_rows or 2**22 // w))
+    cols = max(2 * r + 1, band_cols)
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
-        lo, hi = max(0, y0 - r), min(h, y1 + r)
-        pads = ((r - (y0 - lo), r - (hi - y1)), (r, r), (0, 0))
-        bands = []
-        for read in (read_a, read_b):
-            x = np.asarray(read(lo, hi))
-            if x.ndim == 2:
-                x = x[..., None]
-            # mirrored at the image border only, where the rows read hold >= r rows to mirror
-            bands.append(np.pad(x, pads, mode="symmetric"))
-        yield y0, _ssim_padded(bands[0], bands[1], win, data_range, device, None)
+        ylo, yhi = max(0, y0 - r), min(h, y1 + r)
+        out = np.empty((y1 - y0, w), np.float32)
+        for x0 in range(0, w, cols):
+            x1 = min(w, x0 + cols)
+            xlo, xhi = max(0, x0 - r), min(w, x1 + r)
+            # mirrored at the image border only, where the pixels read hold >= r rows/columns
+            pads = ((r - (y0 - ylo), r - (yhi - y1)), (r - (x0 - xlo), r - (xhi - x1)), (0, 0))
+            pieces = []
+            for read in (read_a, read_b):
+                x = np.asarray(read(ylo, yhi, xlo, xhi))
+                pieces.append(np.pad(x[..., None] if x.ndim == 2 else x, pads, mode="symmetric"))
+            out[:, x0:x1] = _ssim_padded(pieces[0], pieces[1], win, data_range, device, None)
+        yield y0, out
 
 
 def _ssim_band(pa, pb, win: Window, dt, c1: float, c2: float, exact: bool):
@@ -303,9 +309,9 @@ def ssim_map_file(a, b, out, *, kind: str = "uniform", device: str | None = None
             raise InputError(a, f"image {w}x{h} is smaller than the {win.size}x{win.size} SSIM window")
         tiled = max(h, w) > 2048
         if band_rows is None:
-            band_rows = max(tile, 2**22 // w // tile * tile) if tiled else h
-        bands = ssim_map_bands(lambda y0, y1: sa.read_region(0, y0, 0, y1 - y0, w),
-                               lambda y0, y1: sb.read_region(0, y0, 0, y1 - y0, w),
+            band_rows = tile if tiled else h
+        bands = ssim_map_bands(lambda y0, y1, x0, x1: sa.read_region(0, y0, x0, y1 - y0, x1 - x0),
+                               lambda y0, y1, x0, x1: sb.read_region(0, y0, x0, y1 - y0, x1 - x0),
                                (h, w), kind=kind, device=device, band_rows=band_rows)
         total = 0.0
 
