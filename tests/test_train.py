@@ -200,6 +200,38 @@ def test_membrane_dab_loss_tolerates_a_shifted_membrane_and_punishes_a_missing_o
     assert float(g[:, 18:24].sum()) > 0.75 * float(g.sum())  # it pulls DAB mostly onto the membrane
 
 
+
+def test_membrane_dab_loss_options_weigh_intense_membranes_and_stray_dab():
+    """Stage 3's options: ``strength`` makes a pale intense membrane cost more than the same
+    relative shortfall on a faint one, ``match`` and ``balance`` (means over the membranes and
+    over the crop) add the shortfall of the whole crop, and ``balance`` also charges DAB drawn
+    where the truth has none (a HER2 0 case); the defaults are the stage-2 loss."""
+    from napari_bci import stain
+
+    def img(col=None, od=0.6):
+        conc = np.zeros((1, 48, 48, 3), np.float32)
+        if col is not None:
+            conc[0, :, col : col + 2, 2] = od
+        rgb = stain.render(conc, stain.HED_MATRIX)
+        return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    base = losses.MembraneDabLoss()
+    assert float(base(img(20, 0.3), img(20))) == pytest.approx(
+        float(losses.MembraneDabLoss(strength=0, pixel=1, match=0, balance=0)(img(20, 0.3), img(20))))
+    strong = losses.MembraneDabLoss(strength=10.0)
+    # half the DAB of an intense membrane vs half of a faint one: strength scales the intense shortfall up
+    r_base = float(base(img(20, 0.4), img(20, 0.8))) / float(base(img(20, 0.05), img(20, 0.1)))
+    r_strong = float(strong(img(20, 0.4), img(20, 0.8))) / float(strong(img(20, 0.05), img(20, 0.1)))
+    assert r_strong > r_base
+    for opt in ({"match": 1.0}, {"balance": 4.0}):
+        more = losses.MembraneDabLoss(**opt)
+        assert float(more(img(20, 0.2), img(20))) > float(base(img(20, 0.2), img(20)))
+        assert float(more(img(20), img(20))) == pytest.approx(0.0, abs=1e-6)
+    stray = img(20, 0.2)  # DAB on a truth without membranes
+    assert float(losses.MembraneDabLoss(balance=4.0)(stray, img())) > float(base(stray, img()))
+    assert float(losses.MembraneDabLoss(match=1.0)(stray, img())) == pytest.approx(float(base(stray, img())))
+
+
 # -- data --------------------------------------------------------------------------------------------
 def test_valid_box_and_crops_avoid_invalid_pixels():
     valid = np.ones((100, 120), bool)
@@ -285,9 +317,11 @@ def test_fine_tune_with_membrane_dab_loss_and_teacher_forcing(tiny_pairs, tmp_pa
               device="cpu", progress=False, log=lambda s: None)
     base = train(tr, va, tmp_path / "base", seed=3, model_options=TINY, **kw)
     tuned = train(tr, va, tmp_path / "tuned", seed=4, dab_weight=25.0, teacher_forcing=0.5,
+                  dab_options={"strength": 10.0, "pixel": 0.5, "match": 1.0, "balance": 4.0},
                   init=base["weights"], model_options={**TINY, "cond_pool": 3}, **kw)
     cfg = json.loads((tmp_path / "tuned" / "model.json").read_text())
     assert cfg["cond_pool"] == 3 and cfg["training"]["loss"]["membrane_dab"] == 25.0
+    assert cfg["training"]["loss"]["membrane_dab_options"]["strength"] == 10.0
     assert cfg["training"]["teacher_forcing"] == 0.5 and cfg["training"]["init"] == "model.safetensors"
     a, b = _weights(base["weights"]), _weights(tuned["weights"])
     assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -400,6 +400,7 @@ def train(
     gan_weight: float = 1.0,
     focal_weight: float = 1.0,
     dab_weight: float = 0.0,
+    dab_options: dict | None = None,
     teacher_forcing: float = 0.0,
     gan_ndf: int = 64,
     init: str | os.PathLike | None = None,
@@ -480,7 +481,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     pyramid = PyramidL1((l1_weight,) * 4)
     gan = GANLoss("vanilla")
-    dab_loss = MembraneDabLoss()
+    dab_loss = MembraneDabLoss(**(dab_options or {}))
 
     state = {"step": 0, "history": [], "wall_s": 0.0}
     ck_pt, ck_js = out / "checkpoint.pt", out / "checkpoint.json"
@@ -637,6 +638,7 @@ def train(
             "steps": state["step"], "epochs": n_epochs, "steps_per_epoch": spe, "batch": batch, "crop": crop,
             "lr": lr, "loss": {"pyramid_l1_weights": [l1_weight] * 4, "gan": gan_weight, "gan_ndf": gan_ndf,
                                "ssim": ssim_weight, "membrane_dab": dab_weight,
+                               "membrane_dab_options": dict(dab_options or {}),
                                "focal": focal_weight if level_aware else 0.0},
             "teacher_forcing": teacher_forcing if level_aware else 0.0,
             "init": None if init is None else Path(init).name,

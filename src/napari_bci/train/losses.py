@@ -167,15 +167,24 @@ def dab_od(x: torch.Tensor) -> torch.Tensor:
 class MembraneDabLoss(nn.Module):
     """L1 between the DAB OD maps of the output and the target, max-pooled over ``pool`` x ``pool``
     px and weighted ``membrane`` x more where the target has membrane DAB (pooled OD above
-    ``faint``), plus the plain pixel L1 of the DAB maps on those membranes.
+    ``faint``) and ``strength`` x more per unit of the target's pooled DAB OD (so intense 3+
+    membranes weigh most), plus ``pixel`` x the plain pixel L1 of the DAB maps on those
+    membranes, plus ``match`` x the per-sample difference of the mean pooled DAB over the
+    target's membranes (the intensity the HER2 scorer averages), plus ``balance`` x the
+    per-sample difference of the mean pooled DAB over the whole crop (so DAB drawn where the
+    target has none, e.g. on a HER2 0 case, costs as much as DAB missing on a 3+ one).
 
     The max pooling is what the HER2 scorer reads (the maximum DAB of a ring sector): a thin
     membrane drawn a pixel off still counts, so the loss does not push uncertain thin membranes
-    toward the pale mean, as pixel L1 does."""
+    toward the pale mean, as pixel L1 does. ``strength=0, pixel=1, match=0, balance=0`` (the defaults) are
+    the stage-2 loss of the built-in model."""
 
-    def __init__(self, pool: int = 5, faint: float = 0.04, membrane: float = 4.0):
+    def __init__(self, pool: int = 5, faint: float = 0.04, membrane: float = 4.0, strength: float = 0.0,
+                 pixel: float = 1.0, match: float = 0.0, balance: float = 0.0):
         super().__init__()
         self.pool, self.faint, self.membrane = int(pool), float(faint), float(membrane)
+        self.strength, self.pixel, self.match = float(strength), float(pixel), float(match)
+        self.balance = float(balance)
 
     def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         df = dab_od(fake)
@@ -185,7 +194,17 @@ class MembraneDabLoss(nn.Module):
         pf = F.max_pool2d(df, k, stride=1, padding=k // 2)
         pr = F.max_pool2d(dr, k, stride=1, padding=k // 2)
         mem = (pr > self.faint).float()
-        w = 1.0 + self.membrane * mem
-        pooled = (w * (pf - pr).abs()).sum() / w.sum()
-        pixel = (mem * (df - dr).abs()).sum() / mem.sum().clamp(min=1.0)
-        return pooled + pixel
+        w = 1.0 + self.membrane * mem + self.strength * pr
+        loss = (w * (pf - pr).abs()).sum() / w.sum()
+        if self.pixel:
+            loss = loss + self.pixel * (mem * (df - dr).abs()).sum() / mem.sum().clamp(min=1.0)
+        if self.match:
+            n = mem.sum(dim=(1, 2, 3))
+            has = n > 0
+            if bool(has.any()):
+                mf = (mem * pf).sum(dim=(1, 2, 3)) / n.clamp(min=1.0)
+                mr = (mem * pr).sum(dim=(1, 2, 3)) / n.clamp(min=1.0)
+                loss = loss + self.match * (mf - mr)[has].abs().mean()
+        if self.balance:
+            loss = loss + self.balance * (pf.mean(dim=(1, 2, 3)) - pr.mean(dim=(1, 2, 3))).abs().mean()
+        return loss
