@@ -299,3 +299,27 @@ def test_choices_are_remembered_between_sessions(he_viewer, qtbot):
     qtbot.addWidget(again)
     assert again.model_combo.currentText() == "baseline" and again.mode_combo.currentText() == THIS_VIEW
     assert again.tile_spin.value() == 256 and again.tta_check.isChecked()
+
+
+def test_side_by_side_queues_only_one_panel_of_tiles(he_viewer, slow_model, qtbot):
+    """In grid mode each panel shows a fraction of the canvas: the tiles queued are that
+    panel's view, not the whole canvas's (which would generate tiles no panel shows)."""
+    from napari_bci.widgets._layers import visible_box
+
+    viewer, he = he_viewer
+    w = _make_widget(viewer, slow_model, qtbot)
+    viewer.window._qt_window.resize(1200, 800)
+    _look_at(viewer, 500, 500, view_px=260)
+    w.start()
+    qtbot.waitUntil(lambda: not w.is_running(), timeout=20000)
+    single = set(w.visible_tiles())
+    data, attrs, _ = L.image_layer(he, "H&E copy", mpp=0.5, role="he")
+    viewer.add_image(data, **attrs)
+    viewer.grid.enabled = True  # two panels side by side
+    vb = viewer.canvas.viewbox_size(viewer.layers)
+    assert vb[1] < 0.6 * viewer.canvas.size[1]
+    both = set(w.visible_tiles())
+    assert both and both < single
+    by0, by1, bx0, bx1 = visible_box(viewer)
+    cam = viewer.scene.camera
+    assert (bx1 - bx0) == pytest.approx(vb[1] / cam.zoom) and (by1 - by0) == pytest.approx(vb[0] / cam.zoom)

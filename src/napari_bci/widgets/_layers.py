@@ -31,15 +31,23 @@ def layer_geom(layer):
                      mpp=float(mpp) if mpp else None, her2=meta.get("her2"))
 
 
+def visible_box(viewer) -> tuple[float, float, float, float]:
+    """World box ``(y0, y1, x0, x1)`` the camera shows in one view: one panel's, not the whole
+    canvas's, when napari shows the layers side by side (grid mode)."""
+    from ..pyramid import view_box
+
+    cam = viewer.scene.camera
+    return view_box(cam.center, cam.zoom, viewer.canvas.viewbox_size(viewer.layers))
+
+
 def view_window(viewer, geom, max_side: int):
     """``(window, world box)`` of the region the camera shows, on ``geom``'s grid at the level
     napari displays (the coarsest whose pixels are no bigger than a screen pixel), coarser
     still when a side would exceed ``max_side``."""
     from ..metrics.compare import fit_window
-    from ..pyramid import view_box
 
     cam = viewer.scene.camera
-    box = view_box(cam.center, cam.zoom, viewer.canvas.viewbox_size(viewer.layers))
+    box = visible_box(viewer)
     screen_px_world = 1.0 / cam.zoom
     start = 0
     for i in range(len(geom.levels)):

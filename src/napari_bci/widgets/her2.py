@@ -27,7 +27,7 @@ from ..her2.report import TABLE, report_rows
 from ..her2.scoring import CLASSES, LEVELS, HER2Result, display_text
 from ..her2.tiles import LEGEND, LEVEL_COLOURS
 from ..io import layers as L
-from ._layers import levels, rgb_layers
+from ._layers import levels, rgb_layers, visible_box
 from ._worker import Jobs
 
 SCOPES = ("Visible region", "Drawn regions", "Whole image")
@@ -197,12 +197,9 @@ class HER2Widget(QWidget):
     # -- geometry ------------------------------------------------------------------------------
     def visible_polygon(self, layer) -> np.ndarray:
         """The visible area as an (x, y) level-0 polygon of ``layer``, from the camera and canvas."""
-        cam = self.viewer.scene.camera
-        cy, cx = cam.center[-2:]
-        h, w = self.viewer.canvas.size
-        hy, hx = h / 2 / cam.zoom, w / 2 / cam.zoom
+        y0, y1, x0, x1 = visible_box(self.viewer)
         pts = []
-        for wy, wx in ((cy - hy, cx - hx), (cy - hy, cx + hx), (cy + hy, cx + hx), (cy + hy, cx - hx)):
+        for wy, wx in ((y0, x0), (y0, x1), (y1, x1), (y1, x0)):
             world = list(self.viewer.dims.point)
             world[-2:] = [wy, wx]
             d = np.asarray(layer.world_to_data(world))[-2:]

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..io import layers as L
-from ._layers import levels, rgb_layers
+from ._layers import levels, rgb_layers, visible_box
 
 FOLLOW = "Follow the view"
 THIS_VIEW = "This view only"
@@ -455,11 +455,7 @@ class VirtualIHCWidget(QWidget):
 
     def visible_tiles(self) -> list[tuple[int, int]]:
         """Tiles of the generation level seen by the camera, centre first."""
-        from ..pyramid import view_box
-
-        cam = self.viewer.scene.camera
-        box = view_box(cam.center, cam.zoom, self.viewer.canvas.size)
-        return self.engine.tiles_in_world_box(box)
+        return self.engine.tiles_in_world_box(visible_box(self.viewer))
 
     def update_view(self) -> None:
         """Queue the visible tiles not yet generated (cancelling outdated work)."""
