@@ -28,6 +28,27 @@ def test_single_level_slides_to_image_outputs(run_cli, data_dir, tmp_path, src, 
     assert sorted(p.name for p in tmp_path.iterdir()) == [out]  # nothing else left behind
 
 
+def test_a_large_single_level_image_in_a_folder_becomes_a_tiled_slide(run_cli, data_dir, tmp_path):
+    """A one-strip TIFF wider than 8192 px in a folder is tiled into an OME-TIFF (memory flat in
+    its size) instead of being held whole for one PNG; a small image beside it stays a PNG."""
+    src = tmp_path / "in"
+    src.mkdir()
+    he = read_patch(data_dir / "he_carcinoma_1000.png")
+    wide = np.tile(he[:300], (1, 9, 1))[:, :8500]
+    tifffile.imwrite(src / "wide.tif", wide, photometric="rgb")  # one strip, one level
+    shutil.copy(data_dir / "he_tile_240.png", src)
+    code, stdout, err = run_cli("generate", src, "--model", "baseline", "--out", tmp_path / "out", "--json",
+                                "--all-tiles")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["he_tile_240.png", "wide.ome.tif"]
+    with tifffile.TiffFile(tmp_path / "out" / "wide.ome.tif") as tf:
+        assert tf.series[0].shape[:2] == (300, 8500) and tf.pages[0].is_tiled
+    # asked for by name, a PNG of it is still one image
+    code, stdout, err = run_cli("generate", src / "wide.tif", "--model", "baseline", "--out", tmp_path / "w.png")
+    assert code == 0, err
+    assert read_patch(tmp_path / "w.png").shape == (300, 8500, 3)
+
+
 def test_jpeg_output_follows_quality(run_cli, data_dir, tmp_path):
     """``--quality`` reaches a .jpg image output (it used to be fixed at 95)."""
     sizes = {}

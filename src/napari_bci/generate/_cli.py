@@ -12,7 +12,6 @@ from pathlib import Path
 from ..cli import add_json_flag
 from ..errors import BCIError, InputError
 
-OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 #: Largest ``--tile``: the engine's windows and the OME-TIFF tile size stay within bounds the
 #: writer and the models handle (a 16k x 16k RGB window is 768 MB).
 MAX_TILE = 16384
@@ -126,6 +125,8 @@ def _slide_options(args) -> dict:
 
 
 def _slide_out(src: Path, out: Path) -> Path:
+    from .batch import OME_SUFFIXES
+
     if out.is_dir():
         return out / (src.name.split(".")[0] + ".ome.tif")
     if not out.name.lower().endswith(OME_SUFFIXES + (".tif", ".tiff")):
@@ -192,7 +193,9 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
         domain = check_generator_domain(gen, slide.levels[0])
         if domain:
             print(f"warning: {src}: {domain}", file=sys.stderr)
-        if batch.is_pyramid(slide) or out.name.lower().endswith(OME_SUFFIXES):
+        # a PNG/JPEG asked for by name is one image, however large (it is held in memory)
+        as_image = slide.native_levels == 1 and out.suffix.lower() in (".png", ".jpg", ".jpeg")
+        if (batch.is_pyramid(slide) and not as_image) or out.name.lower().endswith(batch.OME_SUFFIXES):
             return batch.generate_slide(slide, model, _slide_out(src, out), generator=gen, **_slide_options(args))
         if out.is_dir():
             out = out / (src.stem + ".png")

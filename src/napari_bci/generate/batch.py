@@ -580,10 +580,17 @@ def bci_test_files(root: Path) -> list[Path] | None:
     return None
 
 
+#: A single-level image with a longer side above this is handled as a whole slide (tiled into an
+#: OME-TIFF, memory flat in its size) rather than as one image held in memory.
+SLIDE_MIN_SIDE = 8192
+
+
 def is_pyramid(slide) -> bool:
-    """Whether an open slide becomes a whole-slide OME-TIFF (it has pyramid levels of its own)
-    rather than one image: the rule for single inputs and folders alike."""
-    return slide.native_levels > 1
+    """Whether an open slide becomes a whole-slide OME-TIFF rather than one image: it has
+    pyramid levels of its own, or a side above :data:`SLIDE_MIN_SIDE` (a 20k one-strip TIFF as
+    one PNG would hold the image and its result whole). The rule for folders and for single
+    inputs without an explicit PNG/JPEG output."""
+    return slide.native_levels > 1 or max(slide.shape[:2]) > SLIDE_MIN_SIDE
 
 
 def _is_pyramid_file(p: Path) -> bool:
