@@ -29,7 +29,7 @@ def test_single_level_slides_to_image_outputs(run_cli, data_dir, tmp_path, src, 
 
 
 def test_a_large_single_level_image_in_a_folder_becomes_a_tiled_slide(run_cli, data_dir, tmp_path):
-    """A one-strip TIFF wider than 8192 px in a folder is tiled into an OME-TIFF (memory flat in
+    """A one-strip TIFF wider than 4096 px in a folder is tiled into an OME-TIFF (memory flat in
     its size) instead of being held whole for one PNG; a small image beside it stays a PNG."""
     src = tmp_path / "in"
     src.mkdir()

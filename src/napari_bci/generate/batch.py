@@ -582,7 +582,7 @@ def bci_test_files(root: Path) -> list[Path] | None:
 
 #: A single-level image with a longer side above this is handled as a whole slide (tiled into an
 #: OME-TIFF, memory flat in its size) rather than as one image held in memory.
-SLIDE_MIN_SIDE = 8192
+SLIDE_MIN_SIDE = 4096
 
 
 def is_pyramid(slide) -> bool:
