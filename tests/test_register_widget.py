@@ -68,14 +68,15 @@ def _check(qtbot, w, viewer, view):
     return w.check_result
 
 
-def _registered(w, pair, tmp_path):
+def _registered(w, pair, tmp_path, qtbot):
     pair.transform.save(tmp_path / "t.json")
     assert w.load_transform(tmp_path / "t.json") is not None
+    _wait(qtbot, w)
 
 
 def test_checkerboard_in_micrometres_and_swipe_follow_the_view(setup, qtbot, tmp_path):
     viewer, w, pair = setup
-    _registered(w, pair, tmp_path)
+    _registered(w, pair, tmp_path, qtbot)
     fixed, warped = np.asarray(viewer.layers[L.IHC_TRUTH].data), np.asarray(viewer.layers[WARPED].data)
     viewer.reset_view()
     w.cell_spin.setValue(25.0)  # 25 um at 0.5 um/px: squares of 50 level-0 px
@@ -115,7 +116,7 @@ def test_checkerboard_in_micrometres_and_swipe_follow_the_view(setup, qtbot, tmp
 
 def test_shapes_drawn_on_the_he_are_carried_to_the_ihc_and_back(setup, qtbot, tmp_path):
     viewer, w, pair = setup
-    _registered(w, pair, tmp_path)
+    _registered(w, pair, tmp_path, qtbot)
     square = np.array([[40.0, 40], [40, 90], [90, 90], [90, 40]])  # world (row, col) on the H&E
     k = viewer.layers[L.HE].scale[-1]  # world units per level-0 pixel (0.5 um)
     assert np.allclose(viewer.layers[L.IHC_TRUTH].scale, k) and not np.any(viewer.layers[L.HE].translate)
@@ -156,8 +157,9 @@ def test_automatic_and_save_load(setup, qtbot, tmp_path):
     assert "Automatic start: intensity" in text and "Tissue overlap (Dice)" in text
     w.save_transform(tmp_path / "t.json")
     viewer.layers.remove(WARPED)
-    w.load_transform(tmp_path / "t.json")
-    assert WARPED in viewer.layers
+    w.load_transform(tmp_path / "t.json")  # warped and measured in a worker
+    _wait(qtbot, w)
+    assert WARPED in viewer.layers and "NCC" in w.quality.text()
 
 
 def test_bad_input_is_a_message_not_a_crash(setup, qtbot):

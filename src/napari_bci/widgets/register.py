@@ -5,6 +5,8 @@ difference computed for the view; carry drawn regions between the two sections."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
@@ -286,8 +288,7 @@ class RegisterWidget(QWidget):
     # -- running -------------------------------------------------------------------------------
     def run(self, method: str):
         """Start ``method`` (landmarks / auto / deformable) in a worker; returns the worker."""
-        from napari.qt.threading import thread_worker
-        from napari.utils.notifications import show_error, show_warning
+        from napari.utils.notifications import show_warning
 
         if self._worker is not None:
             show_warning("Register: already running")
@@ -309,30 +310,31 @@ class RegisterWidget(QWidget):
         self._cancel = False
         relay = self._relay
 
-        @thread_worker
         def work():
-            # errors are returned, not raised: napari 0.9's own handler of a worker's `errored`
-            # signal fails with a TypeError when a viewer is current
-            try:
-                return _work()
-            except Exception as e:  # noqa: BLE001 - reported to the user in _on_done
-                return _Failed(e)  # (superqt re-raises a returned exception instance)
-
-        def _work():
             from ..registration.api import register
-            from ..registration.warp import warp_levels
 
             res = register(f_levels, m_levels, progress=lambda msg, f: relay.progress.emit(msg, f),
                            cancelled=lambda: self._cancel, **kw)
             relay.progress.emit("warping the H&E", 0.98)
-            shapes = [tuple(int(s) for s in lv.shape[:2]) for lv in f_levels]
-            warped = warp_levels(m_levels, res.transform, shapes, chunk=512)
-            # levels small enough are computed here, not while napari slices; finer whole-slide
-            # levels stay lazy (each chunk reads only the moving region it needs)
-            warped = [np.asarray(w) if max(w.shape[:2]) <= 2048 else w for w in warped]
-            return res, warped
+            return res, _warped_levels(f_levels, m_levels, res.transform)
 
-        w = work()
+        return self._start(work, fixed, method, f"Registering ({method}) ...")
+
+    def _start(self, work, fixed, method: str, status: str):
+        """Run ``work() -> (RegistrationResult, warped levels)`` in a worker; its result goes to
+        :meth:`_on_done`. Returns the (started) worker."""
+        from napari.qt.threading import thread_worker
+
+        @thread_worker
+        def job():
+            # errors are returned, not raised: napari 0.9's own handler of a worker's `errored`
+            # signal fails with a TypeError when a viewer is current
+            try:
+                return work()
+            except Exception as e:  # noqa: BLE001 - reported to the user in _on_done
+                return _Failed(e)  # (superqt re-raises a returned exception instance)
+
+        w = job()
         w.returned.connect(lambda out: self._on_done(out, fixed, method))
         w.errored.connect(self._on_error)
         w.finished.connect(self._on_finished)
@@ -342,7 +344,7 @@ class RegisterWidget(QWidget):
         self.cancel_btn.setEnabled(True)
         self.progress.setVisible(True)
         self.progress.setValue(0)
-        self.status.setText(f"Registering ({method}) ...")
+        self.status.setText(status)
         w.start()
         return w
 
@@ -534,11 +536,17 @@ class RegisterWidget(QWidget):
         return self.transform.save(path)
 
     def load_transform(self, path):
-        """Load a transform file and show the H&E warped by it (no registration run)."""
+        """Load a transform file and show the H&E warped by it (no registration run): the file is
+        read at once (errors are a message), the warp and the quality figures in a worker.
+        Returns the worker, or None."""
+        from napari.utils.notifications import show_warning
+
         from ..errors import BCIError
-        from ..registration.warp import warp_levels
         from ..transform import Transform
 
+        if self._worker is not None:
+            show_warning("Register: already running")
+            return None
         try:
             t = Transform.load(path)
         except BCIError as e:
@@ -547,14 +555,14 @@ class RegisterWidget(QWidget):
         if fixed is None or moving is None:
             return self._error("choose the IHC and H&E layers first")
         f_levels, m_levels = levels(fixed), levels(moving)
-        shapes = [tuple(int(s) for s in lv.shape[:2]) for lv in f_levels]
-        warped = warp_levels(m_levels, t, shapes, chunk=512)
-        from ..registration.api import RegistrationResult
-        from ..registration.quality import quality_report
 
-        res = RegistrationResult(t, quality_report(f_levels, m_levels, t))
-        self._on_done((res, warped), fixed, "loaded")
-        return t
+        def work():
+            from ..registration.api import RegistrationResult
+            from ..registration.quality import quality_report
+
+            return RegistrationResult(t, quality_report(f_levels, m_levels, t)), _warped_levels(f_levels, m_levels, t)
+
+        return self._start(work, fixed, "loaded", f"Loading {Path(str(path)).name} ...")
 
     def _save_dialog(self):
         path, _ = QFileDialog.getSaveFileName(self, "Save transform", "transform.json", "JSON (*.json)")
@@ -579,6 +587,17 @@ class RegisterWidget(QWidget):
             self.viewer.canvas.events.size.disconnect(self.schedule_check)
         except (RuntimeError, TypeError, ValueError):
             pass
+
+
+def _warped_levels(f_levels, m_levels, transform) -> list:
+    """The H&E levels warped onto the IHC's; levels small enough are computed here (in the
+    worker), not while napari slices; finer whole-slide levels stay lazy (each chunk reads only
+    the moving region it needs)."""
+    from ..registration.warp import warp_levels
+
+    shapes = [tuple(int(s) for s in lv.shape[:2]) for lv in f_levels]
+    warped = warp_levels(m_levels, transform, shapes, chunk=512)
+    return [np.asarray(w) if max(w.shape[:2]) <= 2048 else w for w in warped]
 
 
 def _ellipse_outline(corners_xy: np.ndarray, n: int = 64) -> np.ndarray:
