@@ -366,7 +366,7 @@ class HER2Widget(QWidget):
             lm = out["learned_map"]
             self._show_map(lm.labels, lm.tile, layer, LEARNED_LAYER, visible=False)
         self._show_cells(self.result, layer)
-        self._show_outlines(list(self.region_results.values()), layer)
+        self._show_outlines(out.get("outlines"), layer)
 
     # -- layers --------------------------------------------------------------------------------
     def _show_map(self, labels, tile, layer, name, visible=True, her2=None):
@@ -471,35 +471,16 @@ class HER2Widget(QWidget):
         self._cells_px = 1.0
         self._update_cell_visibility()
 
-    def _show_outlines(self, results: list[HER2Result], layer):
-        """Cell outlines of region results (tumour cells in their class colour, rejected cells
-        grey) as one Labels layer in contour mode; removed when there are none or too many."""
+    def _show_outlines(self, outlines, layer):
+        """The cell outlines :func:`outline_canvas` composed in the worker, as one Labels layer in
+        contour mode (removed when there are none)."""
         from napari.utils.colormaps import DirectLabelColormap
 
         if OUTLINES_LAYER in self.viewer.layers:
             self.viewer.layers.remove(OUTLINES_LAYER)
-        parts = [r for r in results if r.label_image is not None and len(r.label_ids)]
-        if not parts or len({r.label_downsample for r in parts}) != 1:
+        if outlines is None:
             return
-        ds = parts[0].label_downsample
-        lo = np.min([np.asarray(r.label_origin) / ds for r in parts], 0).astype(int)
-        hi = np.max([np.asarray(r.label_origin) / ds + r.label_image.shape[::-1] for r in parts], 0).astype(int)
-        w, h = hi - lo
-        if w * h > MAX_OUTLINE_PX:
-            return
-        canvas = np.zeros((h, w), np.int32)
-        colours = {None: np.zeros(4), 0: np.zeros(4)}
-        base = 0
-        for r in parts:
-            keep = np.zeros(int(r.label_image.max()) + 1, np.int32)
-            keep[r.label_ids] = base + np.arange(1, len(r.label_ids) + 1, dtype=np.int32)
-            x0, y0 = (np.asarray(r.label_origin) / ds).astype(int) - lo
-            sub = keep[r.label_image]
-            view = canvas[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]]
-            np.copyto(view, sub, where=sub > 0)
-            for j, (c, t) in enumerate(zip(r.cell_class, r.tumour)):
-                colours[base + j + 1] = np.asarray(CLASS_COLOURS[c] if t else REJECTED_COLOUR, float)
-            base += len(r.label_ids)
+        canvas, colours, ds, lo = outlines
         s = np.asarray(layer.scale[-2:], float)
         t = np.asarray(layer.translate[-2:], float)
         self.viewer.add_labels(canvas, name=OUTLINES_LAYER, scale=s * ds, translate=t + lo[::-1] * ds * s,
@@ -521,6 +502,35 @@ class HER2Widget(QWidget):
         super().hideEvent(event)
 
 
+def outline_canvas(results: list[HER2Result]):
+    """``(labels, colours, downsample, origin)`` of the cell outlines of region results (tumour
+    cells in their class colour, rejected cells grey), or None when there are none or too many
+    pixels; composed in the worker, so the result's arrival only adds the layer."""
+    parts = [r for r in results if r.label_image is not None and len(r.label_ids)]
+    if not parts or len({r.label_downsample for r in parts}) != 1:
+        return None
+    ds = parts[0].label_downsample
+    lo = np.min([np.asarray(r.label_origin) / ds for r in parts], 0).astype(int)
+    hi = np.max([np.asarray(r.label_origin) / ds + r.label_image.shape[::-1] for r in parts], 0).astype(int)
+    w, h = hi - lo
+    if w * h > MAX_OUTLINE_PX:
+        return None
+    canvas = np.zeros((h, w), np.int32)
+    colours = {None: np.zeros(4), 0: np.zeros(4)}
+    base = 0
+    for r in parts:
+        keep = np.zeros(int(r.label_image.max()) + 1, np.int32)
+        keep[r.label_ids] = base + np.arange(1, len(r.label_ids) + 1, dtype=np.int32)
+        x0, y0 = (np.asarray(r.label_origin) / ds).astype(int) - lo
+        sub = keep[r.label_image]
+        view = canvas[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]]
+        np.copyto(view, sub, where=sub > 0)
+        for j, (c, t) in enumerate(zip(r.cell_class, r.tumour)):
+            colours[base + j + 1] = np.asarray(CLASS_COLOURS[c] if t else REJECTED_COLOUR, float)
+        base += len(r.label_ids)
+    return canvas, colours, ds, lo
+
+
 def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="builtin", **kw):
     """Worker body (generator: yields (done, total)). Returns a dict with ``overall``
     (HER2Result), ``regions`` {name: HER2Result}, ``map`` (ScoreMap or None), ``learned_map``
@@ -528,7 +538,7 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
     from ..her2.learned import compare, disagreement, iter_predict_map, level_model, predict_polygon
     from ..her2.tiles import choose_level, image_context, iter_score_map, score_polygon
 
-    out = {"regions": {}, "map": None, "learned_map": None, "compare": None}
+    out = {"regions": {}, "map": None, "learned_map": None, "compare": None, "outlines": None}
     model_bg, colours = image_context(levels, estimate_stains=kw.get("estimate_stains", False))
     if colours is not None:
         return {"refused": colours["reason"]}
@@ -575,4 +585,5 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
             out["compare"]["text"] = (f"rule-based {out['compare']['rule_display']}; no learned level: "
                                       f"{Path(str(model_name)).name} has no HER2 head or could not be loaded "
                                       "(use the built-in model or a level-aware checkpoint such as BCIStainer)")
+    out["outlines"] = outline_canvas(list(out["regions"].values()))
     return out
