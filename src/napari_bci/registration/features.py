@@ -27,6 +27,9 @@ class RegistrationFailed(BCIError):
 MIN_SCORE = 0.4
 #: below this score the feature path is tried too (it rescues pairs that share their cells)
 CONFIDENT_SCORE = 0.4
+#: a different pose whose refined score is within this margin of the best makes the result
+#: ambiguous, and it is refused (calibrated on real sections, docs/registration.md)
+AMBIGUITY_MARGIN = 0.02
 
 
 @dataclass
@@ -268,6 +271,12 @@ def register_auto(
     if sp >= score - 0.005:  # the polish optimises another criterion; keep it unless it is worse
         m0, score = mp, max(sp, score)
     info["score"] = score
+    ru = info.get("runner_up_score")
+    if how == "intensity" and ru is not None and ru >= info["affine_score"] - AMBIGUITY_MARGIN:
+        raise RegistrationFailed(
+            f"registration failed: two alignments {info['runner_up_px']:.0f} px apart match tissue and "
+            f"nuclei about equally well (scores {info['affine_score']:.2f} and {ru:.2f}); the sections "
+            "share too little structure to choose (try landmarks: place >= 4 point pairs on both images)")
     if not score >= min_score:
         raise RegistrationFailed(
             f"registration failed: the best alignment found matches tissue and nuclei poorly "

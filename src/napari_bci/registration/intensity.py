@@ -2,13 +2,15 @@
 
 Consecutive H&E and HER2-IHC sections do not share cells or colours, so keypoints rarely match.
 What both keep is the tissue layout: where tissue is and is not (lumens, fat, tears), and where
-nuclei are dense (tumour nests against stroma). This module works on those channels:
+nuclei are dense (tumour nests against stroma). This module works on those channels
+(:class:`SearchChannels`):
 
-1. :func:`global_search`: at low resolution (longer side about 128 px), every rotation (6 degree
-   steps), both orientations (flip) and three scales, each with the best translation found at once
-   by FFT masked normalised cross-correlation (Padfield, IEEE TIP 2012);
-2. :func:`ecc_refine`: the best candidates refined by maximising the correlation coefficient (ECC,
-   Evangelidis & Psarakis, PAMI 2008) over an affine, then a projective map, coarse to fine.
+1. :func:`global_search`: at low resolution (longer side 64 px), every rotation (10 degree
+   steps), both orientations (flip) and scales 0.5-2, each with the best translation found at
+   once by FFT masked normalised cross-correlation (Padfield, IEEE TIP 2012);
+2. :func:`local_search` and :func:`ecc_refine` of several candidates: the pose is refined by
+   maximising the correlation coefficient (ECC, Evangelidis & Psarakis, PAMI 2008) over an
+   affine map, and the best refined candidate over a projective map, coarse to fine.
 """
 
 from __future__ import annotations
@@ -51,6 +53,43 @@ def invariant_channels(rgb: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     if sigma > 0:
         out = np.stack([ndi.gaussian_filter(c, sigma) for c in out])
     return out.astype(np.float32)
+
+
+class SearchChannels:
+    """The channels the automatic step aligns, for one pyramid: the tissue mask and the **nucleus
+    density**, computed once from the image of longer side ``base_side`` and block-averaged to
+    any coarser size by :meth:`at`.
+
+    The nucleus density is the positive part of a band-pass (difference of Gaussians at the
+    nucleus scale) of the hematoxylin optical density, smoothed and ranked. Unlike the
+    hematoxylin level itself, it does not depend on how much counterstain the stroma takes up:
+    an IHC's bluish stroma is as dark in hematoxylin as an H&E's tumour nests, but only the nests
+    are dense with nuclei in both."""
+
+    #: difference-of-Gaussians sigmas and density smoothing, px of a 512-px base image
+    DOG = (1.0, 3.0)
+    DENSITY_SIGMA = 8.0
+
+    def __init__(self, pyramid, base_side: int = 512):
+        img, self.downsample = pyramid.image_at(base_side)
+        img = np.asarray(img)[..., :3]
+        od = rgb_to_od(img).sum(-1)
+        self.tissue = (od > tissue_threshold(od)).astype(np.float32)
+        h = hematoxylin(img).astype(np.float32)
+        k = base_side / 512
+        s1, s2 = self.DOG
+        self.nuclei = np.maximum(ndi.gaussian_filter(h, s1 * k) - ndi.gaussian_filter(h, s2 * k), 0)
+        self.k = k
+
+    def at(self, side: int, sigma: float) -> tuple[np.ndarray, float]:
+        """``(2, h, w)`` channels with longer side about ``side``, smoothed by ``sigma`` px, and
+        their downsample factor relative to level 0."""
+        from .images import downscale
+
+        f = max(int(round(max(self.tissue.shape) / side)), 1)
+        d = ndi.gaussian_filter(downscale(self.nuclei, f), max(self.DENSITY_SIGMA * self.k / f, 1.0))
+        out = np.stack([ndi.gaussian_filter(c, sigma) for c in (downscale(self.tissue, f), _rank(d))])
+        return out.astype(np.float32), self.downsample * f
 
 
 # --------------------------------------------------------------------------- global search
@@ -138,6 +177,10 @@ class _MaskedNCC:
         return total / len(moving), n
 
 
+#: scales (moving -> fixed) of the global search: 0.5-2 in steps of 19 %
+SCALES = tuple(np.geomspace(0.5, 2.0, 9))
+
+
 def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: float = 0.3
            ) -> list[Candidate]:
     """For each ``(angle, scale, flipped)`` pose, the translation with the highest masked NCC of
@@ -147,28 +190,32 @@ def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: floa
     fixed_ch, moving_ch = fixed_ch.sum(0, keepdims=True), moving_ch.sum(0, keepdims=True)
     fh, fw = fixed_ch.shape[1:]
     mh, mw = moving_ch.shape[1:]
-    side = int(np.ceil(np.hypot(mh, mw) * max(p[1] for p in poses))) + 2
-    ncc = _MaskedNCC(fixed_ch, (side, side))
     cm = np.array([(mw - 1) / 2, (mh - 1) / 2])
-    cc = np.array([(side - 1) / 2, (side - 1) / 2])
+    by_scale: dict[float, list] = {}
+    for p in poses:
+        by_scale.setdefault(float(p[1]), []).append(p)
     found = []
-    for angle, scale, flipped in poses:
-        m = similarity_matrix(angle, scale, flipped, cm, cc)
-        g, valid = _warp_channels(moving_ch, m, (side, side))
+    for scale, group in by_scale.items():  # one canvas (and FFT size) per scale
+        side = int(np.ceil(np.hypot(mh, mw) * scale)) + 2
+        ncc = _MaskedNCC(fixed_ch, (side, side))
+        cc = np.array([(side - 1) / 2, (side - 1) / 2])
         # overlap relative to the geometric mean of the areas, so no scale is favoured
         full = np.sqrt(fh * fw * mh * mw * scale * scale)
-        score, n = ncc(g, valid, min_overlap * min(fh * fw, mh * mw * scale * scale))
-        score = score * np.sqrt(np.minimum(n / full, 1.0))
-        r, c = np.unravel_index(int(np.argmax(score)), score.shape)
-        dy = r if r < fh else r - score.shape[0]  # negative shifts wrap around
-        dx = c if c < fw else c - score.shape[1]
-        shift = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
-        found.append(Candidate(shift @ m, float(score[r, c]), float(angle) % 360, float(scale), bool(flipped)))
+        for angle, _, flipped in group:
+            m = similarity_matrix(angle, scale, flipped, cm, cc)
+            g, valid = _warp_channels(moving_ch, m, (side, side))
+            score, n = ncc(g, valid, min_overlap * min(fh * fw, mh * mw * scale * scale))
+            score = score * np.sqrt(np.minimum(n / full, 1.0))
+            r, c = np.unravel_index(int(np.argmax(score)), score.shape)
+            dy = r if r < fh else r - score.shape[0]  # negative shifts wrap around
+            dx = c if c < fw else c - score.shape[1]
+            shift = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
+            found.append(Candidate(shift @ m, float(score[r, c]), float(angle) % 360, scale, bool(flipped)))
     return found
 
 
 def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float = 10.0,
-                  scales=(0.87, 1.0, 1.15), flips: bool = True, keep: int = 4) -> list[Candidate]:
+                  scales=SCALES, flips: bool = True, keep: int = 6) -> list[Candidate]:
     """:func:`search` over every rotation, ``scales`` and both orientations: the ``keep`` best
     distinct candidates, best first (peaks closer than a tenth of the image and 25 degrees count
     as one)."""
@@ -188,11 +235,12 @@ def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float
     return out
 
 
-def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, angle_step: float = 4.0,
-                 scale_step: float = 0.06) -> Candidate:
-    """The best pose near ``cand`` (angles within 4 degrees, scales within 6 %)."""
-    poses = [(cand.angle + da, cand.scale * (1 + ds), cand.flipped)
-             for da in (-angle_step, 0.0, angle_step) for ds in (-scale_step, 0.0, scale_step)]
+def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, angle_step: float = 5.0,
+                 scale_step: float = 1.09) -> Candidate:
+    """The best pose near ``cand`` (angles within ``angle_step`` degrees, scales within a factor
+    ``scale_step``): half the steps of :func:`global_search`."""
+    poses = [(cand.angle + da, cand.scale * r, cand.flipped)
+             for da in (-angle_step, 0.0, angle_step) for r in (1 / scale_step, 1.0, scale_step)]
     return max(search(fixed_ch, moving_ch, poses), key=lambda c: c.score)
 
 
@@ -291,47 +339,85 @@ def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, 
 
 # --------------------------------------------------------------------------- pipeline
 #: (longer side px, smoothing sigma px) of the search, local search and refinement levels
-LEVELS = {"search": (96, 1.0), "local": (160, 1.25), "affine": (256, 2.0), "projective": (512, 3.0),
+LEVELS = {"search": (64, 1.0), "local": (128, 1.25), "affine": (256, 2.0), "projective": (512, 3.0),
           "slide": (1024, 3.0)}  # "slide": a further projective level for images over 2048 px
+#: candidates of the global search refined by ECC (the best by refined score wins)
+KEEP = 6
 
 
 @dataclass
 class IntensityResult:
     matrix: np.ndarray  # moving -> fixed, level-0 px
-    score: float  # overlap-weighted correlation of the invariant channels at the finest level
+    score: float  # overlap-weighted correlation of the search channels at the finest level
     candidate: Candidate  # the pose of the global search that won
     info: dict = field(default_factory=dict)
 
 
+class _Channels:
+    """:class:`SearchChannels` of one pyramid, per base size (512 px; 1024 px for the slide level)."""
+
+    def __init__(self, pyramid):
+        self.pyramid, self.bases = pyramid, {}
+
+    def __call__(self, key: str) -> tuple[np.ndarray, float]:
+        side, sigma = LEVELS[key]
+        base = 512 if side <= 512 else 1024
+        if base not in self.bases:
+            self.bases[base] = SearchChannels(self.pyramid, base)
+        return self.bases[base].at(side, sigma)
+
+
+def pose_distance(pf, a: np.ndarray, b: np.ndarray) -> float:
+    """Median distance (level-0 moving px) between where two moving -> fixed matrices take the
+    fixed image's grid points back into the moving image."""
+    from ..transform import apply_matrix
+
+    h, w = pf.shape
+    ys, xs = np.mgrid[0.1 : 0.9 : 7j, 0.1 : 0.9 : 7j]
+    p = np.stack([xs.ravel() * w, ys.ravel() * h], 1)
+    return float(np.median(np.linalg.norm(apply_matrix(np.linalg.inv(a), p) - apply_matrix(np.linalg.inv(b), p),
+                                          axis=1)))
+
+
 def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
                        progress: Callable[[str, float], None] | None = None) -> IntensityResult:
-    """Moving -> fixed projective of two :class:`~napari_bci.registration.images.Pyramid` s:
-    :func:`global_search`, :func:`local_search` of its best candidates, then :func:`ecc_refine`
-    (affine, then projective). See the module docstring."""
+    """Moving -> fixed projective of two :class:`~napari_bci.registration.images.Pyramid` s on
+    :class:`SearchChannels`: :func:`global_search` (64 px), :func:`local_search` of its
+    :data:`KEEP` best candidates (128 px), an affine :func:`ecc_refine` of each (256 px); the best
+    by refined score goes on to a projective refinement (512 px). ``info`` has the runner-up: the
+    best other candidate whose refined pose is elsewhere (``runner_up_score``, and how far,
+    ``runner_up_px``), by which :func:`~napari_bci.registration.features.register_auto` refuses
+    an ambiguous result."""
     from .images import matrix_to_level, matrix_to_level0
 
     say = progress or (lambda msg, frac: None)
-
-    def chans(p, key):
-        img, ds = p.image_at(LEVELS[key][0])
-        return invariant_channels(img, LEVELS[key][1]), ds
-
+    chf, chm = _Channels(pf), _Channels(pm)
     say("global search", 0.0)
-    (cf, _), (cm, _) = chans(pf, "search"), chans(pm, "search")
-    cands = global_search(cf, cm, flips=flips, keep=3)
-    say("local search", 0.45)
-    (cf, dsf), (cm, dsm) = chans(pf, "local"), chans(pm, "local")
-    best = max((local_search(cf, cm, c) for c in cands), key=lambda c: c.score)
-    m0 = matrix_to_level0(best.matrix, dsm, dsf)
-    info = {"search_score": best.score, "angle": best.angle, "scale": best.scale,
-            "flipped": best.flipped}
-    score = best.score
-    keys = ["affine", "projective"] + (["slide"] if score_level(pf) == "slide" else [])
+    (cf, _), (cm, _) = chf("search"), chm("search")
+    cands = global_search(cf, cm, flips=flips, keep=KEEP)
+    say("local search", 0.4)
+    (cf, dsf), (cm, dsm) = chf("local"), chm("local")
+    (af, daf), (am, dam) = chf("affine"), chm("affine")
+    refined = []
+    for k, c in enumerate(cands):
+        say("local search and affine refinement", 0.4 + 0.4 * k / len(cands))
+        loc = local_search(cf, cm, c)
+        m0 = matrix_to_level0(loc.matrix, dsm, dsf)
+        mk, score = ecc_refine(af, am, matrix_to_level(m0, dam, daf), "affine", seed=seed)
+        refined.append((score, matrix_to_level0(mk, dam, daf), loc))
+    refined.sort(key=lambda r: -r[0])
+    score, m0, best = refined[0]
+    diag = float(np.hypot(*pf.shape))
+    others = [(s, pose_distance(pf, m0, m)) for s, m, _ in refined[1:]]
+    others = [o for o in others if o[1] > 0.05 * diag]
+    info = {"search_score": best.score, "angle": best.angle, "scale": best.scale, "flipped": best.flipped,
+            "affine_score": score, "runner_up_score": others[0][0] if others else None,
+            "runner_up_px": others[0][1] if others else None}
+    keys = ["projective"] + (["slide"] if score_level(pf) == "slide" else [])
     for k, key in enumerate(keys):
-        say(f"refine ({key})", 0.7 + 0.15 * k)
-        (cf, dsf), (cm, dsm) = chans(pf, key), chans(pm, key)
-        mk, score = ecc_refine(cf, cm, matrix_to_level(m0, dsm, dsf), "affine" if key == "affine" else
-                               "projective", seed=seed)
+        say(f"refine ({key})", 0.85 + 0.1 * k)
+        (cf, dsf), (cm, dsm) = chf(key), chm(key)
+        mk, score = ecc_refine(cf, cm, matrix_to_level(m0, dsm, dsf), "projective", seed=seed)
         m0 = matrix_to_level0(mk, dsm, dsf)
         info[f"{key}_score"] = score
     return IntensityResult(m0 / m0[2, 2], float(score), best, info)
@@ -348,8 +434,6 @@ def invariant_score(pf, pm, matrix0: np.ndarray) -> float:
     from .images import matrix_to_level
 
     key = score_level(pf)
-    fi, dsf = pf.image_at(LEVELS[key][0])
-    mi, dsm = pm.image_at(LEVELS[key][0])
-    _, score = ecc_refine(invariant_channels(fi, LEVELS[key][1]), invariant_channels(mi, LEVELS[key][1]),
-                          matrix_to_level(matrix0, dsm, dsf), "affine", iterations=1)
+    (cf, dsf), (cm, dsm) = _Channels(pf)(key), _Channels(pm)(key)
+    _, score = ecc_refine(cf, cm, matrix_to_level(matrix0, dsm, dsf), "affine", iterations=1)
     return score
