@@ -191,9 +191,11 @@ def test_geojson_import_into_regions(viewer_widget, qtbot, tmp_path):
     assert ly.features["name"][0] == "ROI 1" and ly.features["region_id"][0] == "abc"
     np.testing.assert_allclose(ly.edge_color[0], [1, 0, 0, 1])
     w.measure_regions()
-    qtbot.waitUntil(lambda: not w._regions.busy and len(w.scores) == 1, timeout=60000)
+    w.import_geojson(p, on_done=added.append)  # an import while measuring drops nothing
+    qtbot.waitUntil(lambda: not w._regions.busy and len(w.scores) == 1 and added == [1, 1], timeout=60000)
     assert w.scores[0].region.label == "ROI 1" and w.scores[0].area_px == pytest.approx(5000)
     assert w.table.item(0, 0).text() == "ROI 1"
+    assert len(viewer.layers[L.REGIONS].data) == 2
 
 
 def test_region_on_a_pyramid_is_measured_at_a_bounded_level(monkeypatch, pair):

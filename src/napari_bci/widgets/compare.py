@@ -123,6 +123,7 @@ class CompareWidget(QWidget):
         self._heat = Jobs(self)
         self._heat_pending = False
         self._regions = Jobs(self)
+        self._import = Jobs(self)  # its own slot: an import never drops a measurement running
         self._saved: dict[str, dict] = {}  # layer name -> the display state we changed
         self._active = True
         self._user_chose: set = set()
@@ -607,7 +608,7 @@ class CompareWidget(QWidget):
                 on_done(n)
 
         self.import_btn.setEnabled(False)
-        return self._regions.start(read_geojson, path, on_done=done,
+        return self._import.start(read_geojson, path, on_done=done,
                                    on_error=lambda e: show_error(f"Compare: {e}"),
                                    on_finished=lambda: self.import_btn.setEnabled(True))
 
@@ -771,6 +772,7 @@ class CompareWidget(QWidget):
         self._watch_generated_none()
         self._heat.stop()
         self._regions.stop()
+        self._import.stop()
         self._restore()
         try:
             cam = self.viewer.scene.camera
