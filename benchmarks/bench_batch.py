@@ -1,6 +1,6 @@
 """Whole-slide batch generation: throughput with 1 and 2 dask workers, and peak memory vs slide size.
 
-    python benchmarks/bench_batch.py [--size 4096] [--mem-sizes 16384 32768] [--tile 512]
+    python benchmarks/bench_batch.py [--size 4096] [--mem-sizes 16384 32768] [--tile 512] [--strip-sizes 8192 16384 20000]
 
 1. Throughput: the synthetic whole slide (``napari_bci.samples.wsi.make_wsi_pair``) written as an
    OME-TIFF, then ``generate_slide`` with the ``baseline`` generator (tissue tiles only) in this
@@ -11,6 +11,9 @@
    the same slides written by the pyramid writer alone; prints the peak RSS of both, the
    writer's stated row buffer ``2 * tile * width * 3`` and the growth 16k -> 32k. Memory must not
    grow with the slide beyond the writer's buffers.
+3. Strip TIFFs: peak RSS of the batch paths of the CLI on one-strip uncompressed TIFFs of 8k, 16k
+   and 20k (``bench_io.py``'s memory table, same baseline rule): a folder holding the slide
+   (``generate FOLDER --out OUTDIR``) and a local dask cluster (``generate --workers 1``).
 """
 
 from __future__ import annotations
@@ -132,12 +135,31 @@ def _child(func: str, *args) -> dict:
     return json.loads(line[-1][6:])
 
 
+def _in_folder(src: Path, d: str) -> str:
+    """A folder in ``d`` holding (a hard link to) ``src`` alone."""
+    folder = Path(d) / f"in_{src.stem}"
+    folder.mkdir(exist_ok=True)
+    if not (folder / src.name).exists():
+        os.link(src, folder / src.name)
+    return str(folder)
+
+
+BATCH_COMMANDS = {
+    "folder": lambda src, d: ["generate", _in_folder(src, d), "--model", "baseline", "--out",
+                              str(Path(d) / f"out_{src.stem}"), "--device", "cpu"],
+    "workers": lambda src, d: ["generate", str(src), "--model", "baseline", "--workers", "1", "--out",
+                               str(Path(d) / f"w_{src.stem}.ome.tif"), "--device", "cpu"],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096, help="synthetic WSI side for the worker benchmark")
     ap.add_argument("--mem-sizes", type=int, nargs="*", default=[16384, 32768])
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--skip-workers", action="store_true")
+    ap.add_argument("--strip-sizes", type=int, nargs="*", default=[8192, 16384, 20000],
+                    help="one-strip TIFF sides for the batch CLI memory table (none: skip it)")
     ap.add_argument("--model", default="baseline", help="generator for the worker benchmark (default baseline)")
     args = ap.parse_args()
     print(f"cores: {os.cpu_count()}")
@@ -169,6 +191,11 @@ def main() -> None:
               f"(pixels x{(b['size'] / a['size']) ** 2:.0f}); growth {grow:.0f} MB, "
               f"of which the pyramid writer alone grows {wgrow:.0f} MB "
               f"(generation adds {grow - wgrow:+.0f} MB)")
+    if args.strip_sizes:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_io import memory
+
+        memory(args.strip_sizes, BATCH_COMMANDS)
 
 if __name__ == "__main__":
     main()
