@@ -150,6 +150,9 @@ def test_region_table_from_drawn_shapes(viewer_widget, qtbot, pair, tmp_path):
     assert tri.area_px == pytest.approx(0.5 * abs(ax * (by - cy) + bx * (cy - ay) + cx * (ay - by)))
     assert tri.her2_truth == "3+"
     assert w.table.item(1, headers.index("HER2 truth")).text() == "3+"
+    # each shape drawn gets its own name, on the canvas and in the table
+    assert list(regions.features["name"]) == ["Region 1", "Region 2"]
+    assert [w.table.item(i, 0).text() for i in range(2)] == ["Region 1", "Region 2"]
     # a predicted level (or why there is none) comes from the HER2 scorer on the generated pixels
     assert tri.her2_pred in ("0", "1+", "2+", "3+") or tri.her2_pred.startswith("not assessable (")
     assert w.table.item(1, headers.index("HER2 pred")).text() == tri.her2_pred

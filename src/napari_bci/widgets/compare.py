@@ -550,6 +550,13 @@ class CompareWidget(QWidget):
         feats = feats.copy()
         feats["name"] = names
         ly.features = feats
+        # napari gives the next shape the current feature values: it must start unnamed, not
+        # as another "Region 1"
+        defaults = ly.feature_defaults.copy()
+        defaults["name"] = ""
+        if "region_id" in defaults:
+            defaults["region_id"] = ""
+        ly.feature_defaults = defaults
         ly.refresh_text()
 
     def _regions_from_layer(self) -> list:
