@@ -471,8 +471,12 @@ class RegisterWidget(QWidget):
         units = tuple(fixed.units)[-2:] if fixed is not None else None
         if CHECK in self.viewer.layers and self.viewer.layers[CHECK].rgb == res.rgb:
             ly = self.viewer.layers[CHECK]
+            # each change costs napari a refresh of every layer: only what changed
+            if not np.allclose(ly.scale[-2:], res.scale):
+                ly.scale = res.scale
+            if not np.allclose(ly.translate[-2:], res.translate):
+                ly.translate = res.translate
             ly.data = res.image
-            ly.scale, ly.translate = res.scale, res.translate
         else:
             if CHECK in self.viewer.layers:
                 self.viewer.layers.remove(CHECK)
@@ -484,7 +488,9 @@ class RegisterWidget(QWidget):
         if res.cell_px is not None:
             mpp = (fixed.metadata or {}).get("mpp") if fixed is not None else None
             size = f"{self.cell_spin.value():.0f} µm" if mpp else f"{res.cell_px:.0f} px (pixel size unknown)"
-            self.status.setText(f"Checkerboard: squares of {size}; IHC and registered H&E alternate.")
+            text = f"Checkerboard: squares of {size}; IHC and registered H&E alternate."
+            if self.status.text() != text:  # a new text re-lays the dock out
+                self.status.setText(text)
 
     # -- annotation transfer ---------------------------------------------------------------------
     def transfer_shapes(self, to_ihc: bool = True):
