@@ -40,7 +40,7 @@ def test_global_search_finds_rotation_flip_and_scale(he):
     assert abs(best.scale - 0.85) < 0.1
 
 
-@pytest.mark.parametrize("angle, flip, scale", [(160.0, True, 0.85), (-100.0, False, 1.2)])
+@pytest.mark.parametrize("angle, flip, scale", [(160.0, True, 0.85), (-100.0, False, 1.2), (135.0, True, 1.6)])
 def test_auto_cross_stain_any_pose(he, angle, flip, scale):
     pair = make_known_pair(he, seed=4, angle=angle, flip=flip, scale=scale, field_amplitude=0)
     res = register_auto(pair.fixed, pair.moving, refine_side=512)
@@ -58,6 +58,17 @@ def test_deformable_cross_stain_and_quality_figures(he):
     assert r["ncc_after"] > r["ncc_before"] + 0.3 and r["mi_after"] > r["mi_before"]
     assert r["tissue_overlap_after"] > max(0.85, r["tissue_overlap_before"] + 0.1)
     assert r["folded_fraction"] == 0.0
+
+
+def test_ambiguous_pose_is_refused(he):
+    """The moving patch appears twice in the fixed image: two poses 256 px apart match equally
+    well, so no choice between them is trustworthy, and none is returned."""
+    from napari_bci.registration.known_warp import ihc_like
+
+    patch = he[:256, :256]
+    fixed = ihc_like(np.concatenate([patch, patch], 1), seed=3)
+    with pytest.raises(RegistrationFailed, match=r"^registration failed: two alignments .*equally well.*\(try landmarks"):
+        register_auto(fixed, patch)
 
 
 def test_unrelated_tissue_fails_clearly(he, data_dir):

@@ -272,10 +272,10 @@ def register_auto(
         m0, score = mp, max(sp, score)
     info["score"] = score
     ru = info.get("runner_up_score")
-    if how == "intensity" and ru is not None and ru >= info["affine_score"] - AMBIGUITY_MARGIN:
+    if how == "intensity" and ru is not None and ru >= info["projective_score"] - AMBIGUITY_MARGIN:
         raise RegistrationFailed(
             f"registration failed: two alignments {info['runner_up_px']:.0f} px apart match tissue and "
-            f"nuclei about equally well (scores {info['affine_score']:.2f} and {ru:.2f}); the sections "
+            f"nuclei about equally well (scores {info['projective_score']:.2f} and {ru:.2f}); the sections "
             "share too little structure to choose (try landmarks: place >= 4 point pairs on both images)")
     if not score >= min_score:
         raise RegistrationFailed(

@@ -70,26 +70,24 @@ class SearchChannels:
     DOG = (1.0, 3.0)
     DENSITY_SIGMA = 8.0
 
-    def __init__(self, pyramid, base_side: int = 512):
+    def __init__(self, pyramid, base_side: int = 512, nucleus_scale: float = 1.0):
         img, self.downsample = pyramid.image_at(base_side)
         img = np.asarray(img)[..., :3]
         od = rgb_to_od(img).sum(-1)
         self.tissue = (od > tissue_threshold(od)).astype(np.float32)
         h = hematoxylin(img).astype(np.float32)
-        k = base_side / 512
-        s1, s2 = self.DOG
-        self.nuclei = np.maximum(ndi.gaussian_filter(h, s1 * k) - ndi.gaussian_filter(h, s2 * k), 0)
-        self.k = k
+        s1, s2 = (s * nucleus_scale for s in self.DOG)
+        self.nuclei = np.maximum(ndi.gaussian_filter(h, s1) - ndi.gaussian_filter(h, s2), 0)
+        self.k = nucleus_scale
 
-    def at(self, side: int, sigma: float) -> tuple[np.ndarray, float]:
-        """``(2, h, w)`` channels with longer side about ``side``, smoothed by ``sigma`` px, and
+    def at(self, factor: int, sigma: float) -> tuple[np.ndarray, float]:
+        """``(2, h, w)`` channels block-averaged by ``factor``, smoothed by ``sigma`` px, and
         their downsample factor relative to level 0."""
         from .images import downscale
 
-        f = max(int(round(max(self.tissue.shape) / side)), 1)
-        d = ndi.gaussian_filter(downscale(self.nuclei, f), max(self.DENSITY_SIGMA * self.k / f, 1.0))
-        out = np.stack([ndi.gaussian_filter(c, sigma) for c in (downscale(self.tissue, f), _rank(d))])
-        return out.astype(np.float32), self.downsample * f
+        d = ndi.gaussian_filter(downscale(self.nuclei, factor), max(self.DENSITY_SIGMA * self.k / factor, 1.0))
+        out = np.stack([ndi.gaussian_filter(c, sigma) for c in (downscale(self.tissue, factor), _rank(d))])
+        return out.astype(np.float32), self.downsample * factor
 
 
 # --------------------------------------------------------------------------- global search
@@ -178,15 +176,16 @@ class _MaskedNCC:
 
 
 #: scales (moving -> fixed) of the global search: 0.5-2 in steps of 19 %
-SCALES = tuple(np.geomspace(0.5, 2.0, 9))
+SCALES = tuple(np.geomspace(0.5, 2.0, 7))
 
 
-def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: float = 0.3
+def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: float = 0.3, peaks: int = 1
            ) -> list[Candidate]:
     """For each ``(angle, scale, flipped)`` pose, the translation with the highest masked NCC of
     the channels' sum, weighted by the square root of the overlap (small overlaps correlate
     highly by chance); overlaps below ``min_overlap`` of the smaller image are not considered.
-    Returns one :class:`Candidate` per pose (matrices in pixels of these images)."""
+    Returns ``peaks`` :class:`Candidate` s per pose (the best translations at least a tenth of
+    the fixed image apart; matrices in pixels of these images)."""
     fixed_ch, moving_ch = fixed_ch.sum(0, keepdims=True), moving_ch.sum(0, keepdims=True)
     fh, fw = fixed_ch.shape[1:]
     mh, mw = moving_ch.shape[1:]
@@ -199,6 +198,9 @@ def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: floa
         side = int(np.ceil(np.hypot(mh, mw) * scale)) + 2
         ncc = _MaskedNCC(fixed_ch, (side, side))
         cc = np.array([(side - 1) / 2, (side - 1) / 2])
+        # the shift of each entry of the score map (negative shifts wrap around)
+        r, c = np.ogrid[0 : ncc.shape[0], 0 : ncc.shape[1]]
+        sy, sx = np.where(r < fh, r, r - ncc.shape[0]), np.where(c < fw, c, c - ncc.shape[1])
         # overlap relative to the geometric mean of the areas, so no scale is favoured
         full = np.sqrt(fh * fw * mh * mw * scale * scale)
         for angle, _, flipped in group:
@@ -206,22 +208,24 @@ def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: floa
             g, valid = _warp_channels(moving_ch, m, (side, side))
             score, n = ncc(g, valid, min_overlap * min(fh * fw, mh * mw * scale * scale))
             score = score * np.sqrt(np.minimum(n / full, 1.0))
-            r, c = np.unravel_index(int(np.argmax(score)), score.shape)
-            dy = r if r < fh else r - score.shape[0]  # negative shifts wrap around
-            dx = c if c < fw else c - score.shape[1]
-            shift = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
-            found.append(Candidate(shift @ m, float(score[r, c]), float(angle) % 360, scale, bool(flipped)))
+            for _ in range(peaks):
+                i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+                dy, dx = int(sy[i, 0]), int(sx[0, j])
+                shift = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
+                found.append(Candidate(shift @ m, float(score[i, j]), float(angle) % 360, scale, bool(flipped)))
+                score = np.where(np.hypot(sy - dy, sx - dx) < 0.1 * np.hypot(fh, fw), -np.inf, score)
     return found
 
 
-def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float = 10.0,
+def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float = 12.0,
                   scales=SCALES, flips: bool = True, keep: int = 6) -> list[Candidate]:
-    """:func:`search` over every rotation, ``scales`` and both orientations: the ``keep`` best
-    distinct candidates, best first (peaks closer than a tenth of the image and 25 degrees count
+    """:func:`search` over every rotation, ``scales`` and both orientations (two translations
+    each, so that a structure found twice shows as two candidates): the ``keep`` best distinct
+    candidates, best first (peaks closer than a tenth of the image and 25 degrees count
     as one)."""
     poses = [(a, s, f) for f in ((False, True) if flips else (False,)) for s in scales
              for a in np.arange(0.0, 360.0, angle_step)]
-    found = sorted(search(fixed_ch, moving_ch, poses), key=lambda c: -c.score)
+    found = sorted(search(fixed_ch, moving_ch, poses, peaks=2), key=lambda c: -c.score)
     diag = np.hypot(*fixed_ch.shape[1:])
     out: list[Candidate] = []
     for cand in found:
@@ -235,13 +239,21 @@ def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float
     return out
 
 
-def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, angle_step: float = 5.0,
-                 scale_step: float = 1.09) -> Candidate:
+def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, near: np.ndarray | None = None,
+                 angle_step: float = 6.0, scale_step: float = 1.12) -> Candidate:
     """The best pose near ``cand`` (angles within ``angle_step`` degrees, scales within a factor
-    ``scale_step``): half the steps of :func:`global_search`."""
+    ``scale_step``: half the steps of :func:`global_search`) that places the moving image's
+    centre within a tenth of the fixed image of ``near`` (x, y px of these images), if given."""
+    from ..transform import apply_matrix
+
     poses = [(cand.angle + da, cand.scale * r, cand.flipped)
              for da in (-angle_step, 0.0, angle_step) for r in (1 / scale_step, 1.0, scale_step)]
-    return max(search(fixed_ch, moving_ch, poses), key=lambda c: c.score)
+    found = search(fixed_ch, moving_ch, poses, peaks=1 if near is None else 3)
+    if near is not None:
+        centre = np.array([[(moving_ch.shape[2] - 1) / 2, (moving_ch.shape[1] - 1) / 2]])
+        radius = 0.1 * np.hypot(*fixed_ch.shape[1:])
+        found = [c for c in found if np.linalg.norm(apply_matrix(c.matrix, centre)[0] - near) < radius] or found
+    return max(found, key=lambda c: c.score)
 
 
 # --------------------------------------------------------------------------- ECC refinement
@@ -354,17 +366,24 @@ class IntensityResult:
 
 
 class _Channels:
-    """:class:`SearchChannels` of one pyramid, per base size (512 px; 1024 px for the slide level)."""
+    """:class:`SearchChannels` of one pyramid per base size (512 px; 1024 px for the slide
+    level); ``like``: another pyramid's, whose downsample factors these follow (so the scales
+    searched are level-0 scales whatever the two images' sizes)."""
 
-    def __init__(self, pyramid):
-        self.pyramid, self.bases = pyramid, {}
+    def __init__(self, pyramid, like: "_Channels | None" = None):
+        self.pyramid, self.like, self.bases = pyramid, like, {}
+
+    def base(self, base: int) -> SearchChannels:
+        if base not in self.bases:
+            side = base if self.like is None else round(max(self.pyramid.shape) / self.like.base(base).downsample)
+            self.bases[base] = SearchChannels(self.pyramid, max(int(side), 1), base / 512)
+        return self.bases[base]
 
     def __call__(self, key: str) -> tuple[np.ndarray, float]:
         side, sigma = LEVELS[key]
         base = 512 if side <= 512 else 1024
-        if base not in self.bases:
-            self.bases[base] = SearchChannels(self.pyramid, base)
-        return self.bases[base].at(side, sigma)
+        ref = (self.like or self).base(base)
+        return self.base(base).at(max(int(round(max(ref.tissue.shape) / side)), 1), sigma)
 
 
 def pose_distance(pf, a: np.ndarray, b: np.ndarray) -> float:
@@ -384,42 +403,56 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     """Moving -> fixed projective of two :class:`~napari_bci.registration.images.Pyramid` s on
     :class:`SearchChannels`: :func:`global_search` (64 px), :func:`local_search` of its
     :data:`KEEP` best candidates (128 px), an affine :func:`ecc_refine` of each (256 px); the best
-    by refined score goes on to a projective refinement (512 px). ``info`` has the runner-up: the
-    best other candidate whose refined pose is elsewhere (``runner_up_score``, and how far,
-    ``runner_up_px``), by which :func:`~napari_bci.registration.features.register_auto` refuses
-    an ambiguous result."""
-    from .images import matrix_to_level, matrix_to_level0
+    by affine score and the two best whose poses lie elsewhere (over 5 % of the diagonal away)
+    are refined projectively (512 px), and the best of these wins. ``info`` has the other's score and
+    distance (``runner_up_score``, ``runner_up_px``; None without one), by which
+    :func:`~napari_bci.registration.features.register_auto` refuses an ambiguous result."""
+    from ..transform import apply_matrix
+    from .images import level_matrix, matrix_to_level, matrix_to_level0
 
     say = progress or (lambda msg, frac: None)
-    chf, chm = _Channels(pf), _Channels(pm)
+    chf = _Channels(pf)
+    chm = _Channels(pm, like=chf)
     say("global search", 0.0)
-    (cf, _), (cm, _) = chf("search"), chm("search")
+    (cf, dsf), (cm, dsm) = chf("search"), chm("search")
     cands = global_search(cf, cm, flips=flips, keep=KEEP)
+    centre = np.array([[(cm.shape[2] - 1) / 2, (cm.shape[1] - 1) / 2]])
+    # where each candidate puts the moving image's centre, level-0 px
+    near0 = [apply_matrix(level_matrix(dsf) @ c.matrix, centre)[0] for c in cands]
     say("local search", 0.4)
     (cf, dsf), (cm, dsm) = chf("local"), chm("local")
     (af, daf), (am, dam) = chf("affine"), chm("affine")
     refined = []
     for k, c in enumerate(cands):
         say("local search and affine refinement", 0.4 + 0.4 * k / len(cands))
-        loc = local_search(cf, cm, c)
+        loc = local_search(cf, cm, c, apply_matrix(np.linalg.inv(level_matrix(dsf)), near0[k][None])[0])
         m0 = matrix_to_level0(loc.matrix, dsm, dsf)
         mk, score = ecc_refine(af, am, matrix_to_level(m0, dam, daf), "affine", seed=seed)
         refined.append((score, matrix_to_level0(mk, dam, daf), loc))
     refined.sort(key=lambda r: -r[0])
-    score, m0, best = refined[0]
-    diag = float(np.hypot(*pf.shape))
-    others = [(s, pose_distance(pf, m0, m)) for s, m, _ in refined[1:]]
-    others = [o for o in others if o[1] > 0.05 * diag]
+    # the finalists: the best, and the two best of those whose pose lies elsewhere
+    far = 0.05 * float(np.hypot(*pf.shape))
+    finalists = refined[:1] + [r for r in refined[1:] if pose_distance(pf, refined[0][1], r[1]) > far][:2]
+    say("refine (projective)", 0.85)
+    (cf, dsf), (cm, dsm) = chf("projective"), chm("projective")
+    final = []
+    for aff, m, loc in finalists:
+        mk, score = ecc_refine(cf, cm, matrix_to_level(m, dsm, dsf), "projective", seed=seed)
+        final.append((score, matrix_to_level0(mk, dsm, dsf), loc, aff))
+    final.sort(key=lambda r: -r[0])
+    score, m0, best, aff = final[0]
     info = {"search_score": best.score, "angle": best.angle, "scale": best.scale, "flipped": best.flipped,
-            "affine_score": score, "runner_up_score": others[0][0] if others else None,
-            "runner_up_px": others[0][1] if others else None}
-    keys = ["projective"] + (["slide"] if score_level(pf) == "slide" else [])
-    for k, key in enumerate(keys):
-        say(f"refine ({key})", 0.85 + 0.1 * k)
-        (cf, dsf), (cm, dsm) = chf(key), chm(key)
+            "affine_score": aff, "projective_score": score, "runner_up_score": None, "runner_up_px": None}
+    others = [(r[0], pose_distance(pf, m0, r[1])) for r in final[1:]]
+    others = [o for o in others if o[1] > far]
+    if others:
+        info["runner_up_score"], info["runner_up_px"] = others[0]
+    if score_level(pf) == "slide":
+        say("refine (slide)", 0.95)
+        (cf, dsf), (cm, dsm) = chf("slide"), chm("slide")
         mk, score = ecc_refine(cf, cm, matrix_to_level(m0, dsm, dsf), "projective", seed=seed)
         m0 = matrix_to_level0(mk, dsm, dsf)
-        info[f"{key}_score"] = score
+        info["slide_score"] = score
     return IntensityResult(m0 / m0[2, 2], float(score), best, info)
 
 
@@ -434,6 +467,7 @@ def invariant_score(pf, pm, matrix0: np.ndarray) -> float:
     from .images import matrix_to_level
 
     key = score_level(pf)
-    (cf, dsf), (cm, dsm) = _Channels(pf)(key), _Channels(pm)(key)
+    chf = _Channels(pf)
+    (cf, dsf), (cm, dsm) = chf(key), _Channels(pm, like=chf)(key)
     _, score = ecc_refine(cf, cm, matrix_to_level(matrix0, dsm, dsf), "affine", iterations=1)
     return score
