@@ -108,8 +108,8 @@ def test_builtin_card_reports_the_issue_targets_against_the_previous_model(card)
 
 def test_builtin_draws_membrane_dab_that_rises_with_the_level(gen, subset):
     """On the frozen subset: the DAB of the output on the real IHC's membranes (its DAB above the
-    weak-moderate threshold) rises with the level and reaches over a third of the truth's at 3+
-    (0.41 when the card was written; still too pale for 3+: see the model card)."""
+    weak-moderate threshold) rises with the level and reaches over 60% of the truth's at 3+
+    (0.80 when the card was written; the stage-2 model drew 0.41: too pale, its 3+ read as 2+)."""
     from scipy import ndimage as ndi
 
     from napari_bci import stain
@@ -128,4 +128,4 @@ def test_builtin_draws_membrane_dab_that_rises_with_the_level(gen, subset):
     assert on_membranes[3][0] > on_membranes[2][0]
     if 1 in on_membranes:
         assert on_membranes[2][0] > on_membranes[1][0]
-    assert on_membranes[3][0] > 0.35 * on_membranes[3][1]
+    assert on_membranes[3][0] > 0.6 * on_membranes[3][1]

@@ -8,7 +8,8 @@ fully valid crops are used).
 Objective (generator): PyramidPix2pix's L1 at full, 1/2, 1/4, 1/8 scale (each weight 25,
 :class:`~napari_bci.train.losses.PyramidL1`) + ``gan_weight`` x GAN loss against a
 conditional PatchGAN (``gan_ndf`` filters) + ``ssim_weight`` x (1 - SSIM) + ``dab_weight`` x the
-membrane DAB loss (:class:`~napari_bci.train.losses.MembraneDabLoss`) + for the level-aware model
+membrane DAB loss (:class:`~napari_bci.train.losses.MembraneDabLoss`, its options from ``dab_options``:
+``strength``, ``pixel``, ``match``, ``balance``) + for the level-aware model
 ``focal_weight`` x focal loss of its HER2 head on the slide-level label. ``teacher_forcing``: the
 fraction of level-aware training samples whose decoder is conditioned on the true level instead
 of the head's prediction (so the decoder learns to render each level; the head learns it only
