@@ -60,6 +60,22 @@ def test_deformable_cross_stain_and_quality_figures(he):
     assert r["folded_fraction"] == 0.0
 
 
+def test_far_moving_field_is_dropped_without_landmarks(he, monkeypatch):
+    """A dense field that moves tissue far beyond the automatic start (here 20 px everywhere, over
+    1 % of the diagonal) is not trusted on its own: the projective is kept, with the reason."""
+    import napari_bci.registration.api as api
+    from napari_bci.transform import Transform
+
+    def far_field(fixed, moving, t, **kw):
+        return Transform(t.matrix, np.full((9, 9, 2), 20.0, np.float32), 64.0, dict(t.meta))
+
+    monkeypatch.setattr(api, "register_deformable", far_field)
+    pair = make_known_pair(he, seed=6, angle=40, field_amplitude=0)
+    r = register(pair.fixed, pair.moving, method="deformable", refine_side=512, quality=False)
+    assert not r.report["deformable_kept"] and "moves tissue" in r.report["deformable_rejected"]
+    assert r.transform.field is None
+
+
 def test_ambiguous_pose_is_refused(he):
     """The moving patch appears twice in the fixed image: two poses 256 px apart match equally
     well, so no choice between them is trustworthy, and none is returned."""

@@ -16,6 +16,9 @@ from .landmarks import fit_landmarks
 from .quality import quality_report
 
 METHODS = ("landmarks", "auto", "deformable")
+#: without landmarks, a dense field whose median displacement beyond the automatic projective
+#: start exceeds this fraction of the fixed image's diagonal is dropped (docs/registration.md)
+MAX_FIELD_SHIFT = 0.01
 
 
 @dataclass
@@ -85,13 +88,22 @@ def register(
                                  progress=sub2, cancelled=cancelled)
         if landmarks is None:
             # consecutive sections share no cells: where the dense field does not raise the
-            # stain-invariant correlation it follows noise: one that clearly lowers it is dropped
+            # stain-invariant correlation it follows noise: one that clearly lowers it is dropped,
+            # and so is one that moves tissue far beyond the projective start (a median over 1 %
+            # of the diagonal; a trusted automatic start leaves residuals of a few px)
             from .quality import image_similarity
 
-            a, b = image_similarity(pf, pm, t)["ncc"], image_similarity(pf, pm, td)["ncc"]
-            report["deformable_kept"] = bool(b >= a - 0.01)
+            shift = float(np.median(np.linalg.norm(td.field.reshape(-1, 2), axis=1))) if td.field is not None else 0.0
+            limit = MAX_FIELD_SHIFT * float(np.hypot(*pf.shape))
+            if shift > limit:
+                report["deformable_rejected"] = (f"the field moves tissue by a median {shift:.0f} px beyond the "
+                                                 f"projective start (over {limit:.0f} px, 1 % of the diagonal)")
+            else:
+                a, b = image_similarity(pf, pm, t)["ncc"], image_similarity(pf, pm, td)["ncc"]
+                if b < a - 0.01:
+                    report["deformable_rejected"] = f"the field lowered the ranked-hematoxylin NCC ({a:.3f} -> {b:.3f})"
+            report["deformable_kept"] = "deformable_rejected" not in report
             if not report["deformable_kept"]:
-                report["deformable_rejected"] = f"the field lowered the ranked-hematoxylin NCC ({a:.3f} -> {b:.3f})"
                 td = Transform(t.matrix, meta=dict(t.meta, deformable="rejected"))
         t = td
     t.meta["method"] = method

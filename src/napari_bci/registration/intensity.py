@@ -5,9 +5,9 @@ What both keep is the tissue layout: where tissue is and is not (lumens, fat, te
 nuclei are dense (tumour nests against stroma). This module works on those channels
 (:class:`SearchChannels`):
 
-1. :func:`global_search`: at low resolution (longer side 64 px), every rotation (10 degree
-   steps), both orientations (flip) and scales 0.5-2, each with the best translation found at
-   once by FFT masked normalised cross-correlation (Padfield, IEEE TIP 2012);
+1. :func:`global_search`: at low resolution (longer side 64 px), every rotation (12 degree
+   steps), both orientations (flip) and scales 0.5-2, each with its two best translations found
+   at once by FFT masked normalised cross-correlation (Padfield, IEEE TIP 2012);
 2. :func:`local_search` and :func:`ecc_refine` of several candidates: the pose is refined by
    maximising the correlation coefficient (ECC, Evangelidis & Psarakis, PAMI 2008) over an
    affine map, and the best refined candidate over a projective map, coarse to fine.
@@ -175,7 +175,7 @@ class _MaskedNCC:
         return total / len(moving), n
 
 
-#: scales (moving -> fixed) of the global search: 0.5-2 in steps of 19 %
+#: scales (moving -> fixed, level 0) of the global search: 0.5-2 in steps of 26 %
 SCALES = tuple(np.geomspace(0.5, 2.0, 7))
 
 
