@@ -40,7 +40,8 @@ def test_global_search_finds_rotation_flip_and_scale(he):
     assert abs(best.scale - 0.85) < 0.1
 
 
-@pytest.mark.parametrize("angle, flip, scale", [(160.0, True, 0.85), (-100.0, False, 1.2), (135.0, True, 1.6)])
+@pytest.mark.parametrize("angle, flip, scale",
+                         [(160.0, True, 0.85), (-100.0, False, 1.2), (135.0, True, 1.6)])
 def test_auto_cross_stain_any_pose(he, angle, flip, scale):
     pair = make_known_pair(he, seed=4, angle=angle, flip=flip, scale=scale, field_amplitude=0)
     res = register_auto(pair.fixed, pair.moving, refine_side=512)
@@ -83,7 +84,8 @@ def test_ambiguous_pose_is_refused(he):
 
     patch = he[:256, :256]
     fixed = ihc_like(np.concatenate([patch, patch], 1), seed=3)
-    with pytest.raises(RegistrationFailed, match=r"^registration failed: two alignments .*equally well.*\(try landmarks"):
+    msg = r"^registration failed: two alignments .*equally well.*\(try landmarks"
+    with pytest.raises(RegistrationFailed, match=msg):
         register_auto(fixed, patch)
 
 

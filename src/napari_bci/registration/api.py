@@ -93,15 +93,18 @@ def register(
             # of the diagonal; a trusted automatic start leaves residuals of a few px)
             from .quality import image_similarity
 
-            shift = float(np.median(np.linalg.norm(td.field.reshape(-1, 2), axis=1))) if td.field is not None else 0.0
+            u = np.zeros((1, 2)) if td.field is None else td.field.reshape(-1, 2)
+            shift = float(np.median(np.linalg.norm(u, axis=1)))
             limit = MAX_FIELD_SHIFT * float(np.hypot(*pf.shape))
             if shift > limit:
-                report["deformable_rejected"] = (f"the field moves tissue by a median {shift:.0f} px beyond the "
-                                                 f"projective start (over {limit:.0f} px, 1 % of the diagonal)")
+                report["deformable_rejected"] = (
+                    f"the field moves tissue by a median {shift:.0f} px beyond the projective start "
+                    f"(over {limit:.0f} px, 1 % of the diagonal)")
             else:
                 a, b = image_similarity(pf, pm, t)["ncc"], image_similarity(pf, pm, td)["ncc"]
                 if b < a - 0.01:
-                    report["deformable_rejected"] = f"the field lowered the ranked-hematoxylin NCC ({a:.3f} -> {b:.3f})"
+                    report["deformable_rejected"] = (
+                        f"the field lowered the ranked-hematoxylin NCC ({a:.3f} -> {b:.3f})")
             report["deformable_kept"] = "deformable_rejected" not in report
             if not report["deformable_kept"]:
                 td = Transform(t.matrix, meta=dict(t.meta, deformable="rejected"))

@@ -246,7 +246,8 @@ def register_auto(
     :data:`CONFIDENT_SCORE`, also features (matched at longer side <= ``coarse_side``), and the
     better of the two by the same score; then a dense-flow projective polish at longer side <=
     ``refine_side``, kept only if the score does not drop. Raises :class:`RegistrationFailed`
-    when the final score is below ``min_score``.
+    when the final score is below ``min_score``, or when the intensity result is ambiguous (a
+    pose elsewhere scores within :data:`AMBIGUITY_MARGIN` of it).
     """
     from .intensity import invariant_score, register_intensity
 

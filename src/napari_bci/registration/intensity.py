@@ -64,7 +64,8 @@ class SearchChannels:
     nucleus scale) of the hematoxylin optical density, smoothed and ranked. Unlike the
     hematoxylin level itself, it does not depend on how much counterstain the stroma takes up:
     an IHC's bluish stroma is as dark in hematoxylin as an H&E's tumour nests, but only the nests
-    are dense with nuclei in both."""
+    are dense with nuclei in both. ``nucleus_scale``: the size of a nucleus in base pixels
+    relative to a 512-px base (the sigmas below are multiplied by it)."""
 
     #: difference-of-Gaussians sigmas and density smoothing, px of a 512-px base image
     DOG = (1.0, 3.0)
@@ -78,14 +79,15 @@ class SearchChannels:
         h = hematoxylin(img).astype(np.float32)
         s1, s2 = (s * nucleus_scale for s in self.DOG)
         self.nuclei = np.maximum(ndi.gaussian_filter(h, s1) - ndi.gaussian_filter(h, s2), 0)
-        self.k = nucleus_scale
+        self.nucleus_scale = nucleus_scale
 
     def at(self, factor: int, sigma: float) -> tuple[np.ndarray, float]:
         """``(2, h, w)`` channels block-averaged by ``factor``, smoothed by ``sigma`` px, and
         their downsample factor relative to level 0."""
         from .images import downscale
 
-        d = ndi.gaussian_filter(downscale(self.nuclei, factor), max(self.DENSITY_SIGMA * self.k / factor, 1.0))
+        sigma_d = max(self.DENSITY_SIGMA * self.nucleus_scale / factor, 1.0)
+        d = ndi.gaussian_filter(downscale(self.nuclei, factor), sigma_d)
         out = np.stack([ndi.gaussian_filter(c, sigma) for c in (downscale(self.tissue, factor), _rank(d))])
         return out.astype(np.float32), self.downsample * factor
 
@@ -212,7 +214,8 @@ def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: floa
                 i, j = np.unravel_index(int(np.argmax(score)), score.shape)
                 dy, dx = int(sy[i, 0]), int(sx[0, j])
                 shift = np.array([[1, 0, dx], [0, 1, dy], [0, 0, 1.0]])
-                found.append(Candidate(shift @ m, float(score[i, j]), float(angle) % 360, scale, bool(flipped)))
+                found.append(Candidate(shift @ m, float(score[i, j]), float(angle) % 360, scale,
+                                       bool(flipped)))
                 score = np.where(np.hypot(sy - dy, sx - dx) < 0.1 * np.hypot(fh, fw), -np.inf, score)
     return found
 
@@ -252,7 +255,8 @@ def local_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, cand: Candidate, n
     if near is not None:
         centre = np.array([[(moving_ch.shape[2] - 1) / 2, (moving_ch.shape[1] - 1) / 2]])
         radius = 0.1 * np.hypot(*fixed_ch.shape[1:])
-        found = [c for c in found if np.linalg.norm(apply_matrix(c.matrix, centre)[0] - near) < radius] or found
+        close = [c for c in found if np.linalg.norm(apply_matrix(c.matrix, centre)[0] - near) < radius]
+        found = close or found
     return max(found, key=lambda c: c.score)
 
 
@@ -375,7 +379,8 @@ class _Channels:
 
     def base(self, base: int) -> SearchChannels:
         if base not in self.bases:
-            side = base if self.like is None else round(max(self.pyramid.shape) / self.like.base(base).downsample)
+            side = base if self.like is None else round(
+                max(self.pyramid.shape) / self.like.base(base).downsample)
             self.bases[base] = SearchChannels(self.pyramid, max(int(side), 1), base / 512)
         return self.bases[base]
 
@@ -394,8 +399,8 @@ def pose_distance(pf, a: np.ndarray, b: np.ndarray) -> float:
     h, w = pf.shape
     ys, xs = np.mgrid[0.1 : 0.9 : 7j, 0.1 : 0.9 : 7j]
     p = np.stack([xs.ravel() * w, ys.ravel() * h], 1)
-    return float(np.median(np.linalg.norm(apply_matrix(np.linalg.inv(a), p) - apply_matrix(np.linalg.inv(b), p),
-                                          axis=1)))
+    d = apply_matrix(np.linalg.inv(a), p) - apply_matrix(np.linalg.inv(b), p)
+    return float(np.median(np.linalg.norm(d, axis=1)))
 
 
 def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
