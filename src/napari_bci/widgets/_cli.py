@@ -25,7 +25,8 @@ def register(sub) -> None:
     )
     p.add_argument("--size", type=int, default=16384, help="level-0 size of the synthetic slide (default 16384)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--her2", default="2+", choices=list(HER2_LEVELS), help="HER2 level of the synthetic slide")
+    p.add_argument("--her2", default="3+", choices=list(HER2_LEVELS),
+                   help="HER2 level of the synthetic slide (default 3+: membranes on every tumour cell)")
     p.add_argument("--model", default=None, help="generator for the Virtual IHC widget (default: builtin)")
     p.add_argument("--no-generate", action="store_true", help="do not start follow-the-view generation")
     p.add_argument("--zoom", type=float, default=0.5,

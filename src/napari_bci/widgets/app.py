@@ -20,7 +20,7 @@ def dock_widgets(viewer, names: Iterable[str] = WIDGETS) -> dict:
     return docked
 
 
-def demo_layers(size: int = 16384, seed: int = 0, her2: str = "2+") -> tuple[list[tuple], object]:
+def demo_layers(size: int = 16384, seed: int = 0, her2: str = "3+") -> tuple[list[tuple], object]:
     """The embedded default data: the synthetic whole-slide H&E / IHC pair as layer tuples, plus
     the H&E registered to the IHC by the pair's known transform (rendered in the IHC's frame), so
     that generated and real IHC show the same cells. Returns ``(tuples, pair)``."""
@@ -68,7 +68,7 @@ def _finish(viewer, widgets, screenshot: str | None, wait_s: float, ready=None) 
 def launch_demo(
     size: int = 16384,
     seed: int = 0,
-    her2: str = "2+",
+    her2: str = "3+",
     model: str | None = None,
     generate: bool = True,
     screenshot: str | None = None,
