@@ -1,6 +1,7 @@
 """Automatic registration: the stain-invariant intensity search of :mod:`.intensity` (works on
 real consecutive sections), SIFT/ORB features on hematoxylin with RANSAC where that is not
-confident (both orientations), and a dense-flow polish kept only where it raises the score."""
+confident (both orientations), and, where both images share their cells, a dense-flow polish kept
+only where it does not lower the score."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ class RegistrationFailed(BCIError):
 MIN_SCORE = 0.4
 #: below this score the feature path is tried too (it rescues pairs that share their cells)
 CONFIDENT_SCORE = 0.4
+#: ranked-hematoxylin NCC at 512 px (the cell scale) from which two images share their cells
+#: and the dense-flow polish is tried: 0.8-0.97 on re-stained and synthetic pairs, 0.26-0.40 on
+#: real consecutive sections (docs/registration.md)
+SHARED_CELLS_NCC = 0.6
 #: a different pose whose refined score is within this margin of the best makes the result
 #: ambiguous, and it is refused (calibrated on real sections, docs/registration.md)
 AMBIGUITY_MARGIN = 0.02
@@ -244,12 +249,14 @@ def register_auto(
     ``.levels``. First the intensity search on stain-invariant channels
     (:func:`~napari_bci.registration.intensity.register_intensity`); where its score is below
     :data:`CONFIDENT_SCORE`, also features (matched at longer side <= ``coarse_side``), and the
-    better of the two by the same score; then a dense-flow projective polish at longer side <=
-    ``refine_side``, kept only if the score does not drop. Raises :class:`RegistrationFailed`
+    better of the two by the same score; then, where the images share their cells
+    (:data:`SHARED_CELLS_NCC`), a dense-flow projective polish at longer side <= ``refine_side``,
+    kept only if the score does not drop. Raises :class:`RegistrationFailed`
     when the final score is below ``min_score``, or when the intensity result is ambiguous (a
     pose elsewhere scores within :data:`AMBIGUITY_MARGIN` of it).
     """
     from .intensity import invariant_score, register_intensity
+    from .quality import image_similarity
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     say = progress or (lambda msg, frac: None)
@@ -265,12 +272,15 @@ def register_auto(
             info["feature_score"] = sf
             if sf > score:
                 m0, score, flipped, how = mf, sf, ff, "features"
-    say("refine", 0.8)
-    mp = _flow_polish(pf, pm, m0, refine_side, seed, info)
-    sp = invariant_score(pf, pm, mp)
-    info["polish_score"] = sp
-    if sp >= score - 0.005:  # the polish optimises another criterion; keep it unless it is worse
-        m0, score = mp, max(sp, score)
+    # the flow polish tracks cells: only where both images share them (re-stained, synthetic)
+    info["cell_ncc"] = image_similarity(pf, pm, Transform(m0), 512)["ncc"]
+    if info["cell_ncc"] >= SHARED_CELLS_NCC:
+        say("refine", 0.8)
+        mp = _flow_polish(pf, pm, m0, refine_side, seed, info)
+        sp = invariant_score(pf, pm, mp)
+        info["polish_score"] = sp
+        if sp >= score - 0.005:  # the polish optimises another criterion; keep it unless it is worse
+            m0, score = mp, max(sp, score)
     info["score"] = score
     ru = info.get("runner_up_score")
     if how == "intensity" and ru is not None and ru >= info["projective_score"] - AMBIGUITY_MARGIN:
