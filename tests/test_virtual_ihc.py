@@ -315,7 +315,7 @@ def test_side_by_side_queues_only_one_panel_of_tiles(he_viewer, slow_model, qtbo
     single = set(w.visible_tiles())
     data, attrs, _ = L.image_layer(he, "H&E copy", mpp=0.5, role="he")
     viewer.add_image(data, **attrs)
-    viewer.grid.enabled = True  # two panels side by side
+    viewer.canvas.grid.enabled = True  # two panels side by side
     vb = viewer.canvas.viewbox_size(viewer.layers)
     assert vb[1] < 0.6 * viewer.canvas.size[1]
     both = set(w.visible_tiles())
