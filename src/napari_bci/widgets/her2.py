@@ -538,6 +538,8 @@ def _compute(levels, mpp, regions, he_levels=None, he_mpp=None, model_name="buil
     from ..her2.learned import compare, disagreement, iter_predict_map, level_model, predict_polygon
     from ..her2.tiles import choose_level, image_context, iter_score_map, score_polygon
 
+    import pandas  # noqa: F401 - napari imports it for the cells' features (~0.9 s the first time): here, not on the GUI thread
+
     out = {"regions": {}, "map": None, "learned_map": None, "compare": None, "outlines": None}
     model_bg, colours = image_context(levels, estimate_stains=kw.get("estimate_stains", False))
     if colours is not None:
