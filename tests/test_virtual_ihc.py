@@ -323,3 +323,24 @@ def test_side_by_side_queues_only_one_panel_of_tiles(he_viewer, slow_model, qtbo
     by0, by1, bx0, bx1 = visible_box(viewer)
     cam = viewer.scene.camera
     assert (bx1 - bx0) == pytest.approx(vb[1] / cam.zoom) and (by1 - by0) == pytest.approx(vb[0] / cam.zoom)
+
+
+def test_each_checkpoint_item_keeps_its_own_file(he_viewer, qtbot, tmp_path):
+    """Two checkpoint files chosen one after the other: going back to the first item uses the
+    first file (the path travels with its item, not in one 'last file' slot)."""
+    from napari_bci.widgets._models import model_spec
+
+    viewer, _ = he_viewer
+    w = _make_widget(viewer, "baseline", qtbot)
+    a, b = tmp_path / "a" / "latest_net_G.pth", tmp_path / "b" / "model.pth"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(b"")
+    w.set_model(str(a))
+    w.set_model(str(b))
+    w.model_combo.setCurrentText("file: latest_net_G.pth")
+    assert model_spec(w.model_combo) == str(a)
+    w.set_model(str(a))  # the same file again: the same item, not a second one
+    texts = [w.model_combo.itemText(i) for i in range(w.model_combo.count())]
+    assert texts.count("file: latest_net_G.pth") == 1 and texts[-1] == "Checkpoint file…"
+    assert model_spec(w.model_combo) == str(a)

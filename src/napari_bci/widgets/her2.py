@@ -28,6 +28,7 @@ from ..her2.scoring import CLASSES, LEVELS, HER2Result, display_text
 from ..her2.tiles import LEGEND, LEVEL_COLOURS
 from ..io import layers as L
 from ._layers import levels, rgb_layers, visible_box
+from ._models import CHECKPOINT_ITEM, ask_checkpoint, model_spec, select_checkpoint
 from ._worker import Jobs
 
 SCOPES = ("Visible region", "Drawn regions", "Whole image")
@@ -36,7 +37,6 @@ OUTLINES_LAYER = "HER2 cell outlines"
 #: Largest outline image (analysis pixels) shown for drawn / visible regions.
 MAX_OUTLINE_PX = 4096 * 4096
 LEARNED_LAYER = "HER2 (learned from H&E)"
-CHECKPOINT_ITEM = "Checkpoint file…"
 #: Cell colours per membrane class (none, faint, weak-moderate, intense): cyan, then DAB browns
 #: from light to dark, so they never read as the level map's blue/yellow/orange/red.
 CLASS_COLOURS = (
@@ -74,8 +74,6 @@ class HER2Widget(QWidget):
         self.region_results: dict[str, HER2Result] = {}
         #: rule-based vs learned level (``napari_bci.her2.learned.compare``), when computed
         self.learned: dict | None = None
-        #: generator whose HER2 head gives the learned level (registry name or checkpoint path)
-        self.model_name = "builtin"
         self._worker = None
         self._jobs = Jobs(self)
 
@@ -96,7 +94,6 @@ class HER2Widget(QWidget):
             if m.get("available", True) and m.get("predicts_her2"):
                 self.level_combo.addItem(m["name"])
         self.level_combo.addItem(CHECKPOINT_ITEM)
-        self._checkpoint: str | None = None
         self.estimate_check = QCheckBox("estimate stain vectors per image (Macenko)")
         self.score_btn = QPushButton("Score")
         self.cancel_btn = QPushButton("Cancel")
@@ -157,7 +154,6 @@ class HER2Widget(QWidget):
 
         self.score_btn.clicked.connect(self.run)
         self.level_combo.activated.connect(self._on_level_activated)
-        self.level_combo.currentTextChanged.connect(self._on_level_changed)
         self.cancel_btn.clicked.connect(self.cancel)
         self.export_btn.clicked.connect(self._export_clicked)
         viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -278,19 +274,18 @@ class HER2Widget(QWidget):
         return self._worker
 
     def _on_level_activated(self, *_):
-        if self.level_combo.currentText() == CHECKPOINT_ITEM:
-            path, _f = QFileDialog.getOpenFileName(
-                self, "Level-aware checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors *.json);;All files (*)")
-            if path:
-                self.set_level_model(path)
-            else:
-                self.level_combo.setCurrentIndex(0)
+        if self.level_combo.currentText() == CHECKPOINT_ITEM and not ask_checkpoint(
+                self, self.level_combo, "Level-aware checkpoint"):
+            self.level_combo.setCurrentIndex(0)
 
-    def _on_level_changed(self, text: str):
-        if text.startswith("file: ") and self._checkpoint:
-            self.model_name = self._checkpoint
-        elif text and text != CHECKPOINT_ITEM:
-            self.model_name = text
+    @property
+    def model_name(self) -> str:
+        """The generator whose HER2 head gives the learned level (registry name or checkpoint path)."""
+        return model_spec(self.level_combo)
+
+    @model_name.setter
+    def model_name(self, spec) -> None:
+        self.set_level_model(spec)
 
     def set_level_model(self, spec) -> None:
         """The learned level's model: a registry name or a checkpoint path (listed by file name;
@@ -298,13 +293,8 @@ class HER2Widget(QWidget):
         spec = str(spec)
         if self.level_combo.findText(spec) >= 0 and spec != CHECKPOINT_ITEM:
             self.level_combo.setCurrentText(spec)
-            return
-        self._checkpoint = spec
-        label = f"file: {Path(spec).name}"
-        if self.level_combo.findText(label) < 0:
-            self.level_combo.insertItem(self.level_combo.count() - 1, label)
-        self.level_combo.setCurrentText(label)
-        self.model_name = spec
+        else:
+            select_checkpoint(self.level_combo, spec)
 
     def cancel(self):
         if self._worker is not None:

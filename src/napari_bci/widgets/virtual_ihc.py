@@ -20,7 +20,6 @@ from qtpy.QtCore import QSettings, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -32,10 +31,10 @@ from qtpy.QtWidgets import (
 
 from ..io import layers as L
 from ._layers import levels, rgb_layers, visible_box
+from ._models import CHECKPOINT_ITEM, ask_checkpoint, is_checkpoint_item, model_spec, select_checkpoint
 
 FOLLOW = "Follow the view"
 THIS_VIEW = "This view only"
-CHECKPOINT_ITEM = "Checkpoint file…"
 
 
 def _rgb_layers(viewer, exclude=()):
@@ -102,7 +101,6 @@ class VirtualIHCWidget(QWidget):
         self.max_tiles = 64
         self._gen_key = None
         self._engine_key = None
-        self._checkpoint: str | None = None
         self._worker = None
         self._cancel: threading.Event | None = None
         self._job = 0
@@ -205,7 +203,7 @@ class VirtualIHCWidget(QWidget):
         for combo, key in ((self.model_combo, "vihc/model"), (self.device_combo, "vihc/device"),
                            (self.mode_combo, "vihc/mode")):
             v = st.value(key)
-            if v and combo.findText(str(v)) >= 0 and str(v) != CHECKPOINT_ITEM:
+            if v and combo.findText(str(v)) >= 0 and not is_checkpoint_item(str(v)):
                 combo.setCurrentText(str(v))
         try:
             self.tile_spin.setValue(int(st.value("vihc/tile", 0)))
@@ -215,7 +213,7 @@ class VirtualIHCWidget(QWidget):
 
     def _save_settings(self, *_) -> None:
         st = self._settings
-        if not self.model_combo.currentText().startswith("file: ") and self.model_combo.currentText() != CHECKPOINT_ITEM:
+        if not is_checkpoint_item(self.model_combo.currentText()):
             st.setValue("vihc/model", self.model_combo.currentText())
         st.setValue("vihc/device", self.device_combo.currentText())
         st.setValue("vihc/mode", self.mode_combo.currentText())
@@ -278,23 +276,15 @@ class VirtualIHCWidget(QWidget):
             self.he_combo.setCurrentText(L.HE)
 
     def _on_model_activated(self, *_) -> None:
-        if self.model_combo.currentText() == CHECKPOINT_ITEM:
-            path, _f = QFileDialog.getOpenFileName(
-                self, "Generator checkpoint", "", "Checkpoints (*.pth *.pt *.safetensors *.json);;All files (*)")
-            if path:
-                self.set_checkpoint(path)
+        ask_checkpoint(self, self.model_combo, "Generator checkpoint")
 
     def set_checkpoint(self, path: str) -> None:
         """Use a checkpoint file as the generator (listed by its file name)."""
-        self._checkpoint = str(path)
-        label = f"file: {Path(path).name}"
-        if self.model_combo.findText(label) < 0:
-            self.model_combo.insertItem(self.model_combo.count() - 1, label)
-        self.model_combo.setCurrentText(label)
+        select_checkpoint(self.model_combo, path)
 
     def set_model(self, model: str) -> None:
         """Select a generator by registry name or checkpoint path."""
-        if self.model_combo.findText(str(model)) >= 0 and str(model) != CHECKPOINT_ITEM:
+        if self.model_combo.findText(str(model)) >= 0 and not is_checkpoint_item(str(model)):
             self.model_combo.setCurrentText(str(model))
         elif Path(str(model)).expanduser().exists():
             self.set_checkpoint(str(Path(str(model)).expanduser()))
@@ -304,10 +294,7 @@ class VirtualIHCWidget(QWidget):
             show_error(f"Virtual IHC: unknown model '{model}'")
 
     def _model_spec(self) -> str:
-        text = self.model_combo.currentText()
-        if text.startswith("file: ") and self._checkpoint:
-            return self._checkpoint
-        return text
+        return model_spec(self.model_combo)
 
     # -- engine and output ---------------------------------------------------------------------
     def _he_layer(self):
