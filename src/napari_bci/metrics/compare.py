@@ -162,9 +162,16 @@ def read_on_grid(src: LayerGeom, ref: LayerGeom, win: Window) -> np.ndarray:
 # -- heatmap and regions (run in workers) ----------------------------------------------------------
 
 
+def window_placement(geom: LayerGeom, win: Window) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(scale, translate)`` that put an image of ``win``'s pixels where they are in the world."""
+    ds = np.asarray(geom.downsamples[win.level]) * win.step
+    scale = tuple(float(v) for v in np.asarray(geom.scale) * ds)
+    translate = tuple(float(v) for v in geom.level_to_world(win.level, (win.y0, win.x0)))
+    return scale, translate
+
+
 @dataclass
 class HeatmapResult:
-    request: int
     smap: np.ndarray
     mean: float
     window: Window
@@ -172,7 +179,7 @@ class HeatmapResult:
     translate: tuple[float, float]
 
 
-def compute_heatmap(request: int, gen: LayerGeom, truth: LayerGeom, win: Window, kind: str) -> HeatmapResult:
+def compute_heatmap(gen: LayerGeom, truth: LayerGeom, win: Window, kind: str) -> HeatmapResult:
     """Local SSIM of the generated vs ground-truth pixels in ``win`` (truth's grid), and where the
     map goes in world coordinates."""
     from ..metrics.ssim import ssim_map, ssim_mean, window as ssim_window
@@ -182,10 +189,7 @@ def compute_heatmap(request: int, gen: LayerGeom, truth: LayerGeom, win: Window,
     if min(a.shape[:2]) < ssim_window(kind).size:
         raise ValueError("visible region too small for the SSIM window")
     smap = ssim_map(a, b, kind=kind, data_range=255.0)
-    ds = np.asarray(truth.downsamples[win.level]) * win.step
-    scale = tuple(float(v) for v in np.asarray(truth.scale) * ds)
-    translate = tuple(float(v) for v in truth.level_to_world(win.level, (win.y0, win.x0)))
-    return HeatmapResult(request, smap.astype(np.float32), ssim_mean(smap, kind), win, scale, translate)
+    return HeatmapResult(smap.astype(np.float32), ssim_mean(smap, kind), win, *window_placement(truth, win))
 
 
 #: Registration check views computed for the visible region (``compute_check``).
@@ -194,7 +198,6 @@ CHECK_VIEWS = ("Swipe", "Checkerboard", "Difference")
 
 @dataclass
 class CheckResult:
-    request: int
     image: np.ndarray  # RGB uint8 (Swipe, Checkerboard) or float32 0-1 (Difference)
     window: Window
     scale: tuple[float, float]
@@ -206,7 +209,7 @@ class CheckResult:
         return self.image.ndim == 3
 
 
-def compute_check(request: int, fixed: LayerGeom, warped: LayerGeom, win: Window, view: str, *,
+def compute_check(fixed: LayerGeom, warped: LayerGeom, win: Window, view: str, *,
                   cell_um: float = 100.0, split_x: float | None = None) -> CheckResult:
     """A registration check of the fixed (IHC) layer and the registered H&E in ``win`` (fixed's
     grid): ``"Checkerboard"`` (squares of ``cell_um`` micrometres, or level-0 px when the pixel
@@ -219,18 +222,16 @@ def compute_check(request: int, fixed: LayerGeom, warped: LayerGeom, win: Window
         raise ValueError(f"unknown check view {view!r} (use {', '.join(CHECK_VIEWS)})")
     f = read_window(fixed, win)
     m = read_on_grid(warped, fixed, win)
-    ds = np.asarray(fixed.downsamples[win.level]) * win.step
-    scale = tuple(float(v) for v in np.asarray(fixed.scale) * ds)
-    translate = tuple(float(v) for v in fixed.level_to_world(win.level, (win.y0, win.x0)))
+    scale, translate = window_placement(fixed, win)
     h, w = f.shape[:2]
-    # level-0 row/column of each window pixel's centre
-    rows = (np.arange(h) * win.step + win.y0 + 0.5) * fixed.downsamples[win.level][0]
-    cols = (np.arange(w) * win.step + win.x0 + 0.5) * fixed.downsamples[win.level][1]
     cell = None
     if view == "Difference":
         img = np.abs(od_channel(f) - od_channel(m)).clip(0, 1).astype(np.float32)
     elif view == "Checkerboard":
         cell = float(cell_um / fixed.mpp) if fixed.mpp else float(cell_um)
+        # level-0 row/column of each window pixel's centre
+        rows = (np.arange(h) * win.step + win.y0 + 0.5) * fixed.downsamples[win.level][0]
+        cols = (np.arange(w) * win.step + win.x0 + 0.5) * fixed.downsamples[win.level][1]
         board = ((rows // cell)[:, None] + (cols // cell)[None, :]) % 2 == 1
         img = np.where(board[..., None], m, f)
     else:
@@ -240,7 +241,7 @@ def compute_check(request: int, fixed: LayerGeom, warped: LayerGeom, win: Window
         img[:, :cut] = m[:, :cut]
         line = max(1, w // 400)
         img[:, max(cut - line, 0):min(cut + line, w)] = (255, 220, 0)
-    return CheckResult(request, np.ascontiguousarray(img), win, scale, translate, cell)
+    return CheckResult(np.ascontiguousarray(img), win, scale, translate, cell)
 
 
 @dataclass

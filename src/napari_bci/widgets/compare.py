@@ -467,7 +467,7 @@ class CompareWidget(QWidget):
             self.mean_label.setText("Mean local SSIM: – (no overlap with the real IHC in view)")
             return
         started = time.monotonic()
-        self._heat.start(compute_heatmap, 0, gen, truth, win, self.window_combo.currentData(),
+        self._heat.start(compute_heatmap, gen, truth, win, self.window_combo.currentData(),
                          on_done=lambda res: self._on_heatmap(res, started), on_error=self._on_heat_error,
                          on_finished=self._on_heat_finished)
 

@@ -453,7 +453,7 @@ class RegisterWidget(QWidget):
         f, m, win, split = req
         if win.empty or min(win.shape) < 2:
             return
-        self._checks.start(compute_check, 0, f, m, win, view, cell_um=self.cell_spin.value(), split_x=split,
+        self._checks.start(compute_check, f, m, win, view, cell_um=self.cell_spin.value(), split_x=split,
                            on_done=self._on_check, on_error=lambda e: self._error(f"check view: {e}"),
                            on_finished=self._on_check_finished)
 
