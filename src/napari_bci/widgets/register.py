@@ -276,14 +276,21 @@ class RegisterWidget(QWidget):
         return m[:n], f[:n]
 
     @staticmethod
-    def _to_image_xy(points, image) -> np.ndarray:
-        d = np.asarray(points.data, float).reshape(-1, points.ndim)
+    def _to_image_xy(layer, image, data=None) -> np.ndarray:
+        """Level-0 ``(x, y)`` of ``image`` at the vertices ``data`` of ``layer`` (default: all
+        of a Points layer's)."""
+        d = np.asarray(layer.data if data is None else data, float).reshape(-1, layer.ndim)
         out = []
         for p in d:
-            w = points.data_to_world(p)
+            w = layer.data_to_world(p)
             q = np.asarray(image.world_to_data(np.r_[[0] * (image.ndim - 2), np.asarray(w)[-2:]]))[-2:]
             out.append(q[::-1])
         return np.asarray(out, float).reshape(-1, 2)
+
+    @staticmethod
+    def _from_image_xy(image, xy: np.ndarray) -> np.ndarray:
+        """World ``(y, x)`` of ``image``'s level-0 ``(x, y)`` points."""
+        return np.asarray([image.data_to_world(np.r_[[0] * (image.ndim - 2), p]) for p in xy[:, ::-1]])[:, -2:]
 
     # -- running -------------------------------------------------------------------------------
     def run(self, method: str):
@@ -511,14 +518,12 @@ class RegisterWidget(QWidget):
         frm, to = (moving, fixed) if to_ihc else (fixed, moving)
         data, types = [], []
         for verts, kind in zip(src.data, src.shape_type):
-            world = np.asarray([src.data_to_world(v) for v in np.asarray(verts, float)])[:, -2:]
-            xy = np.asarray([frm.world_to_data(np.r_[[0] * (frm.ndim - 2), w])[-2:] for w in world])[:, ::-1]
+            xy = self._to_image_xy(src, frm, verts)
             if kind == "ellipse":
                 xy, kind = _ellipse_outline(xy), "polygon"
             closed = kind not in ("line", "path")
             mapped = self.transform.map_path(xy, inverse=not to_ihc, closed=closed)
-            out = np.asarray([to.data_to_world(np.r_[[0] * (to.ndim - 2), p]) for p in mapped[:, ::-1]])[:, -2:]
-            data.append(out)
+            data.append(self._from_image_xy(to, mapped))
             types.append("polygon" if kind in ("rectangle", "polygon") else kind)
         target = "IHC" if to_ihc else "H&E"
         new = f"{name} → {target}"
