@@ -19,6 +19,7 @@ from typing import Any, Callable
 from .io.layers import HE, IHC_TRUTH, image_layer
 from .io.slide import is_slide_file
 
+
 def _is_ihc_name(p: Path) -> bool:
     parts = [s.lower() for s in p.parts[-3:-1]]
     if "ihc" in parts:

@@ -12,8 +12,10 @@ import numpy as np
 from ..errors import InputError
 from ..levels import HER2_LEVELS as LEVEL_ORDER
 from .pair import METRIC_KEYS, compare_pair
+from .ssim import window
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+BCI_WINDOW = window("uniform").size  # the BCI metric's SSIM window
 
 
 def _images(d: Path) -> dict[str, Path]:
@@ -97,8 +99,9 @@ def evaluate_folders(
         if a.shape != b.shape:
             raise InputError(pp, f"size {a.shape[1]}x{a.shape[0]} differs from the ground truth's "
                                  f"{b.shape[1]}x{b.shape[0]} ({gp})")
-        if min(a.shape[:2]) < 7:
-            raise InputError(pp, f"{a.shape[1]}x{a.shape[0]} px is smaller than the 7x7 SSIM window of the BCI metric")
+        if min(a.shape[:2]) < BCI_WINDOW:
+            raise InputError(pp, f"{a.shape[1]}x{a.shape[0]} px is smaller than the {BCI_WINDOW}x{BCI_WINDOW} SSIM "
+                                 "window of the BCI metric")
         m = compare_pair(a, b, mpp=mpp, tolerant=tolerant, device=device)
         row = {"name": name, "her2": level_of(name) or "unknown"}
         row.update({k: m[k] for k in keys})

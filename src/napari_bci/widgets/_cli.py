@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..levels import HER2_LEVELS
 
 SAMPLES = ("bci-0", "bci-1+", "bci-2+", "bci-3+", "wsi-pair", "cmu-small")
+
+
 def check_screenshot_target(path: str | None) -> None:
     """InputError (one line, exit 2) unless a screenshot can be saved at ``path``: checked
     before napari starts, so a bad target never leaves a window open."""
