@@ -80,8 +80,11 @@ def test_checkerboard_in_micrometres_and_swipe_follow_the_view(setup, qtbot, tmp
     fixed, warped = np.asarray(viewer.layers[L.IHC_TRUTH].data), np.asarray(viewer.layers[WARPED].data)
     viewer.reset_view()
     w.cell_spin.setValue(25.0)  # 25 um at 0.5 um/px: squares of 50 level-0 px
+    viewer.add_shapes(name="Notes")  # the user's drawing stays visible over the check view
     res = _check(qtbot, w, viewer, "Checkerboard")
     assert res.cell_px == pytest.approx(50.0) and "25 µm" in w.status.text()
+    names = [ly.name for ly in viewer.layers]
+    assert names.index(CHECK) == names.index("Notes") - 1 and names.index(CHECK) > names.index(WARPED)
     img, win = res.image, res.window
     assert win.level == 0 and win.step == 1 and img.shape[:2] == win.shape
     ys, xs = np.arange(win.y0, win.y1), np.arange(win.x0, win.x1)

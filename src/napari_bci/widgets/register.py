@@ -490,6 +490,7 @@ class RegisterWidget(QWidget):
             kw = {} if res.rgb else dict(colormap="magma", contrast_limits=(0, 1))
             self.viewer.add_image(res.image, name=CHECK, rgb=res.rgb, scale=res.scale, translate=res.translate,
                                   units=units, **kw)
+            self._below_annotations(CHECK)
             if fixed is not None:
                 self.viewer.layers.selection.active = fixed  # the camera's subject stays the IHC
         if res.cell_px is not None:
@@ -498,6 +499,18 @@ class RegisterWidget(QWidget):
             text = f"Checkerboard: squares of {size}; IHC and registered H&E alternate."
             if self.status.text() != text:  # a new text re-lays the dock out
                 self.status.setText(text)
+
+    def _below_annotations(self, name: str) -> None:
+        """Move layer ``name`` just above the top image layer: it covers the images it replaces
+        but not the shapes, points and labels drawn over them."""
+        from napari.layers import Image
+
+        layers = self.viewer.layers
+        i = layers.index(name)
+        images = [j for j, ly in enumerate(layers) if isinstance(ly, Image) and j != i]
+        dest = images[-1] + 1 if images else 0
+        if dest < i:
+            layers.move(i, dest)
 
     # -- annotation transfer ---------------------------------------------------------------------
     def transfer_shapes(self, to_ihc: bool = True):
