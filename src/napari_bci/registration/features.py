@@ -23,17 +23,19 @@ class RegistrationFailed(BCIError):
     exit_code = 2
 
 
-#: below this overlap-weighted correlation of tissue and hematoxylin (at 512 px) the automatic
-#: result is refused; calibrated on real H&E / HER2-IHC sections (docs/registration.md)
-MIN_SCORE = 0.4
+#: below this decision score (the overlap-weighted correlation of tissue and nucleus density
+#: at 512 px plus the tissue's orientation agreement at 256 px) the automatic result is refused;
+#: calibrated on real H&E / HER2-IHC sections (docs/registration.md): right poses 0.76-1.25,
+#: wrong ones 0.52-0.59
+MIN_DECISION = 0.65
 #: below this score the feature path is tried too (it rescues pairs that share their cells)
 CONFIDENT_SCORE = 0.4
 #: ranked-hematoxylin NCC at 512 px (the cell scale) from which two images share their cells
 #: and the dense-flow polish is tried: 0.8-0.97 on re-stained and synthetic pairs, 0.26-0.40 on
 #: real consecutive sections (docs/registration.md)
 SHARED_CELLS_NCC = 0.6
-#: a different pose whose refined score is within this margin of the best makes the result
-#: ambiguous, and it is refused (calibrated on real sections, docs/registration.md)
+#: a different pose whose decision score (refined correlation + orientation agreement) is within
+#: this margin of the best makes the result ambiguous, and it is refused (calibrated on real sections, docs/registration.md)
 AMBIGUITY_MARGIN = 0.02
 
 
@@ -241,7 +243,7 @@ def register_auto(
     flips: bool = True,
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
-    min_score: float = MIN_SCORE,
+    min_decision: float = MIN_DECISION,
 ) -> AutoResult:
     """Align ``moving`` (H&E) onto ``fixed`` (IHC) with no user input; any rotation and flips.
 
@@ -249,13 +251,14 @@ def register_auto(
     ``.levels``. First the intensity search on stain-invariant channels
     (:func:`~napari_bci.registration.intensity.register_intensity`); where its score is below
     :data:`CONFIDENT_SCORE`, also features (matched at longer side <= ``coarse_side``), and the
-    better of the two by the same score; then, where the images share their cells
-    (:data:`SHARED_CELLS_NCC`), a dense-flow projective polish at longer side <= ``refine_side``,
-    kept only if the score does not drop. Raises :class:`RegistrationFailed`
-    when the final score is below ``min_score``, or when the intensity result is ambiguous (a
-    pose elsewhere scores within :data:`AMBIGUITY_MARGIN` of it).
+    better of the two by the decision score (that correlation plus the tissue's orientation
+    agreement); then, where the images share their cells (:data:`SHARED_CELLS_NCC`), a dense-flow
+    projective polish at longer side <= ``refine_side``, kept only if the score does not drop.
+    Raises :class:`RegistrationFailed` when the final decision score is below ``min_decision``,
+    or when the intensity result is ambiguous (a pose elsewhere has a decision score within
+    :data:`AMBIGUITY_MARGIN` of it).
     """
-    from .intensity import invariant_score, register_intensity
+    from .intensity import invariant_score, orientation_score, register_intensity
     from .quality import image_similarity
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
@@ -263,15 +266,16 @@ def register_auto(
     r = register_intensity(pf, pm, flips=flips, seed=seed, progress=lambda m, f: say(m, 0.6 * f))
     m0, score, flipped, how = r.matrix, r.score, r.candidate.flipped, "intensity"
     info = dict(r.info)
+    orient = info["orientation"]
     ninl = nmatch = 0
     if score < CONFIDENT_SCORE:
         say("features", 0.6)
         mf, ninl, nmatch, ff = _features(pf, pm, detector, coarse_side, refine_side, flips, seed)
         if mf is not None:
-            sf = invariant_score(pf, pm, mf)
-            info["feature_score"] = sf
-            if sf > score:
-                m0, score, flipped, how = mf, sf, ff, "features"
+            sf, of = invariant_score(pf, pm, mf), orientation_score(pf, pm, mf)
+            info["feature_score"], info["feature_orientation"] = sf, of
+            if sf + of > score + orient:
+                m0, score, orient, flipped, how = mf, sf, of, ff, "features"
     # the flow polish tracks cells: only where both images share them (re-stained, synthetic)
     info["cell_ncc"] = image_similarity(pf, pm, Transform(m0), 512)["ncc"]
     if info["cell_ncc"] >= SHARED_CELLS_NCC:
@@ -280,20 +284,23 @@ def register_auto(
         sp = invariant_score(pf, pm, mp)
         info["polish_score"] = sp
         if sp >= score - 0.005:  # the polish optimises another criterion; keep it unless it is worse
-            m0, score = mp, max(sp, score)
-    info["score"] = score
-    ru = info.get("runner_up_score")
-    if how == "intensity" and ru is not None and ru >= info["projective_score"] - AMBIGUITY_MARGIN:
+            m0, score, orient = mp, max(sp, score), orientation_score(pf, pm, mp)
+    info["score"], info["orientation"] = score, orient
+    decision = score + orient
+    ru = info.get("runner_up_decision")
+    if how == "intensity" and ru is not None and ru >= info["decision"] - AMBIGUITY_MARGIN:
         raise RegistrationFailed(
-            f"registration failed: two alignments {info['runner_up_px']:.0f} px apart match tissue and "
-            f"nuclei about equally well (scores {info['projective_score']:.2f} and {ru:.2f}); the sections "
-            "share too little structure to choose (try landmarks: place >= 4 point pairs on both images)")
-    if not score >= min_score:
+            f"registration failed: two alignments {info['runner_up_px']:.0f} px apart match tissue, "
+            f"nuclei and tissue orientation about equally well (decision scores {info['decision']:.2f} and "
+            f"{ru:.2f}); the sections share too little structure to choose (try landmarks: place >= 4 "
+            "point pairs on both images)")
+    if not decision >= min_decision:
         raise RegistrationFailed(
-            f"registration failed: the best alignment found matches tissue and nuclei poorly "
-            f"(score {score:.2f} < {min_score:.2f}; are these sections of the same tissue?) "
-            "(try landmarks: place >= 4 point pairs on both images)")
+            f"registration failed: the best alignment found matches tissue, nuclei and tissue orientation "
+            f"poorly (decision score {decision:.2f} = {score:.2f} + {orient:.2f} < {min_decision:.2f}; are "
+            "these sections of the same tissue?) (try landmarks: place >= 4 point pairs on both images)")
     say("done", 1.0)
-    meta = {"method": "auto", "start": how, "score": round(float(score), 4), "inliers": ninl,
+    meta = {"method": "auto", "start": how, "score": round(float(score), 4),
+            "orientation": round(float(orient), 4), "decision": round(float(decision), 4), "inliers": ninl,
             "matches": nmatch, "flipped": bool(flipped)}
     return AutoResult(Transform(m0 / m0[2, 2], meta=meta), ninl, nmatch, bool(flipped), info)

@@ -76,6 +76,7 @@ class SearchChannels:
         img = np.asarray(img)[..., :3]
         od = rgb_to_od(img).sum(-1)
         self.tissue = (od > tissue_threshold(od)).astype(np.float32)
+        self.od = od.astype(np.float32)
         h = hematoxylin(img).astype(np.float32)
         s1, s2 = (s * nucleus_scale for s in self.DOG)
         self.nuclei = np.maximum(ndi.gaussian_filter(h, s1) - ndi.gaussian_filter(h, s2), 0)
@@ -90,6 +91,49 @@ class SearchChannels:
         d = ndi.gaussian_filter(downscale(self.nuclei, factor), sigma_d)
         out = np.stack([ndi.gaussian_filter(c, sigma) for c in (downscale(self.tissue, factor), _rank(d))])
         return out.astype(np.float32), self.downsample * factor
+
+    def od_at(self, factor: int) -> np.ndarray:
+        """The total optical density block-averaged by ``factor``."""
+        from .images import downscale
+
+        return downscale(self.od, factor)
+
+
+# --------------------------------------------------------------------------- orientation
+#: gradient and structure-tensor sigmas (px of the 256-px level) of :func:`orientation_field`
+ORIENT_SIGMAS = (2.0, 8.0)
+
+
+def orientation_field(od: np.ndarray, sigmas=ORIENT_SIGMAS) -> np.ndarray:
+    """``(2, H, W)``: the local orientation of the total optical density as the double-angle
+    vector of its structure tensor, ``(Jxx - Jyy, 2 Jxy)``, long where the texture is strongly
+    oriented. A direction, not a contrast: collagen fibres, tissue edges, lumens and fat run the
+    same way in an H&E and an IHC of the next section whatever their colours, and it is the same
+    for dark-on-light and light-on-dark."""
+    sg, rho = sigmas
+    gy = ndi.gaussian_filter(od, sg, order=(1, 0))
+    gx = ndi.gaussian_filter(od, sg, order=(0, 1))
+    jxx, jyy, jxy = (ndi.gaussian_filter(a, rho) for a in (gx * gx, gy * gy, gx * gy))
+    return np.stack([jxx - jyy, 2 * jxy]).astype(np.float32)
+
+
+def orientation_agreement(fixed_od: np.ndarray, moving_od: np.ndarray, matrix: np.ndarray,
+                          fixed_field: np.ndarray | None = None) -> float:
+    """How well the tissue's local orientation agrees after a moving -> fixed ``matrix`` (pixels
+    of these images): the correlation of the two :func:`orientation_field` s over the overlap
+    (the moving one computed after warping, so in the fixed frame), times the root of the
+    overlap's fraction as in :func:`ecc_refine`. About 0 for unrelated poses; it tells apart poses
+    whose tissue and nucleus maps fit about equally well, such as a mirrored one."""
+    vf = orientation_field(fixed_od) if fixed_field is None else fixed_field
+    warped, valid = _warp_channels(moving_od[None], matrix, fixed_od.shape)
+    vm = orientation_field(warped[0])
+    # the moving field is undefined near the edge of its data (the tensor sees the cut)
+    keep = ndi.binary_erosion(valid, iterations=int(np.ceil(3 * sum(ORIENT_SIGMAS) / 2)))
+    if keep.sum() < 64:
+        return 0.0
+    a, b = vf[:, keep], vm[:, keep]
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den * np.sqrt(keep.mean())) if den > 0 else 0.0
 
 
 # --------------------------------------------------------------------------- global search
@@ -228,10 +272,14 @@ def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float
     as one)."""
     poses = [(a, s, f) for f in ((False, True) if flips else (False,)) for s in scales
              for a in np.arange(0.0, 360.0, angle_step)]
-    found = sorted(search(fixed_ch, moving_ch, poses, peaks=2), key=lambda c: -c.score)
-    diag = np.hypot(*fixed_ch.shape[1:])
+    return distinct(search(fixed_ch, moving_ch, poses, peaks=2), np.hypot(*fixed_ch.shape[1:]), keep)
+
+
+def distinct(cands: list[Candidate], diag: float, keep: int) -> list[Candidate]:
+    """The ``keep`` best of ``cands`` that are distinct poses (translations closer than a tenth of
+    ``diag``, the same orientation and angles within 25 degrees count as one), best first."""
     out: list[Candidate] = []
-    for cand in found:
+    for cand in sorted(cands, key=lambda c: -c.score):
         p = cand.matrix[:2, 2]
         if any(np.linalg.norm(p - o.matrix[:2, 2]) < 0.1 * diag and o.flipped == cand.flipped
                and abs((cand.angle - o.angle + 180) % 360 - 180) < 25 for o in out):
@@ -357,8 +405,10 @@ def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, 
 #: (longer side px, smoothing sigma px) of the search, local search and refinement levels
 LEVELS = {"search": (64, 1.0), "local": (128, 1.25), "affine": (256, 2.0), "projective": (512, 3.0),
           "slide": (1024, 3.0)}  # "slide": a further projective level for images over 2048 px
-#: candidates of the global search refined by ECC (the best by refined score wins)
+#: candidates of the global search refined by ECC (the best by decision score wins)
 KEEP = 6
+#: best grid poses of the global search climbed to their local best before the :data:`KEEP` cut
+CLIMB = 16
 
 
 @dataclass
@@ -384,11 +434,20 @@ class _Channels:
             self.bases[base] = SearchChannels(self.pyramid, max(int(side), 1), base / 512)
         return self.bases[base]
 
-    def __call__(self, key: str) -> tuple[np.ndarray, float]:
-        side, sigma = LEVELS[key]
+    def _factor(self, key: str) -> tuple[int, int]:
+        side = LEVELS[key][0]
         base = 512 if side <= 512 else 1024
         ref = (self.like or self).base(base)
-        return self.base(base).at(max(int(round(max(ref.tissue.shape) / side)), 1), sigma)
+        return base, max(int(round(max(ref.tissue.shape) / side)), 1)
+
+    def __call__(self, key: str) -> tuple[np.ndarray, float]:
+        base, factor = self._factor(key)
+        return self.base(base).at(factor, LEVELS[key][1])
+
+    def od(self, key: str) -> np.ndarray:
+        """The total optical density at the level of ``key`` (the pixels of ``self(key)``)."""
+        base, factor = self._factor(key)
+        return self.base(base).od_at(factor)
 
 
 def pose_distance(pf, a: np.ndarray, b: np.ndarray) -> float:
@@ -406,12 +465,15 @@ def pose_distance(pf, a: np.ndarray, b: np.ndarray) -> float:
 def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
                        progress: Callable[[str, float], None] | None = None) -> IntensityResult:
     """Moving -> fixed projective of two :class:`~napari_bci.registration.images.Pyramid` s on
-    :class:`SearchChannels`: :func:`global_search` (64 px), :func:`local_search` of its
-    :data:`KEEP` best candidates (128 px), an affine :func:`ecc_refine` of each (256 px); the best
-    by affine score and the two best whose poses lie elsewhere (over 5 % of the diagonal away)
-    are refined projectively (512 px), and the best of these wins. ``info`` has the other's score and
-    distance (``runner_up_score``, ``runner_up_px``; None without one), by which
-    :func:`~napari_bci.registration.features.register_auto` refuses an ambiguous result."""
+    :class:`SearchChannels`: :func:`global_search` (64 px) of :data:`CLIMB` candidates, each
+    climbed to its best nearby pose there (:func:`local_search`); the :data:`KEEP` best go on to a
+    :func:`local_search` at 128 px and an affine :func:`ecc_refine` (256 px). Each is judged by its
+    **decision** score: the refined correlation plus the :func:`orientation_agreement` of the
+    tissue (256 px). The best by decision and the two best whose poses lie elsewhere (over 5 % of
+    the diagonal away) are refined projectively (512 px), and the best of these by decision wins;
+    ``score`` stays the refined correlation. ``info`` has the decision scores and the runner-up's
+    (``decision``, ``runner_up_decision``, ``runner_up_score``, ``runner_up_px``; None without one),
+    by which :func:`~napari_bci.registration.features.register_auto` refuses an ambiguous result."""
     from ..transform import apply_matrix
     from .images import level_matrix, matrix_to_level, matrix_to_level0
 
@@ -420,20 +482,31 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     chm = _Channels(pm, like=chf)
     say("global search", 0.0)
     (cf, dsf), (cm, dsm) = chf("search"), chm("search")
-    cands = global_search(cf, cm, flips=flips, keep=KEEP)
     centre = np.array([[(cm.shape[2] - 1) / 2, (cm.shape[1] - 1) / 2]])
+    # a narrow structure (a band of stroma across a tumour sheet) peaks sharply in angle: a grid
+    # pose 5 degrees off the truth can rank 20th, so the best grid poses climb before the cut
+    coarse = global_search(cf, cm, flips=flips, keep=CLIMB)
+    climbed = [local_search(cf, cm, c, apply_matrix(c.matrix, centre)[0]) for c in coarse]
+    cands = distinct(climbed, float(np.hypot(*cf.shape[1:])), KEEP)
     # where each candidate puts the moving image's centre, level-0 px
     near0 = [apply_matrix(level_matrix(dsf) @ c.matrix, centre)[0] for c in cands]
     say("local search", 0.4)
     (cf, dsf), (cm, dsm) = chf("local"), chm("local")
     (af, daf), (am, dam) = chf("affine"), chm("affine")
+    od_f, od_m = chf.od("affine"), chm.od("affine")
+    field_f = orientation_field(od_f)
+
+    def orient(m0):
+        return orientation_agreement(od_f, od_m, matrix_to_level(m0, dam, daf), field_f)
+
     refined = []
     for k, c in enumerate(cands):
         say("local search and affine refinement", 0.4 + 0.4 * k / len(cands))
         loc = local_search(cf, cm, c, apply_matrix(np.linalg.inv(level_matrix(dsf)), near0[k][None])[0])
         m0 = matrix_to_level0(loc.matrix, dsm, dsf)
         mk, score = ecc_refine(af, am, matrix_to_level(m0, dam, daf), "affine", seed=seed)
-        refined.append((score, matrix_to_level0(mk, dam, daf), loc))
+        m0 = matrix_to_level0(mk, dam, daf)
+        refined.append((score + orient(m0), m0, loc, score))
     refined.sort(key=lambda r: -r[0])
     # the finalists: the best, and the two best of those whose pose lies elsewhere
     far = 0.05 * float(np.hypot(*pf.shape))
@@ -441,17 +514,20 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     say("refine (projective)", 0.85)
     (cf, dsf), (cm, dsm) = chf("projective"), chm("projective")
     final = []
-    for aff, m, loc in finalists:
+    for _, m, loc, aff in finalists:
         mk, score = ecc_refine(cf, cm, matrix_to_level(m, dsm, dsf), "projective", seed=seed)
-        final.append((score, matrix_to_level0(mk, dsm, dsf), loc, aff))
+        m0 = matrix_to_level0(mk, dsm, dsf)
+        o = orient(m0)
+        final.append((score + o, m0, loc, aff, score, o))
     final.sort(key=lambda r: -r[0])
-    score, m0, best, aff = final[0]
+    decision, m0, best, aff, score, o = final[0]
     info = {"search_score": best.score, "angle": best.angle, "scale": best.scale, "flipped": best.flipped,
-            "affine_score": aff, "projective_score": score, "runner_up_score": None, "runner_up_px": None}
-    others = [(r[0], pose_distance(pf, m0, r[1])) for r in final[1:]]
-    others = [o for o in others if o[1] > far]
+            "affine_score": aff, "projective_score": score, "orientation": o, "decision": decision,
+            "runner_up_decision": None, "runner_up_score": None, "runner_up_px": None}
+    others = [(r[0], r[4], pose_distance(pf, m0, r[1])) for r in final[1:]]
+    others = [r for r in others if r[2] > far]
     if others:
-        info["runner_up_score"], info["runner_up_px"] = others[0]
+        info["runner_up_decision"], info["runner_up_score"], info["runner_up_px"] = others[0]
     if score_level(pf) == "slide":
         say("refine (slide)", 0.95)
         (cf, dsf), (cm, dsm) = chf("slide"), chm("slide")
@@ -476,3 +552,14 @@ def invariant_score(pf, pm, matrix0: np.ndarray) -> float:
     (cf, dsf), (cm, dsm) = chf(key), _Channels(pm, like=chf)(key)
     _, score = ecc_refine(cf, cm, matrix_to_level(matrix0, dsm, dsf), "affine", iterations=1)
     return score
+
+
+def orientation_score(pf, pm, matrix0: np.ndarray) -> float:
+    """:func:`orientation_agreement` for a level-0 moving -> fixed matrix, at the level
+    :func:`register_intensity` measures it (256 px)."""
+    from .images import matrix_to_level
+
+    chf = _Channels(pf)
+    chm = _Channels(pm, like=chf)
+    (_, daf), (_, dam) = chf("affine"), chm("affine")
+    return orientation_agreement(chf.od("affine"), chm.od("affine"), matrix_to_level(matrix0, dam, daf))

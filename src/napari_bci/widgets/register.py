@@ -635,7 +635,9 @@ def _ellipse_outline(corners_xy: np.ndarray, n: int = 64) -> np.ndarray:
 def format_quality(r: dict) -> str:
     lines = []
     if r.get("auto_score") is not None:
-        lines.append(f"Automatic start: {r.get('auto_start')}, score {r['auto_score']:.2f}")
+        lines.append(f"Automatic start: {r.get('auto_start')}, score {r['auto_score']:.2f}"
+                     + (f" + orientation {r['auto_orientation']:.2f}" if r.get("auto_orientation") is not None
+                        else ""))
     if "ncc_before" in r:
         lines.append(f"NCC (ranked hematoxylin): {r['ncc_before']:.3f} -> {r['ncc_after']:.3f}")
         lines.append(f"Mutual information: {r['mi_before']:.3f} -> {r['mi_after']:.3f}")
