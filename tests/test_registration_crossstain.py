@@ -108,3 +108,48 @@ def test_cli_failure_is_exit_2_one_line(he, data_dir, tmp_path, run_cli):
     assert code == 2 and out == "" and err.strip().count("\n") == 0
     assert "registration failed" in err and "try landmarks" in err
     assert not (tmp_path / "T.json").exists()
+
+
+
+def test_orientation_agreement_tells_the_true_pose_from_its_mirror(he):
+    """The tissue's local orientation agrees under the true pose and not under the mirrored one
+    (whose tissue and nucleus maps can fit about as well on symmetric tissue)."""
+    from napari_bci.registration.intensity import orientation_agreement
+    from napari_bci.stain import rgb_to_od
+
+    pair = make_known_pair(he, seed=5, angle=70, field_amplitude=0)
+    od_f, od_m = (rgb_to_od(a).sum(-1).astype(np.float32) for a in (pair.fixed, pair.moving))
+    m = pair.transform.matrix
+    c = (he.shape[1] - 1) / 2
+    mirror = m @ np.array([[-1.0, 0, 2 * c], [0, 1, 0], [0, 0, 1]])  # flip the H&E about its centre first
+    right, wrong = orientation_agreement(od_f, od_m, m), orientation_agreement(od_f, od_m, mirror)
+    assert right > 0.5 and wrong < right - 0.3, (right, wrong)
+    shifted = np.array([[1.0, 0, 40], [0, 1, 0], [0, 0, 1]]) @ m  # 40 px off
+    assert orientation_agreement(od_f, od_m, shifted) < right - 0.2
+
+
+def test_report_has_the_decision_score(he):
+    from napari_bci.registration.features import MIN_DECISION
+
+    pair = make_known_pair(he, seed=7, angle=-35, field_amplitude=0)
+    r = register(pair.fixed, pair.moving, method="auto", refine_side=512).report
+    assert r["auto_decision"] == pytest.approx(r["auto_score"] + r["auto_orientation"], abs=2e-4)
+    assert r["auto_decision"] > MIN_DECISION and r["auto_orientation"] > 0.3
+
+
+def test_structure_flow_refines_without_following_cells(he):
+    """The deformable step used for consecutive sections (half resolution, cells blurred) still
+    recovers a smooth field on top of the projective start."""
+    from napari_bci.registration import register_deformable
+    from napari_bci.transform import Transform
+
+    pair = make_known_pair(he, seed=6, angle=20, field_amplitude=5)
+    start = Transform(pair.transform.matrix)
+    before = _tre(start, pair, he.shape[:2])
+    from napari_bci.registration.images import downscale
+
+    levels = [[a, downscale(a, 2)] for a in (pair.fixed, pair.moving)]  # half resolution, as for real pairs
+    t = register_deformable(*levels, start, max_side=256, structure=2.0)
+    after = _tre(t, pair, he.shape[:2])
+    assert t.meta["deformable_downsample"] == 2.0
+    assert after < 0.6 * before, (before, after)

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..transform import Transform
 from .deformable import register_deformable
-from .features import register_auto
+from .features import SHARED_CELLS_NCC, register_auto
 from .images import as_pyramid
 from .landmarks import fit_landmarks
 from .quality import quality_report
@@ -19,6 +19,9 @@ METHODS = ("landmarks", "auto", "deformable")
 #: without landmarks, a dense field whose median displacement beyond the automatic projective
 #: start exceeds this fraction of the fixed image's diagonal is dropped (docs/registration.md)
 MAX_FIELD_SHIFT = 0.01
+#: smoothing (px of the half-resolution level) of the optical density the deformable flow
+#: follows where the sections share no cells
+STRUCTURE_SIGMA = 2.0
 
 
 @dataclass
@@ -64,6 +67,7 @@ def register(
     report: dict = {"method": method}
     if method == "landmarks" and landmarks is None:
         raise InputError("landmarks", "the landmarks method needs at least 4 landmark pairs")
+    shared_cells = True
     if landmarks is not None and method in ("landmarks", "deformable"):
         fit = fit_landmarks(*landmarks, model=model, ransac=ransac, seed=seed)
         t = fit.transform
@@ -75,7 +79,9 @@ def register(
 
         res = register_auto(pf, pm, coarse_side=coarse_side, refine_side=refine_side, seed=seed, progress=sub)
         t = res.transform
+        shared_cells = res.info.get("cell_ncc", 1.0) >= SHARED_CELLS_NCC
         report.update({"auto_start": t.meta.get("start"), "auto_score": t.meta.get("score"),
+                       "auto_orientation": t.meta.get("orientation"), "auto_decision": t.meta.get("decision"),
                        "feature_inliers": res.inliers, "feature_matches": res.matches,
                        "flipped": res.flipped})
     if cancelled is not None and cancelled():
@@ -84,8 +90,15 @@ def register(
         def sub2(msg, frac):
             say(msg, 0.4 + 0.55 * frac)
 
-        td = register_deformable(pf, pm, t, engine=engine, max_side=deform_side, part=part, overlap=overlap,
-                                 progress=sub2, cancelled=cancelled)
+        kw = {"max_side": deform_side}
+        if not shared_cells:
+            # consecutive sections share no cells: the flow follows the tissue's structure instead,
+            # at half the resolution with the cells blurred (closer to the automatic start's
+            # own result on real pairs, and a quarter of the time; docs/registration.md)
+            kw = {"max_side": max(min(deform_side, max(pf.shape)) // 2, 256), "structure": STRUCTURE_SIGMA}
+        report["deformable_follows"] = "cells" if shared_cells else "tissue structure"
+        td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
+                                 cancelled=cancelled, **kw)
         if landmarks is None:
             # consecutive sections share no cells: where the dense field does not raise the
             # stain-invariant correlation it follows noise: one that clearly lowers it is dropped,

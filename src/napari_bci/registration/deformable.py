@@ -191,6 +191,7 @@ def register_deformable(
     part: int = 1024,
     overlap: int = 128,
     spacing: float | None = None,
+    structure: float = 0.0,
     progress: Callable[[str, float], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     **engine_kw,
@@ -201,7 +202,9 @@ def register_deformable(
     level 0), in parts of ``part`` px with ``overlap`` (as BCI did for whole slides, in 16 parts);
     each part reads only its fixed window and the moving region that maps into it. The per-part
     residual flows are feather-blended into one low-resolution field (every ``spacing`` level-0
-    px, default 4 px of the working level) and composed with ``initial``."""
+    px, default 4 px of the working level) and composed with ``initial``. ``structure`` > 0: both
+    hematoxylin channels are smoothed by that many working-level px first, so that the flow
+    follows tissue structure rather than individual cells (consecutive sections)."""
     from ..errors import Cancelled
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
@@ -229,8 +232,10 @@ def register_deformable(
             say(f"{engine}: part {k + 1}/{n_parts}", k / n_parts)
             fimg = np.asarray(flevel[r0:r1, c0:c1])
             warped = warp_region(mlevel, initial, (r0, c0), (r1 - r0, c1 - c0), dsf, dsm, fill="mirror")
-            v = residual_flow(od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr), engine,
-                              **engine_kw)
+            a, b = od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr)
+            if structure > 0:
+                a, b = ndi.gaussian_filter(a, structure), ndi.gaussian_filter(b, structure)
+            v = residual_flow(a, b, engine, **engine_kw)
             sel = (rr >= r0 - 0.5) & (rr <= r1 - 0.5) & (cc >= c0 - 0.5) & (cc <= c1 - 0.5)
             if sel.any():
                 w = _ramp(rr[sel], r0, r1, H, overlap) * _ramp(cc[sel], c0, c1, W, overlap)
