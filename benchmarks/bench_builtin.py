@@ -28,6 +28,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", default=None, help="cache the rendered held-out pairs here")
+    ap.add_argument("--gains", default=None, metavar="JSON",
+                    help="per-level DAB gains to try instead of the shipped config's (a JSON list for "
+                         "0/1+/2+/3+ or a file holding one; null for none)")
     args = ap.parse_args(argv)
 
     from napari_bci.models.baseline import BaselineGenerator
@@ -37,6 +40,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     gen = load_generator("builtin", device="cpu")
+    if args.gains is not None:
+        import json
+
+        text = Path(args.gains).read_text() if Path(args.gains).is_file() else args.gains
+        gains = json.loads(text)
+        gen.module.dab_gain = None if gains is None else [float(g) for g in gains]
+    print(f"dab_gain: {gen.module.dab_gain}")
     t0 = time.perf_counter()
     pairs = T.synthetic_pairs(HELDOUT["n"], HELDOUT["size"], seed=HELDOUT["seed"], progress=True,
                              cache_dir=args.cache)
