@@ -387,13 +387,13 @@ frozen in `{mc['test_subset_file']}` and checked by `tests/test_builtin.py`): PS
 - The level comes from the H&E morphology of the case (nucleus size, hyperchromasia,
   pleomorphism in the synthetic tissue); which individual cell is stained is not visible in
   the H&E, so the model draws each level's typical membranes, not the real cell-by-cell pattern.
-- The slide demo (`napari-bci demo`, a 2+ whole-slide sample): on its tumour view the level head
-  reads 0-1+ (0.43 / 0.39 / 0.16 / 0.02 for 0 / 1+ / 2+ / 3+) and the virtual IHC shows only faint
+- The slide demo (`napari-bci demo`, since this model a 3+ whole-slide sample): on its tumour
+  view the level head reads 3+ (0.01 / 0.04 / 0.34 / 0.60 for 0 / 1+ / 2+ / 3+) and the model draws
+  the membrane network of every tumour cell, ochre and more diffuse than the real dark-brown DAB
+  (README screenshots, `--zoom 3` for the close-up). On the 2+ sample (`--her2 2+`) the head reads
+  its tumour view as 0-1+ (0.43 / 0.39 / 0.16 / 0.02) and the virtual IHC shows only faint
   yellowish cell borders where the real IHC is brown, also at its strong-DAB spot (level-0
-  x, y = 12432, 12960: head 1+); on a 3+ slide (`--her2 3+`) the head reads 3+ and the model draws
-  the membrane network, ochre and more diffuse than the real dark-brown DAB (seen at `--zoom 2`).
-  Checked by eye with this model when the card was written; the README screenshot was not
-  retaken for it.
+  x, y = 12432, 12960: head 1+): the demo shows 3+ by default for that reason.
 - Not for diagnosis.
 """
 
