@@ -153,3 +153,32 @@ def test_structure_flow_refines_without_following_cells(he):
     after = _tre(t, pair, he.shape[:2])
     assert t.meta["deformable_downsample"] == 2.0
     assert after < 0.6 * before, (before, after)
+
+
+def test_field_on_sections_without_shared_cells_is_judged_by_orientation(he, monkeypatch):
+    """Where the sections share no cells, the structure-following field is kept unless it lowers
+    the tissue's orientation agreement, and then dropped with the reason."""
+    import napari_bci.registration.api as api
+    from napari_bci.transform import Transform
+
+    monkeypatch.setattr(api, "SHARED_CELLS_NCC", 1.01)  # treat the pair as consecutive sections
+    pair = make_known_pair(he, seed=6, angle=25, field_amplitude=10)
+    good = register(pair.fixed, pair.moving, method="deformable", refine_side=512, deform_side=512)
+    r = good.report
+    assert r["deformable_follows"] == "tissue structure" and r["deformable_kept"], r.get("deformable_rejected")
+    assert r["orientation_after"] > 0.5
+    assert _tre(good.transform, pair, he.shape[:2]) < 1.0
+
+    real = api.register_deformable
+
+    def drifting(fixed, moving, t, **kw):  # a smooth 8 px swirl unrelated to the tissue
+        out = real(fixed, moving, t, **kw)
+        gh, gw = out.field.shape[:2]
+        yy, xx = np.mgrid[0:gh, 0:gw] / max(gh, gw) * 2 * np.pi
+        out.field = np.stack([8 * np.sin(2 * yy), 8 * np.cos(2 * xx)], -1).astype(np.float32)
+        return out
+
+    monkeypatch.setattr(api, "register_deformable", drifting)
+    bad = register(pair.fixed, pair.moving, method="deformable", refine_side=512, deform_side=512, quality=False)
+    assert not bad.report["deformable_kept"] and "orientation" in bad.report["deformable_rejected"]
+    assert bad.transform.field is None

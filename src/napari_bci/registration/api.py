@@ -19,6 +19,12 @@ METHODS = ("landmarks", "auto", "deformable")
 #: without landmarks, a dense field whose median displacement beyond the automatic projective
 #: start exceeds this fraction of the fixed image's diagonal is dropped (docs/registration.md)
 MAX_FIELD_SHIFT = 0.01
+#: the same cap for the structure-following field of sections that share no cells, which is
+#: judged by the tissue's orientation agreement instead (docs/registration.md)
+MAX_STRUCTURE_SHIFT = 0.03
+#: a structure-following field that lowers the tissue's orientation agreement by more than this
+#: is dropped; one that moves tissue by over MAX_FIELD_SHIFT must raise it
+ORIENTATION_TOLERANCE = 0.03
 #: smoothing (px of the half-resolution level) of the optical density the deformable flow
 #: follows where the sections share no cells
 STRUCTURE_SIGMA = 2.0
@@ -100,24 +106,38 @@ def register(
         td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
                                  cancelled=cancelled, **kw)
         if landmarks is None:
-            # consecutive sections share no cells: where the dense field does not raise the
-            # stain-invariant correlation it follows noise: one that clearly lowers it is dropped,
-            # and so is one that moves tissue far beyond the projective start (a median over 1 %
-            # of the diagonal; a trusted automatic start leaves residuals of a few px)
+            # without landmarks nothing vouches for the dense field: one that moves tissue far
+            # beyond the trusted projective start, or that makes the stain-invariant figures
+            # worse, follows noise and is dropped (docs/registration.md)
             from .quality import image_similarity
 
             u = np.zeros((1, 2)) if td.field is None else td.field.reshape(-1, 2)
             shift = float(np.median(np.linalg.norm(u, axis=1)))
-            limit = MAX_FIELD_SHIFT * float(np.hypot(*pf.shape))
+            cap = MAX_FIELD_SHIFT if shared_cells else MAX_STRUCTURE_SHIFT
+            limit = cap * float(np.hypot(*pf.shape))
             if shift > limit:
                 report["deformable_rejected"] = (
                     f"the field moves tissue by a median {shift:.0f} px beyond the projective start "
-                    f"(over {limit:.0f} px, 1 % of the diagonal)")
+                    f"(over {limit:.0f} px, {100 * cap:g} % of the diagonal)")
             else:
-                a, b = image_similarity(pf, pm, t)["ncc"], image_similarity(pf, pm, td)["ncc"]
-                if b < a - 0.01:
+                side = 1024 if shared_cells else 256  # the orientation is measured at 256 px anyway
+                a, b = image_similarity(pf, pm, t, side), image_similarity(pf, pm, td, side)
+                if shared_cells and b["ncc"] < a["ncc"] - 0.01:
                     report["deformable_rejected"] = (
-                        f"the field lowered the ranked-hematoxylin NCC ({a:.3f} -> {b:.3f})")
+                        f"the field lowered the ranked-hematoxylin NCC ({a['ncc']:.3f} -> {b['ncc']:.3f})")
+                elif not shared_cells:
+                    # the flow raises the hematoxylin NCC it follows whether right or not; the
+                    # tissue's orientation is what a drifting field on consecutive sections
+                    # loses: a field moving tissue by over 1 % of the diagonal must raise it, a
+                    # smaller one must not clearly lower it (its noise is about 0.02)
+                    gain = b["orientation"] - a["orientation"]
+                    big = shift > MAX_FIELD_SHIFT * float(np.hypot(*pf.shape))
+                    if (big and not gain > 0) or gain < -ORIENTATION_TOLERANCE:
+                        what = (f"moves tissue by a median {shift:.0f} px (over 1 % of the diagonal) without "
+                                "raising" if big and gain >= -ORIENTATION_TOLERANCE else "lowered")
+                        report["deformable_rejected"] = (
+                            f"the field {what} the tissue's orientation agreement "
+                            f"({a['orientation']:.3f} -> {b['orientation']:.3f})")
             report["deformable_kept"] = "deformable_rejected" not in report
             if not report["deformable_kept"]:
                 td = Transform(t.matrix, meta=dict(t.meta, deformable="rejected"))

@@ -117,16 +117,22 @@ def orientation_field(od: np.ndarray, sigmas=ORIENT_SIGMAS) -> np.ndarray:
     return np.stack([jxx - jyy, 2 * jxy]).astype(np.float32)
 
 
-def orientation_agreement(fixed_od: np.ndarray, moving_od: np.ndarray, matrix: np.ndarray,
-                          fixed_field: np.ndarray | None = None) -> float:
+def orientation_agreement(fixed_od: np.ndarray, moving_od: np.ndarray, matrix: np.ndarray | None,
+                          fixed_field: np.ndarray | None = None, valid: np.ndarray | None = None) -> float:
     """How well the tissue's local orientation agrees after a moving -> fixed ``matrix`` (pixels
-    of these images): the correlation of the two :func:`orientation_field` s over the overlap
-    (the moving one computed after warping, so in the fixed frame), times the root of the
-    overlap's fraction as in :func:`ecc_refine`. About 0 for unrelated poses; it tells apart poses
-    whose tissue and nucleus maps fit about equally well, such as a mirrored one."""
+    of these images; None: ``moving_od`` is already in the fixed frame, with data where
+    ``valid``): the correlation of the two :func:`orientation_field` s over the overlap (the
+    moving one computed after warping, so in the fixed frame), times the root of the overlap's
+    fraction as in :func:`ecc_refine`. About 0 for unrelated poses; it tells apart poses whose
+    tissue and nucleus maps fit about equally well, such as a mirrored one."""
     vf = orientation_field(fixed_od) if fixed_field is None else fixed_field
-    warped, valid = _warp_channels(moving_od[None], matrix, fixed_od.shape)
-    vm = orientation_field(warped[0])
+    if matrix is None:
+        warped = np.where(valid, moving_od, 0.0) if valid is not None else moving_od
+        valid = np.ones(fixed_od.shape, bool) if valid is None else valid
+    else:
+        warped, valid = _warp_channels(moving_od[None], matrix, fixed_od.shape)
+        warped = warped[0]
+    vm = orientation_field(warped)
     # the moving field is undefined near the edge of its data (the tensor sees the cut)
     keep = ndi.binary_erosion(valid, iterations=int(np.ceil(3 * sum(ORIENT_SIGMAS) / 2)))
     if keep.sum() < 64:

@@ -74,8 +74,11 @@ def image_similarity(fixed: Any, moving: Any, transform: Transform | None, max_s
     """In the fixed frame (at a level with longer side <= ``max_side``), where the warped moving
     image has data: NCC and mutual information of the ranked hematoxylin channels (comparable
     across H&E and IHC, see :func:`~napari_bci.registration.intensity.invariant_channels`), and
-    the tissue overlap (Dice coefficient of the two tissue masks)."""
-    from .intensity import invariant_channels
+    the tissue overlap (Dice coefficient of the two tissue masks); and, at a longer side of
+    256 px, the :func:`~napari_bci.registration.intensity.orientation_agreement` of the tissue."""
+    from ..stain import rgb_to_od
+    from .images import downscale
+    from .intensity import invariant_channels, orientation_agreement
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     fimg, dsf = pf.image_at(max_side)
@@ -83,13 +86,16 @@ def image_similarity(fixed: Any, moving: Any, transform: Transform | None, max_s
     t = transform if transform is not None else Transform()
     warped, valid = warp_region(mv, t, (0, 0), fimg.shape[:2], dsf, dsm, fill="constant", return_valid=True)
     if valid.sum() < 100:
-        return {"ncc": 0.0, "mi": 0.0, "tissue_overlap": 0.0, "overlap": float(valid.mean())}
+        return {"ncc": 0.0, "mi": 0.0, "tissue_overlap": 0.0, "orientation": 0.0, "overlap": float(valid.mean())}
     sigma = max(fimg.shape[:2]) / 512  # cell scale at 20x: consecutive sections share no cells
     a, b = invariant_channels(fimg, sigma), invariant_channels(warped, sigma)
     ta, tb = (a[0] > 0.5) & valid, (b[0] > 0.5) & valid
     dice = 2 * float((ta & tb).sum()) / max(float(ta.sum() + tb.sum()), 1.0)
+    k = max(int(np.ceil(max(fimg.shape[:2]) / 256)), 1)
+    od_f, od_m = (downscale(rgb_to_od(x).sum(-1).astype(np.float32), k) for x in (fimg, warped))
+    orient = orientation_agreement(od_f, od_m, None, valid=downscale(valid.astype(np.float32), k) > 0.999)
     return {"ncc": ncc(a[1], b[1], valid), "mi": mutual_information(a[1], b[1], valid),
-            "tissue_overlap": dice, "overlap": float(valid.mean())}
+            "tissue_overlap": dice, "orientation": orient, "overlap": float(valid.mean())}
 
 
 def quality_report(fixed: Any, moving: Any, transform: Transform, landmarks=None,
@@ -102,6 +108,7 @@ def quality_report(fixed: Any, moving: Any, transform: Transform, landmarks=None
         "ncc_before": b["ncc"], "ncc_after": a["ncc"],
         "mi_before": b["mi"], "mi_after": a["mi"],
         "tissue_overlap_before": b["tissue_overlap"], "tissue_overlap_after": a["tissue_overlap"],
+        "orientation_before": b["orientation"], "orientation_after": a["orientation"],
         "folded_fraction": folded_fraction(transform),
     }
     if landmarks is not None:

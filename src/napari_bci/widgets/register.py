@@ -644,6 +644,9 @@ def format_quality(r: dict) -> str:
         if "tissue_overlap_after" in r:
             lines.append(f"Tissue overlap (Dice): {r['tissue_overlap_before']:.2f} -> "
                          f"{r['tissue_overlap_after']:.2f}")
+        if "orientation_after" in r:
+            lines.append(f"Tissue orientation agreement: {r['orientation_before']:.2f} -> "
+                         f"{r['orientation_after']:.2f}")
         lines.append(f"Folded pixels: {100 * r['folded_fraction']:.2f}%")
     if r.get("tre_after") and r["tre_after"].get("n"):
         b, a = r["tre_before"], r["tre_after"]
