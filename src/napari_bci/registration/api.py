@@ -25,8 +25,8 @@ MAX_STRUCTURE_SHIFT = 0.03
 #: a structure-following field that lowers the tissue's orientation agreement by more than this
 #: is dropped; one that moves tissue by over MAX_FIELD_SHIFT must raise it
 ORIENTATION_TOLERANCE = 0.03
-#: smoothing (px of the half-resolution level) of the optical density the deformable flow
-#: follows where the sections share no cells
+#: smoothing (px of the half-resolution level) of the hematoxylin optical density that the
+#: deformable flow follows where the sections share no cells
 STRUCTURE_SIGMA = 2.0
 
 
