@@ -140,6 +140,10 @@ class Pyramid:
         return np.asarray(self.level(i, max(lv.shape[0] * lv.shape[1], 1))), d
 
 
+#: a single-level image up to this many pixels is read into memory and given 2x levels
+SMALL_IMAGE_PIXELS = 4096 * 4096
+
+
 def as_pyramid(image: Any, mpp: float | None = None) -> Pyramid:
     """A :class:`Pyramid` from one array, a list of levels, or an object with ``.levels``."""
     if isinstance(image, Pyramid):
@@ -154,9 +158,12 @@ def as_pyramid(image: Any, mpp: float | None = None) -> Pyramid:
     else:
         levels = [image]
     levels = [lv if lv.ndim == 3 else lv[..., None].repeat(3, -1) for lv in levels]
-    if len(levels) == 1 and isinstance(levels[0], np.ndarray):
-        # an in-memory image: add 2x block-mean levels down to ~256 px, so that work meant for a
-        # coarse level does not run at full resolution
+    if len(levels) == 1 and (isinstance(levels[0], np.ndarray)
+                             or levels[0].shape[0] * levels[0].shape[1] <= SMALL_IMAGE_PIXELS):
+        # an in-memory image, or one small enough to be (a patch file read lazily): add 2x
+        # block-mean levels down to ~256 px, so that work meant for a coarse level does not run
+        # at full resolution, whether the image came as an array or from a file
+        levels[0] = np.asarray(levels[0])
         while max(levels[-1].shape[:2]) > 512:
             levels.append(downscale(levels[-1], 2))
     h0, w0 = levels[0].shape[:2]
