@@ -297,3 +297,16 @@ def test_cli_landmarks_method_and_errors(cli_pair, run_cli, tmp_path):
     assert not (tmp_path / "X.json").exists()
     code, out, err = run_cli("transform", tmp_path / "missing.json", lm)
     assert code == 2 and "missing.json" in err
+
+
+def test_patch_file_gets_the_same_levels_as_an_array(data_dir, tmp_path):
+    """A patch read lazily from a file is registered at the same levels as the same image given as
+    an array (the consecutive-section flow works at half resolution on both)."""
+    from napari_bci.registration.images import as_pyramid, read_pyramid
+
+    he = imread(data_dir / "he_carcinoma_1000.png")[..., :3]
+    imsave(tmp_path / "he.png", he)
+    from_file, from_array = read_pyramid(tmp_path / "he.png"), as_pyramid(he)
+    assert [lv.shape for lv in from_file.levels] == [lv.shape for lv in from_array.levels]
+    assert len(from_file.levels) >= 2 and from_file.downsamples[1] == pytest.approx(2.0, abs=0.01)
+    np.testing.assert_array_equal(np.asarray(from_file.levels[1]), from_array.levels[1])

@@ -164,7 +164,7 @@ def as_pyramid(image: Any, mpp: float | None = None) -> Pyramid:
         # block-mean levels down to ~256 px, so that work meant for a coarse level does not run
         # at full resolution, whether the image came as an array or from a file
         levels[0] = np.asarray(levels[0])
-        while max(levels[-1].shape[:2]) > 512:
+        while max(levels[-1].shape[:2]) > 512 and min(levels[-1].shape[:2]) >= 2:
             levels.append(downscale(levels[-1], 2))
     h0, w0 = levels[0].shape[:2]
     ds = [float(np.mean([h0 / lv.shape[0], w0 / lv.shape[1]])) for lv in levels]
