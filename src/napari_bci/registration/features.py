@@ -258,7 +258,7 @@ def register_auto(
     or when the intensity result is ambiguous (a pose elsewhere has a decision score within
     :data:`AMBIGUITY_MARGIN` of it).
     """
-    from .intensity import invariant_score, orientation_score, register_intensity
+    from .intensity import invariant_scores, register_intensity
     from .quality import image_similarity
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
@@ -272,7 +272,7 @@ def register_auto(
         say("features", 0.6)
         mf, ninl, nmatch, ff = _features(pf, pm, detector, coarse_side, refine_side, flips, seed)
         if mf is not None:
-            sf, of = invariant_score(pf, pm, mf), orientation_score(pf, pm, mf)
+            sf, of = invariant_scores(pf, pm, mf)
             info["feature_score"], info["feature_orientation"] = sf, of
             if sf + of > score + orient:
                 m0, score, orient, flipped, how = mf, sf, of, ff, "features"
@@ -281,10 +281,10 @@ def register_auto(
     if info["cell_ncc"] >= SHARED_CELLS_NCC:
         say("refine", 0.8)
         mp = _flow_polish(pf, pm, m0, refine_side, seed, info)
-        sp = invariant_score(pf, pm, mp)
+        sp, op = invariant_scores(pf, pm, mp)
         info["polish_score"] = sp
         if sp >= score - 0.005:  # the polish optimises another criterion; keep it unless it is worse
-            m0, score, orient = mp, max(sp, score), orientation_score(pf, pm, mp)
+            m0, score, orient = mp, max(sp, score), op
     info["score"], info["orientation"] = score, orient
     decision = score + orient
     ru = info.get("runner_up_decision")

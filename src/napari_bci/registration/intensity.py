@@ -450,10 +450,12 @@ class _Channels:
         base, factor = self._factor(key)
         return self.base(base).at(factor, LEVELS[key][1])
 
-    def od(self, key: str) -> np.ndarray:
-        """The total optical density at the level of ``key`` (the pixels of ``self(key)``)."""
+    def od(self, key: str) -> tuple[np.ndarray, float]:
+        """The total optical density at the level of ``key`` (the pixels of ``self(key)``) and
+        its downsample factor relative to level 0."""
         base, factor = self._factor(key)
-        return self.base(base).od_at(factor)
+        b = self.base(base)
+        return b.od_at(factor), b.downsample * factor
 
 
 def pose_distance(pf, a: np.ndarray, b: np.ndarray) -> float:
@@ -499,7 +501,7 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     say("local search", 0.4)
     (cf, dsf), (cm, dsm) = chf("local"), chm("local")
     (af, daf), (am, dam) = chf("affine"), chm("affine")
-    od_f, od_m = chf.od("affine"), chm.od("affine")
+    (od_f, _), (od_m, _) = chf.od("affine"), chm.od("affine")
     field_f = orientation_field(od_f)
 
     def orient(m0):
@@ -548,24 +550,17 @@ def score_level(pf) -> str:
     return "slide" if max(pf.shape) > 2048 else "projective"
 
 
-def invariant_score(pf, pm, matrix0: np.ndarray) -> float:
-    """The overlap-weighted correlation :func:`ecc_refine` maximises, for a level-0 matrix, at
-    the level of the final score (:func:`score_level`)."""
+def invariant_scores(pf, pm, matrix0: np.ndarray) -> tuple[float, float]:
+    """The two parts of the decision score for a level-0 moving -> fixed matrix, from one set of
+    channels: the overlap-weighted correlation :func:`ecc_refine` maximises, at the level of the
+    final score (:func:`score_level`), and the :func:`orientation_agreement` at the level
+    :func:`register_intensity` measures it (256 px)."""
     from .images import matrix_to_level
 
     key = score_level(pf)
     chf = _Channels(pf)
-    (cf, dsf), (cm, dsm) = chf(key), _Channels(pm, like=chf)(key)
-    _, score = ecc_refine(cf, cm, matrix_to_level(matrix0, dsm, dsf), "affine", iterations=1)
-    return score
-
-
-def orientation_score(pf, pm, matrix0: np.ndarray) -> float:
-    """:func:`orientation_agreement` for a level-0 moving -> fixed matrix, at the level
-    :func:`register_intensity` measures it (256 px)."""
-    from .images import matrix_to_level
-
-    chf = _Channels(pf)
     chm = _Channels(pm, like=chf)
-    (_, daf), (_, dam) = chf("affine"), chm("affine")
-    return orientation_agreement(chf.od("affine"), chm.od("affine"), matrix_to_level(matrix0, dam, daf))
+    (cf, dsf), (cm, dsm) = chf(key), chm(key)
+    _, score = ecc_refine(cf, cm, matrix_to_level(matrix0, dsm, dsf), "affine", iterations=1)
+    (od_f, daf), (od_m, dam) = chf.od("affine"), chm.od("affine")
+    return score, orientation_agreement(od_f, od_m, matrix_to_level(matrix0, dam, daf))
