@@ -85,7 +85,7 @@ def register(
 
         res = register_auto(pf, pm, coarse_side=coarse_side, refine_side=refine_side, seed=seed, progress=sub)
         t = res.transform
-        shared_cells = res.info.get("cell_ncc", 1.0) >= SHARED_CELLS_NCC
+        shared_cells = res.info["cell_ncc"] >= SHARED_CELLS_NCC
         report.update({"auto_start": t.meta.get("start"), "auto_score": t.meta.get("score"),
                        "auto_orientation": t.meta.get("orientation"), "auto_decision": t.meta.get("decision"),
                        "feature_inliers": res.inliers, "feature_matches": res.matches,
@@ -113,8 +113,9 @@ def register(
 
             u = np.zeros((1, 2)) if td.field is None else td.field.reshape(-1, 2)
             shift = float(np.median(np.linalg.norm(u, axis=1)))
+            diag = float(np.hypot(*pf.shape))
             cap = MAX_FIELD_SHIFT if shared_cells else MAX_STRUCTURE_SHIFT
-            limit = cap * float(np.hypot(*pf.shape))
+            limit = cap * diag
             if shift > limit:
                 report["deformable_rejected"] = (
                     f"the field moves tissue by a median {shift:.0f} px beyond the projective start "
@@ -131,7 +132,7 @@ def register(
                     # loses: a field moving tissue by over 1 % of the diagonal must raise it, a
                     # smaller one must not clearly lower it (its noise is about 0.02)
                     gain = b["orientation"] - a["orientation"]
-                    big = shift > MAX_FIELD_SHIFT * float(np.hypot(*pf.shape))
+                    big = shift > MAX_FIELD_SHIFT * diag
                     if (big and not gain > 0) or gain < -ORIENTATION_TOLERANCE:
                         what = (f"moves tissue by a median {shift:.0f} px (over 1 % of the diagonal) without "
                                 "raising" if big and gain >= -ORIENTATION_TOLERANCE else "lowered")
