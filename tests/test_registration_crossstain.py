@@ -182,3 +182,40 @@ def test_field_on_sections_without_shared_cells_is_judged_by_orientation(he, mon
     bad = register(pair.fixed, pair.moving, method="deformable", refine_side=512, deform_side=512, quality=False)
     assert not bad.report["deformable_kept"] and "orientation" in bad.report["deformable_rejected"]
     assert bad.transform.field is None
+
+
+def test_ecc_judge_picks_the_iterate_the_decision_prefers(he):
+    """With a judge, ecc_refine returns the judged iterate with the best correlation + judge,
+    with that iterate's own correlation; a judge that forbids moving keeps the start."""
+    from napari_bci.registration.intensity import SearchChannels, ecc_refine, orientation_agreement
+    from napari_bci.stain import rgb_to_od
+
+    pair = make_known_pair(he, seed=3, angle=25, field_amplitude=0)
+    pf, pm = as_pyramid(pair.fixed), as_pyramid(pair.moving)
+    cf, _ = SearchChannels(pf, 256).at(1, 2.0)
+    cm, _ = SearchChannels(pm, 256).at(1, 2.0)
+    ds = max(he.shape) / 256
+    lv = np.diag([1 / ds, 1 / ds, 1.0])
+    truth = lv @ pair.transform.matrix @ np.linalg.inv(lv)
+    start = np.array([[1.0, 0, 6], [0, 1, -5], [0, 0, 1]]) @ truth  # about 8 px (32 level-0 px) off
+    free, s_free = ecc_refine(cf, cm, start, "affine")
+
+    def stay(m):
+        return -100.0 * float(np.abs(m - start).sum())
+
+    kept, s_kept = ecc_refine(cf, cm, start, "affine", judge=stay)
+    assert np.allclose(kept, start, atol=1e-6) and s_kept < s_free
+    od_f, od_m = (rgb_to_od(p.image_at(256)[0]).sum(-1).astype(np.float32) for p in (pf, pm))
+
+    def orient(m):
+        return orientation_agreement(od_f, od_m, m)
+
+    judged, s_judged = ecc_refine(cf, cm, start, "affine", judge=orient)
+    assert s_judged + orient(judged) >= s_free + orient(free) - 1e-9
+    assert s_judged + orient(judged) > ecc_refine(cf, cm, start, "affine", iterations=1)[1] + orient(start)
+    # the score returned is the chosen iterate's own
+    assert abs(ecc_refine(cf, cm, judged, "affine", iterations=1)[1] - s_judged) < 1e-6
+    corners = np.array([[0, 0], [255, 0], [0, 255], [255, 255]], float)
+    from napari_bci.transform import apply_matrix
+
+    assert np.median(np.linalg.norm(apply_matrix(judged, corners) - apply_matrix(truth, corners), axis=1)) < 2.0

@@ -323,14 +323,20 @@ def _normaliser(shape) -> np.ndarray:
 
 
 def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, model: str = "affine",
-               iterations: int = 25, eps: float = 1e-4, samples: int = 12000, seed: int = 0
+               iterations: int = 25, eps: float = 1e-4, samples: int = 12000, seed: int = 0,
+               judge: Callable[[np.ndarray], float] | None = None, judge_every: int = 3
                ) -> tuple[np.ndarray, float]:
     """Refine a moving -> fixed ``matrix`` (pixels of these images) by maximising the correlation
     coefficient of the channels (stacked) over an ``"affine"`` or ``"projective"`` map, on up to
     ``samples`` random fixed pixels (as elastix samples its metric).
 
     Returns the best ``(matrix, score)`` seen: the correlation over the sampled fixed pixels
-    where the warped moving image has data, times the root of their fraction."""
+    where the warped moving image has data, times the root of their fraction. With ``judge``
+    (a moving -> fixed matrix -> a further score), the start, every ``judge_every``-th improving
+    step and the end are judged (stopping once two judgements in a row fall below the best), and
+    the one with the highest score + judge is returned instead:
+    on smooth density maps the correlation alone keeps rising as the moving image is magnified
+    (its map, blown up, fits the fixed map's large-scale trend), past the right pose."""
     fh, fw = fixed_ch.shape[1:]
     mh, mw = moving_ch.shape[1:]
     nf, nm = _normaliser((fh, fw)), _normaliser((mh, mw))
@@ -349,6 +355,13 @@ def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, 
     n_par = 6 if model == "affine" else 8
     best = (W.copy(), -1.0)
     step = 1.0
+
+    def to_px(w):
+        m = np.linalg.inv(nf) @ np.linalg.inv(w) @ nm  # moving px -> fixed px
+        return m / m[2, 2]
+
+    judged: list[tuple[float, np.ndarray, float]] = []
+    improved = 0
     for _ in range(iterations):
         den = W[2, 0] * xn + W[2, 1] * yn + 1.0
         den = np.where(np.abs(den) < 1e-9, 1e-9, den)
@@ -380,6 +393,12 @@ def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, 
         # weighted by the root of the overlap, as in :func:`search`: shrinking it is no gain
         rho = corr / max(np.linalg.norm(t) * np.linalg.norm(i), 1e-12) * np.sqrt(valid.mean())
         if rho > best[1]:
+            if judge is not None and improved % judge_every == 0:
+                judged.append((rho + judge(to_px(W)), W.copy(), rho))
+                top = max(range(len(judged)), key=lambda j: judged[j][0])
+                if len(judged) - 1 - top >= 2:  # the judge has fallen twice in a row: past the pose
+                    break
+            improved += 1
             best = (W.copy(), rho)
             step = min(step * 1.5, 1.0)
         else:  # overshoot: go back to the best warp and take a shorter step
@@ -403,8 +422,11 @@ def ecc_refine(fixed_ch: np.ndarray, moving_ch: np.ndarray, matrix: np.ndarray, 
         W = best[0] + d.reshape(3, 3)
         if np.linalg.norm(dp) < eps:
             break
-    m = np.linalg.inv(nf) @ np.linalg.inv(best[0]) @ nm  # moving px -> fixed px
-    return m / m[2, 2], float(best[1])
+    if judge is not None and best[1] > -1.0:
+        judged.append((best[1] + judge(to_px(best[0])), best[0], best[1]))
+        _, w, rho = max(judged, key=lambda j: j[0])
+        return to_px(w), float(rho)
+    return to_px(best[0]), float(best[1])
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -512,7 +534,8 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
         say("local search and affine refinement", 0.4 + 0.4 * k / len(cands))
         loc = local_search(cf, cm, c, apply_matrix(np.linalg.inv(level_matrix(dsf)), near0[k][None])[0])
         m0 = matrix_to_level0(loc.matrix, dsm, dsf)
-        mk, score = ecc_refine(af, am, matrix_to_level(m0, dam, daf), "affine", seed=seed)
+        mk, score = ecc_refine(af, am, matrix_to_level(m0, dam, daf), "affine", seed=seed,
+                               judge=lambda mk: orientation_agreement(od_f, od_m, mk, field_f))
         m0 = matrix_to_level0(mk, dam, daf)
         refined.append((score + orient(m0), m0, loc, score))
     refined.sort(key=lambda r: -r[0])
@@ -523,7 +546,8 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     (cf, dsf), (cm, dsm) = chf("projective"), chm("projective")
     final = []
     for _, m, loc, aff in finalists:
-        mk, score = ecc_refine(cf, cm, matrix_to_level(m, dsm, dsf), "projective", seed=seed)
+        mk, score = ecc_refine(cf, cm, matrix_to_level(m, dsm, dsf), "projective", seed=seed,
+                               judge=lambda mk: orient(matrix_to_level0(mk, dsm, dsf)))
         m0 = matrix_to_level0(mk, dsm, dsf)
         o = orient(m0)
         final.append((score + o, m0, loc, aff, score, o))
