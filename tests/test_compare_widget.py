@@ -345,3 +345,20 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_layer_updates_set_only_what_changed(make_napari_viewer):
+    """A result over the same view re-sets the data only: napari refreshes the layer and its
+    overlays on every scale/translate/visible assignment, changed or not."""
+    from napari_bci.widgets._layers import update_layer
+
+    viewer = make_napari_viewer()
+    ly = viewer.add_image(np.zeros((8, 8), np.float32), scale=(2.0, 2.0), translate=(4.0, 4.0))
+    fired = []
+    for name in ("scale", "translate", "visible", "opacity"):
+        getattr(ly.events, name).connect(lambda e, n=name: fired.append(n))
+    update_layer(ly, scale=(2.0, 2.0), translate=np.array([4.0, 4.0]), visible=True, opacity=ly.opacity)
+    assert fired == []
+    update_layer(ly, scale=(3.0, 3.0), translate=(4.0, 4.0), visible=False)
+    assert "scale" in fired and "visible" in fired and "translate" not in fired
+    assert tuple(ly.scale) == (3.0, 3.0) and not ly.visible

@@ -48,7 +48,7 @@ from ..metrics.compare import (
     export_geojson,
     measure_region,
 )
-from ._layers import layer_geom, levels, rgb_layers, view_window
+from ._layers import layer_geom, levels, rgb_layers, update_layer, view_window
 from ._worker import Jobs
 
 DEBOUNCE_MS = 300
@@ -491,9 +491,7 @@ class CompareWidget(QWidget):
         if L.SSIM in self.viewer.layers:
             ly = self.viewer.layers[L.SSIM]
             ly.data = res.smap
-            ly.scale = res.scale
-            ly.translate = res.translate
-            ly.visible = shown
+            update_layer(ly, scale=res.scale, translate=res.translate, visible=shown)
         else:
             kw = dict(scale=res.scale, translate=res.translate)
             t = self.truth_layer

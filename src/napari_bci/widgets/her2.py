@@ -27,7 +27,7 @@ from ..her2.report import TABLE, report_rows
 from ..her2.scoring import CLASSES, LEVELS, HER2Result, display_text
 from ..her2.tiles import LEGEND, LEVEL_COLOURS
 from ..io import layers as L
-from ._layers import levels, rgb_layers, visible_box
+from ._layers import levels, rgb_layers, update_layer, visible_box
 from ._models import CHECKPOINT_ITEM, ask_checkpoint, model_spec, select_checkpoint
 from ._worker import Jobs
 
@@ -367,7 +367,7 @@ class HER2Widget(QWidget):
         if name in self.viewer.layers:
             ly = self.viewer.layers[name]
             ly.data = labels
-            ly.scale, ly.translate = scale, translate
+            update_layer(ly, scale=scale, translate=translate)
             ly.metadata["her2"] = her2
         else:
             self.viewer.add_labels(labels, name=name, scale=scale, translate=translate, opacity=MAP_OPACITY,
@@ -483,9 +483,10 @@ class HER2Widget(QWidget):
             return
         ly = self.viewer.layers[CELLS_LAYER]
         px_per_screen = 1.0 / max(self.viewer.scene.camera.zoom * float(ly.scale[-1]), 1e-9)
-        ly.visible = zoomed_in = px_per_screen <= MAX_PX_PER_SCREEN_PX
+        zoomed_in = px_per_screen <= MAX_PX_PER_SCREEN_PX
+        update_layer(ly, visible=zoomed_in)
         if L.HER2 in self.viewer.layers:  # the tile map recedes while cells are shown
-            self.viewer.layers[L.HER2].opacity = MAP_OPACITY_ZOOMED_IN if zoomed_in else MAP_OPACITY
+            update_layer(self.viewer.layers[L.HER2], opacity=MAP_OPACITY_ZOOMED_IN if zoomed_in else MAP_OPACITY)
 
     def hideEvent(self, event):  # stop work when the dock is hidden or closed
         self.cancel()

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 
 from ..io import layers as L
 from ..metrics.compare import CHECK_VIEWS, CheckResult, compute_check
-from ._layers import layer_geom, levels, rgb_layers, view_window
+from ._layers import layer_geom, levels, rgb_layers, update_layer, view_window
 from ._worker import Jobs
 
 WARPED = L.HE_REGISTERED
@@ -478,11 +478,7 @@ class RegisterWidget(QWidget):
         units = tuple(fixed.units)[-2:] if fixed is not None else None
         if CHECK in self.viewer.layers and self.viewer.layers[CHECK].rgb == res.rgb:
             ly = self.viewer.layers[CHECK]
-            # each change costs napari a refresh of every layer: only what changed
-            if not np.allclose(ly.scale[-2:], res.scale):
-                ly.scale = res.scale
-            if not np.allclose(ly.translate[-2:], res.translate):
-                ly.translate = res.translate
+            update_layer(ly, scale=res.scale, translate=res.translate)
             ly.data = res.image
         else:
             if CHECK in self.viewer.layers:
