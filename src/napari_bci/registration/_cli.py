@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("moving", metavar="MOVING", help="the H&E image or slide")
     p.add_argument("--out", required=True, metavar="T.json", help="transform file to write")
     p.add_argument("--method", choices=("landmarks", "auto", "deformable"), default=None,
-                   help="landmarks (needs --landmarks), auto (features; any rotation, flips) or deformable "
+                   help="landmarks (needs --landmarks), auto (a stain-invariant search over any rotation, the "
+                        "flip and scales 0.5-2, refused with a message when unsure) or deformable "
                         "(landmark or auto initialisation, then a dense field). Default: deformable")
     p.add_argument("--landmarks", metavar="CSV",
                    help="point pairs, columns moving_x,moving_y,fixed_x,fixed_y in level-0 pixels")

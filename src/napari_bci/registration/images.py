@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -115,6 +115,14 @@ class Pyramid:
         if i not in cache:
             cache[i] = np.asarray(lv)
         return cache[i]
+
+    def memo(self, key, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per pyramid and ``key`` (work on the fixed image that several
+        steps of one registration repeat)."""
+        memo = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
 
     def nearest_level(self, downsample: float) -> int:
         """Index of the level whose downsample factor is closest (in log scale) to ``downsample``."""

@@ -78,22 +78,28 @@ def image_similarity(fixed: Any, moving: Any, transform: Transform | None, max_s
     256 px, the :func:`~napari_bci.registration.intensity.orientation_agreement` of the tissue."""
     from ..stain import rgb_to_od
     from .images import downscale
-    from .intensity import invariant_channels, orientation_agreement
+    from .intensity import invariant_channels, orientation_agreement, orientation_field
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
-    fimg, dsf = pf.image_at(max_side)
+
+    def fixed_side():
+        fimg, dsf = pf.image_at(max_side)
+        sigma = max(fimg.shape[:2]) / 512  # cell scale at 20x: consecutive sections share no cells
+        k = max(int(np.ceil(max(fimg.shape[:2]) / 256)), 1)
+        od = downscale(rgb_to_od(fimg).sum(-1).astype(np.float32), k)
+        return fimg.shape[:2], dsf, sigma, k, invariant_channels(fimg, sigma), od, orientation_field(od)
+
+    shape, dsf, sigma, k, a, od_f, field_f = pf.memo(("similarity", max_side), fixed_side)
     mv, dsm = pm.image_near(dsf, max_side)
     t = transform if transform is not None else Transform()
-    warped, valid = warp_region(mv, t, (0, 0), fimg.shape[:2], dsf, dsm, fill="constant", return_valid=True)
+    warped, valid = warp_region(mv, t, (0, 0), shape, dsf, dsm, fill="constant", return_valid=True)
     if valid.sum() < 100:
         return {"ncc": 0.0, "mi": 0.0, "tissue_overlap": 0.0, "orientation": 0.0, "overlap": float(valid.mean())}
-    sigma = max(fimg.shape[:2]) / 512  # cell scale at 20x: consecutive sections share no cells
-    a, b = invariant_channels(fimg, sigma), invariant_channels(warped, sigma)
+    b = invariant_channels(warped, sigma)
     ta, tb = (a[0] > 0.5) & valid, (b[0] > 0.5) & valid
     dice = 2 * float((ta & tb).sum()) / max(float(ta.sum() + tb.sum()), 1.0)
-    k = max(int(np.ceil(max(fimg.shape[:2]) / 256)), 1)
-    od_f, od_m = (downscale(rgb_to_od(x).sum(-1).astype(np.float32), k) for x in (fimg, warped))
-    orient = orientation_agreement(od_f, od_m, None, valid=downscale(valid.astype(np.float32), k) > 0.999)
+    od_m = downscale(rgb_to_od(warped).sum(-1).astype(np.float32), k)
+    orient = orientation_agreement(od_f, od_m, None, field_f, valid=downscale(valid.astype(np.float32), k) > 0.999)
     return {"ncc": ncc(a[1], b[1], valid), "mi": mutual_information(a[1], b[1], valid),
             "tissue_overlap": dice, "orientation": orient, "overlap": float(valid.mean())}
 
