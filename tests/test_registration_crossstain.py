@@ -38,6 +38,11 @@ def test_global_search_finds_rotation_flip_and_scale(he):
     true_angle = np.degrees(np.arctan2(a[1, 0], a[0, 0])) % 360
     assert abs((best.angle - true_angle + 180) % 360 - 180) <= 10, (best.angle, true_angle)
     assert abs(best.scale - 0.85) < 0.1
+    # with a judge the best by correlation are ranked by correlation + judge: one that favours
+    # unmirrored poses puts one first although the truth is mirrored
+    unmirrored = global_search(invariant_channels(f), invariant_channels(m),
+                               judge=lambda mat: 10.0 * (np.linalg.det(mat[:2, :2]) > 0))
+    assert not unmirrored[0].flipped and unmirrored[0].score < best.score
 
 
 @pytest.mark.parametrize("angle, flip, scale",

@@ -7,10 +7,12 @@ nuclei are dense (tumour nests against stroma). This module works on those chann
 
 1. :func:`global_search`: at low resolution (longer side 64 px), every rotation (12 degree
    steps), both orientations (flip) and scales 0.5-2, each with its two best translations found
-   at once by FFT masked normalised cross-correlation (Padfield, IEEE TIP 2012);
+   at once by FFT masked normalised cross-correlation (Padfield, IEEE TIP 2012), the best ranked
+   by correlation + the tissue's :func:`orientation_agreement`;
 2. :func:`local_search` and :func:`ecc_refine` of several candidates: the pose is refined by
    maximising the correlation coefficient (ECC, Evangelidis & Psarakis, PAMI 2008) over an
-   affine map, and the best refined candidate over a projective map, coarse to fine.
+   affine map, and the best refined candidates over a projective map, coarse to fine, each climb
+   judged by correlation + orientation agreement (the decision score).
 """
 
 from __future__ import annotations
@@ -118,23 +120,25 @@ def orientation_field(od: np.ndarray, sigmas=ORIENT_SIGMAS) -> np.ndarray:
 
 
 def orientation_agreement(fixed_od: np.ndarray, moving_od: np.ndarray, matrix: np.ndarray | None,
-                          fixed_field: np.ndarray | None = None, valid: np.ndarray | None = None) -> float:
+                          fixed_field: np.ndarray | None = None, valid: np.ndarray | None = None,
+                          sigmas=ORIENT_SIGMAS) -> float:
     """How well the tissue's local orientation agrees after a moving -> fixed ``matrix`` (pixels
     of these images; None: ``moving_od`` is already in the fixed frame, with data where
     ``valid``): the correlation of the two :func:`orientation_field` s over the overlap (the
     moving one computed after warping, so in the fixed frame), times the root of the overlap's
     fraction as in :func:`ecc_refine`. About 0 for unrelated poses; it tells apart poses whose
-    tissue and nucleus maps fit about equally well, such as a mirrored one."""
-    vf = orientation_field(fixed_od) if fixed_field is None else fixed_field
+    tissue and nucleus maps fit about equally well, such as a mirrored one. ``sigmas``: those of
+    :func:`orientation_field` (:data:`ORIENT_SIGMAS` at 256 px; scale them with the image)."""
+    vf = orientation_field(fixed_od, sigmas) if fixed_field is None else fixed_field
     if matrix is None:
         warped = np.where(valid, moving_od, 0.0) if valid is not None else moving_od
         valid = np.ones(fixed_od.shape, bool) if valid is None else valid
     else:
         warped, valid = _warp_channels(moving_od[None], matrix, fixed_od.shape)
         warped = warped[0]
-    vm = orientation_field(warped)
+    vm = orientation_field(warped, sigmas)
     # the moving field is undefined near the edge of its data (the tensor sees the cut)
-    keep = ndi.binary_erosion(valid, iterations=int(np.ceil(3 * sum(ORIENT_SIGMAS) / 2)))
+    keep = ndi.binary_erosion(valid, iterations=int(np.ceil(3 * sum(sigmas) / 2)))
     if keep.sum() < 64:
         return 0.0
     a, b = vf[:, keep], vm[:, keep]
@@ -271,21 +275,30 @@ def search(fixed_ch: np.ndarray, moving_ch: np.ndarray, poses, min_overlap: floa
 
 
 def global_search(fixed_ch: np.ndarray, moving_ch: np.ndarray, angle_step: float = 12.0,
-                  scales=SCALES, flips: bool = True, keep: int = 6) -> list[Candidate]:
+                  scales=SCALES, flips: bool = True, keep: int = 6,
+                  judge: Callable[[np.ndarray], float] | None = None, judged: int = 64) -> list[Candidate]:
     """:func:`search` over every rotation, ``scales`` and both orientations (two translations
     each, so that a structure found twice shows as two candidates): the ``keep`` best distinct
     candidates, best first (peaks closer than a tenth of the image and 25 degrees count
-    as one)."""
+    as one). With ``judge`` (a candidate's matrix -> a further score), the ``judged`` best by
+    correlation are ranked by correlation + judge instead."""
     poses = [(a, s, f) for f in ((False, True) if flips else (False,)) for s in scales
              for a in np.arange(0.0, 360.0, angle_step)]
-    return distinct(search(fixed_ch, moving_ch, poses, peaks=2), np.hypot(*fixed_ch.shape[1:]), keep)
+    found = search(fixed_ch, moving_ch, poses, peaks=2)
+    diag = float(np.hypot(*fixed_ch.shape[1:]))
+    if judge is None:
+        return distinct(found, diag, keep)
+    return distinct(sorted(found, key=lambda c: -c.score)[:judged], diag, keep, judge)
 
 
-def distinct(cands: list[Candidate], diag: float, keep: int) -> list[Candidate]:
-    """The ``keep`` best of ``cands`` that are distinct poses (translations closer than a tenth of
-    ``diag``, the same orientation and angles within 25 degrees count as one), best first."""
+def distinct(cands: list[Candidate], diag: float, keep: int,
+             judge: Callable[[np.ndarray], float] | None = None) -> list[Candidate]:
+    """The ``keep`` best of ``cands`` (by score, or score + ``judge(matrix)``) that are distinct
+    poses (translations closer than a tenth of ``diag``, the same orientation and angles within
+    25 degrees count as one), best first."""
+    value = {id(c): c.score + (judge(c.matrix) if judge is not None else 0.0) for c in cands}
     out: list[Candidate] = []
-    for cand in sorted(cands, key=lambda c: -c.score):
+    for cand in sorted(cands, key=lambda c: -value[id(c)]):
         p = cand.matrix[:2, 2]
         if any(np.linalg.norm(p - o.matrix[:2, 2]) < 0.1 * diag and o.flipped == cand.flipped
                and abs((cand.angle - o.angle + 180) % 360 - 180) < 25 for o in out):
@@ -513,11 +526,20 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     say("global search", 0.0)
     (cf, dsf), (cm, dsm) = chf("search"), chm("search")
     centre = np.array([[(cm.shape[2] - 1) / 2, (cm.shape[1] - 1) / 2]])
+    # the orientation agreement already at the search level (its sigmas scaled to 64 px)
+    sig = tuple(x * LEVELS["search"][0] / LEVELS["affine"][0] for x in ORIENT_SIGMAS)
+    (os_f, _), (os_m, _) = chf.od("search"), chm.od("search")
+    field_s = orientation_field(os_f, sig)
+
+    def orient_search(m):
+        return orientation_agreement(os_f, os_m, m, field_s, sigmas=sig)
+
     # a narrow structure (a band of stroma across a tumour sheet) peaks sharply in angle: a grid
-    # pose 5 degrees off the truth can rank 20th, so the best grid poses climb before the cut
-    coarse = global_search(cf, cm, flips=flips, keep=CLIMB)
+    # pose 5 degrees off the truth can rank 20th by correlation, so the best grid poses are
+    # ranked by correlation + orientation and climb before the cut
+    coarse = global_search(cf, cm, flips=flips, keep=CLIMB, judge=orient_search)
     climbed = [local_search(cf, cm, c, apply_matrix(c.matrix, centre)[0]) for c in coarse]
-    cands = distinct(climbed, float(np.hypot(*cf.shape[1:])), KEEP)
+    cands = distinct(climbed, float(np.hypot(*cf.shape[1:])), KEEP, orient_search)
     # where each candidate puts the moving image's centre, level-0 px
     near0 = [apply_matrix(level_matrix(dsf) @ c.matrix, centre)[0] for c in cands]
     say("local search", 0.4)
