@@ -14,7 +14,8 @@ moved by a known warp (rotation up to 180 degrees, flips, scale 0.8-1.25, perspe
 pair were exactly aligned, which consecutive sections are not), and against the same method's
 result on the unwarped pair composed with the known warp (does it find the same alignment
 whatever the start: the part of the error the method is responsible for), on the points that
-result places inside the IHC.
+result places inside the IHC. With itk-elastix installed, each real pair is registered a second
+time with ``engine="elastix"`` (the reference: the same pipeline, elastix's B-spline as the field).
 
     python benchmarks/bench_registration.py [--quick] [--wsi-size 4096] [--real | --real-only]
 """
@@ -193,24 +194,31 @@ def real_pairs() -> None:
         h, q = h[ok], q[ok]
         diag = float(np.hypot(*he.shape[:2]))
         ref, res = {}, {}
+        engines = ("flow", "elastix") if elastix_available() else ("flow",)
         for name, moving_img in (("ref", he), ("warp", moving)):
             out = {}
-            with Clock() as c:
-                try:
-                    r = register(ihc, moving_img, method="deformable", quality=False)
-                except RegistrationFailed as e:
-                    out["failed"] = str(e)
-            out["cpu"] = c.cpu
-            if "failed" not in out:
+            for engine in engines:  # elastix: the reference, the same pipeline with its B-spline
+                with Clock() as c:
+                    try:
+                        r = register(ihc, moving_img, method="deformable", engine=engine, quality=False)
+                    except RegistrationFailed as e:
+                        out["failed"] = str(e)
+                        break
+                if engine == "elastix":
+                    out["elastix"], out["elastix_cpu"] = r.transform, c.cpu
+                    out["elastix_kept"] = r.report.get("deformable_kept")
+                    continue
+                out["cpu"] = c.cpu
                 out["auto"], out["deformable"] = Transform(r.transform.matrix), r.transform
                 out["score"], out["kept"] = r.report["auto_score"], r.report.get("deformable_kept")
+            out.setdefault("cpu", c.cpu)
             (ref if name == "ref" else res).update(out)
         label = f"{angle:+d} deg{' flip' if flip else ''} x{scale:g}"
         if "failed" in res:
             print(f"{f.stem[:22]:22s} {label:16s} {'FAILED':10s} {res['cpu']:6.1f}  {res['failed']}")
             rows.append({"pair": f.stem, "ok": False})
             continue
-        for step in ("auto", "deformable"):
+        for step in ("auto", "deformable") + (("elastix",) if "elastix" in res else ()):
             e_w = np.linalg.norm(res[step].forward(q) - h, axis=1)
             if step in ref:  # on the points that the reference places inside the IHC
                 r_h = ref[step].forward(h)
@@ -218,15 +226,16 @@ def real_pairs() -> None:
                 e_o = np.linalg.norm(res[step].forward(q[inside]) - r_h[inside], axis=1)
             else:
                 e_o = np.full(len(h), np.nan)
-            cpu = res["cpu"]
+            cpu = res["elastix_cpu"] if step == "elastix" else res["cpu"]
             rows.append({"pair": f.stem, "step": step, "ok": True, "cpu": cpu, "w": e_w, "o": e_o,
                          "diag": diag, "ref_failed": "failed" in ref})
-            kept = "" if step == "auto" else (" field kept" if res["kept"] else " field rejected")
+            kept = "" if step == "auto" else (
+                " field kept" if res["elastix_kept" if step == "elastix" else "kept"] else " field rejected")
             print(f"{f.stem[:22]:22s} {label:16s} {step:10s} {cpu:6.1f} {res['score']:6.2f} "
                   f"{np.median(e_w):10.1f} /{np.percentile(e_w, 90):7.1f}    "
                   f"{np.median(e_o):10.1f} /{np.percentile(e_o, 90):7.1f}{kept}")
     n = len(files)
-    for step in ("auto", "deformable"):
+    for step in ("auto", "deformable", "elastix"):
         rr = [r for r in rows if r.get("step") == step]
         if not rr:
             continue
@@ -238,7 +247,8 @@ def real_pairs() -> None:
               f"{good}/{n}; TRE vs warp median {np.median(w):.1f} px ({100 * np.median(w) / d:.2f} %), "
               f"p90 {np.percentile(w, 90):.1f} px; TRE vs own median {np.nanmedian(o):.1f} px "
               f"({100 * np.nanmedian(o) / d:.2f} %), p90 {np.nanpercentile(o, 90):.1f} px; "
-              f"CPU s per 1024 px pair (automatic + deformable) {np.mean([r['cpu'] for r in rr]):.1f}")
+              f"CPU s per 1024 px pair (automatic + {'elastix' if step == 'elastix' else 'deformable'}) "
+              f"{np.mean([r['cpu'] for r in rr]):.1f}")
     if not elastix_available():
         print("note: itk-elastix is not installed; no elastix reference on the real pairs")
 
