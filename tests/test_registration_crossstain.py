@@ -194,6 +194,7 @@ def test_ecc_judge_picks_the_iterate_the_decision_prefers(he):
     with that iterate's own correlation; a judge that forbids moving keeps the start."""
     from napari_bci.registration.intensity import SearchChannels, ecc_refine, orientation_agreement
     from napari_bci.stain import rgb_to_od
+    from napari_bci.transform import apply_matrix
 
     pair = make_known_pair(he, seed=3, angle=25, field_amplitude=0)
     pf, pm = as_pyramid(pair.fixed), as_pyramid(pair.moving)
@@ -221,6 +222,4 @@ def test_ecc_judge_picks_the_iterate_the_decision_prefers(he):
     # the score returned is the chosen iterate's own
     assert abs(ecc_refine(cf, cm, judged, "affine", iterations=1)[1] - s_judged) < 1e-6
     corners = np.array([[0, 0], [255, 0], [0, 255], [255, 255]], float)
-    from napari_bci.transform import apply_matrix
-
     assert np.median(np.linalg.norm(apply_matrix(judged, corners) - apply_matrix(truth, corners), axis=1)) < 2.0

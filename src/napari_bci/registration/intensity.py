@@ -548,8 +548,13 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
     (od_f, _), (od_m, _) = chf.od("affine"), chm.od("affine")
     field_f = orientation_field(od_f)
 
+    judged: dict[bytes, float] = {}  # the judged ECC step that is returned is scored again below
+
     def orient(m0):
-        return orientation_agreement(od_f, od_m, matrix_to_level(m0, dam, daf), field_f)
+        key = m0.tobytes()
+        if key not in judged:
+            judged[key] = orientation_agreement(od_f, od_m, matrix_to_level(m0, dam, daf), field_f)
+        return judged[key]
 
     refined = []
     for k, c in enumerate(cands):
@@ -557,7 +562,7 @@ def register_intensity(pf, pm, flips: bool = True, seed: int = 0,
         loc = local_search(cf, cm, c, apply_matrix(np.linalg.inv(level_matrix(dsf)), near0[k][None])[0])
         m0 = matrix_to_level0(loc.matrix, dsm, dsf)
         mk, score = ecc_refine(af, am, matrix_to_level(m0, dam, daf), "affine", seed=seed,
-                               judge=lambda mk: orientation_agreement(od_f, od_m, mk, field_f))
+                               judge=lambda mk: orient(matrix_to_level0(mk, dam, daf)))
         m0 = matrix_to_level0(mk, dam, daf)
         refined.append((score + orient(m0), m0, loc, score))
     refined.sort(key=lambda r: -r[0])
