@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gains", default=None, metavar="JSON",
                     help="per-level DAB gains to try instead of the shipped config's (a JSON list for "
                          "0/1+/2+/3+ or a file holding one; null for none)")
+    ap.add_argument("--sharpness", type=float, default=None,
+                    help="level-map sharpness to try instead of the shipped config's (1: the head's map as trained)")
     args = ap.parse_args(argv)
 
     from napari_bci.models.baseline import BaselineGenerator
@@ -46,7 +48,9 @@ def main(argv=None) -> int:
         text = Path(args.gains).read_text() if Path(args.gains).is_file() else args.gains
         gains = json.loads(text)
         gen.module.dab_gain = None if gains is None else [float(g) for g in gains]
-    print(f"dab_gain: {gen.module.dab_gain}")
+    if args.sharpness is not None:
+        gen.module.cond_sharpness = float(args.sharpness)
+    print(f"dab_gain: {gen.module.dab_gain}, level-map sharpness: {gen.module.cond_sharpness:g}")
     t0 = time.perf_counter()
     pairs = T.synthetic_pairs(HELDOUT["n"], HELDOUT["size"], seed=HELDOUT["seed"], progress=True,
                              cache_dir=args.cache)

@@ -147,6 +147,23 @@ def test_level_map_is_pooled_and_teacher_forcing_sets_the_decoder_level():
     assert build(TINY).cond_pool == 1  # configs from before the option load unchanged
 
 
+def test_level_map_sharpness_scales_the_logits_and_keeps_the_level_order():
+    dense = torch.tensor([0.6, 0.3, 0.0, -0.2]).view(1, 4, 1, 1).expand(1, 4, 3, 3).clone()
+    soft = build(TINY).condition(dense)
+    sharp_model = build({**TINY, "cond_sharpness": 2.0})
+    sharp = sharp_model.condition(dense)
+    torch.testing.assert_close(sharp, torch.softmax(2.0 * dense, dim=1))
+    assert float(soft[0, 0, 1, 1]) < 0.4 < float(sharp[0, 0, 1, 1])  # the leading level gains share
+    assert torch.equal(soft.argmax(1), sharp.argmax(1))
+    with torch.no_grad():  # the tile's level (mean logits) is the head's, whatever the sharpness
+        x = torch.rand(1, 3, 64, 64) * 2 - 1
+        ref = build(TINY).eval()
+        sharp_model.load_state_dict(ref.state_dict())
+        sharp_model.eval()
+        torch.testing.assert_close(sharp_model(x)[1], ref(x)[1])
+    assert build(TINY).cond_sharpness == 1.0  # configs from before the option load unchanged
+
+
 def test_dab_gain_scales_stained_dab_only_and_follows_the_level_map():
     from napari_bci import stain
     from napari_bci.samples.synthetic import make_pair

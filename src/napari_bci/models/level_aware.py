@@ -13,7 +13,11 @@ convolutional, so tiles of one slide get the same conditioning where they overla
 engine's halo/feathering stays seam-free (a per-tile global vector would jump at tile borders).
 
 The level map the decoder sees can be the head's logits box-averaged over ``cond_pool`` x
-``cond_pool`` cells before the softmax (more tissue per decision; the built-in model uses 5).
+``cond_pool`` cells before the softmax (more tissue per decision; the built-in model uses 5),
+and multiplied by ``cond_sharpness`` (an inverse softmax temperature, default 1): the head's map
+is soft (its largest share is often 0.4-0.6), and since teacher forcing taught the decoder each
+level from one-hot maps, a soft map makes it draw a pale mixture of levels; the built-in model
+sharpens it by a factor chosen on calibration pairs (``scripts/train_builtin.py``, stage 4).
 For training, ``forward(x, level, use_level)`` replaces it by the true level for chosen samples
 (teacher forcing), so the decoder learns to draw every level whatever the head says.
 
@@ -49,7 +53,7 @@ BUILTIN_CONFIG = WEIGHTS_DIR / "builtin.json"
 DAB_GAIN_RAMP = (0.04, 0.12)
 
 DEFAULTS = {"channels": [16, 32, 64, 128], "n_blocks": 3, "head_channels": 64, "n_classes": 4, "cond_pool": 1,
-            "dab_gain": None}
+            "dab_gain": None, "cond_sharpness": 1.0}
 
 
 def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -112,9 +116,10 @@ class LevelAwareGenerator(nn.Module):
     multiple = 16
 
     def __init__(self, channels=(16, 32, 64, 128), n_blocks: int = 3, head_channels: int = 64,
-                 n_classes: int = 4, cond_pool: int = 1, dab_gain=None):
+                 n_classes: int = 4, cond_pool: int = 1, dab_gain=None, cond_sharpness: float = 1.0):
         super().__init__()
         self.cond_pool = int(cond_pool)
+        self.cond_sharpness = float(cond_sharpness)
         self.dab_gain = None if dab_gain is None else [float(g) for g in dab_gain]
         c0, c1, c2, c3 = channels
         k = n_classes
@@ -135,11 +140,12 @@ class LevelAwareGenerator(nn.Module):
     def condition(self, dense: torch.Tensor) -> torch.Tensor:
         """The decoder's level map: softmax of the dense logits, first box-averaged over
         ``cond_pool`` x ``cond_pool`` cells (1/16 resolution) so that each region's level is
-        decided from more tissue than one head receptive field."""
+        decided from more tissue than one head receptive field, then scaled by
+        ``cond_sharpness``."""
         z = dense.float()
         if self.cond_pool > 1:
             z = F.avg_pool2d(z, self.cond_pool, stride=1, padding=self.cond_pool // 2, count_include_pad=False)
-        return torch.softmax(z, dim=1)
+        return torch.softmax(z * self.cond_sharpness, dim=1)
 
     def forward_dense(self, x: torch.Tensor, level: torch.Tensor | None = None,
                       use_level: torch.Tensor | None = None):
@@ -199,10 +205,11 @@ class LevelAwareGenerator(nn.Module):
 
 def build(config: dict | None = None) -> LevelAwareGenerator:
     """Builder for the architecture registry: ``config`` keys channels, n_blocks, head_channels,
-    cond_pool, dab_gain."""
+    cond_pool, dab_gain, cond_sharpness."""
     cfg = {**DEFAULTS, **{k: v for k, v in (config or {}).items() if k in DEFAULTS}}
     return LevelAwareGenerator(tuple(cfg["channels"]), int(cfg["n_blocks"]), int(cfg["head_channels"]),
-                               int(cfg["n_classes"]), int(cfg["cond_pool"]), cfg["dab_gain"])
+                               int(cfg["n_classes"]), int(cfg["cond_pool"]), cfg["dab_gain"],
+                               float(cfg["cond_sharpness"]))
 
 
 register_arch(ARCH, build)
