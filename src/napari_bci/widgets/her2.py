@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..her2.report import TABLE, report_rows
+from ..her2.report import TABLE, report_rows, virtual_ihc_caveat
 from ..her2.scoring import CLASSES, LEVELS, HER2Result, display_text
 from ..her2.tiles import LEGEND, LEVEL_COLOURS
 from ..io import layers as L
@@ -74,6 +74,7 @@ class HER2Widget(QWidget):
         self.region_results: dict[str, HER2Result] = {}
         #: rule-based vs learned level (``napari_bci.her2.learned.compare``), when computed
         self.learned: dict | None = None
+        self.caveat: str | None = None  # set when the scored layer is a virtual IHC
         self._worker = None
         self._jobs = Jobs(self)
 
@@ -337,6 +338,9 @@ class HER2Widget(QWidget):
         cmp = out.get("compare")
         if cmp:
             lines.append(cmp["text"])
+        self.caveat = virtual_ihc_caveat(layer.metadata)
+        if self.caveat:
+            lines.append(self.caveat)
         if self.result.warnings:
             show_warning(f"HER2: {self.result.warning}")
             lines += [f"Warning: {w}" for w in self.result.warnings]
@@ -432,7 +436,7 @@ class HER2Widget(QWidget):
         rgb = read_rgb(lv[li], int(x0 / ds), int(y0 / ds), int(np.ceil(x1 / ds)), int(np.ceil(y1 / ds)))
         step = max(1, int(np.ceil(max(rgb.shape[:2]) / REPORT_PX)))
         rgb = rgb[::step, ::step]
-        notes = [self.learned["text"]] if self.learned else []
+        notes = ([self.learned["text"]] if self.learned else []) + ([self.caveat] if self.caveat else [])
         try:
             out = write_report(path, rgb, results, title=f"HER2 report: {layer.name} ({scope.lower()})",
                                offset_xy=(int(x0 / ds) * ds, int(y0 / ds) * ds), downsample=ds * step,
