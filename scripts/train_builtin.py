@@ -439,30 +439,39 @@ def domain_record(train_pairs) -> dict:
     return domain_stats([p.he for p in train_pairs], source="synthetic")
 
 
-def calibrate_dab(module, ps, rounds: int = 1, bounds=(1.0, 5.0)) -> list[float]:
-    """Per-level DAB gains (stage 3): the factor that makes the scorer's mean membrane DAB of the
-    output (the model as it runs, its own level map mixing the gains) match the real IHC's,
-    averaged over the calibration pairs of each true level (``rounds`` > 1 refines it)."""
+def scored_outputs(module, ps, real: dict) -> list[tuple[int, str, float, float]]:
+    """The model as it runs on each calibration pair's valid box, scored by the rule-based scorer:
+    (true level, scored level, membrane DAB of the output, of the real IHC) per pair; ``real``
+    caches the real IHC's membrane DAB by pair name."""
     import torch
 
     from napari_bci.her2 import score
 
+    out = []
+    for p in ps:
+        y0, y1, x0, x1 = T.valid_box(p.valid, p.ihc.shape[:2], 16)
+        he, gt = p.he[y0:y1, x0:x1], p.ihc[y0:y1, x0:x1]
+        if p.name not in real:
+            real[p.name] = T.membrane_dab(score(gt, mpp=0.5))
+        x = torch.from_numpy(np.ascontiguousarray(he)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.inference_mode():
+            img, _ = module(x)
+        gen = score(img[0].add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), mpp=0.5)
+        out.append((p.level, gen.her2, T.membrane_dab(gen), real[p.name]))
+    return out
+
+
+def calibrate_dab(module, ps, rounds: int = 1, bounds=(1.0, 5.0)) -> list[float]:
+    """Per-level DAB gains (stage 3): the factor that makes the scorer's mean membrane DAB of the
+    output (the model as it runs, its own level map mixing the gains) match the real IHC's,
+    averaged over the calibration pairs of each true level (``rounds`` > 1 refines it)."""
     gains = [1.0] * len(HER2_LEVELS)
-    real = {}
+    real: dict = {}
     for it in range(rounds):
         module.dab_gain = list(gains)
         ratio: dict[int, list[float]] = {}
-        for p in ps:
-            y0, y1, x0, x1 = T.valid_box(p.valid, p.ihc.shape[:2], 16)
-            he, gt = p.he[y0:y1, x0:x1], p.ihc[y0:y1, x0:x1]
-            if p.name not in real:
-                real[p.name] = T.membrane_dab(score(gt, mpp=0.5))
-            x = torch.from_numpy(np.ascontiguousarray(he)).permute(2, 0, 1)[None].float() / 127.5 - 1
-            with torch.inference_mode():
-                img, _ = module(x)
-            out = img[0].add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            gen = T.membrane_dab(score(out, mpp=0.5))
-            ratio.setdefault(p.level, []).append(real[p.name] / max(gen, 1e-4))
+        for level, _, gen, truth in scored_outputs(module, ps, real):
+            ratio.setdefault(level, []).append(truth / max(gen, 1e-4))
         gains = [float(np.clip(gains[k] * np.mean(ratio[k]), *bounds)) if k in ratio else gains[k]
                  for k in range(len(gains))]
         print(f"DAB calibration round {it + 1}: gains {[round(g, 3) for g in gains]}", file=sys.stderr)
@@ -474,27 +483,14 @@ def choose_sharpness(module, ps, candidates=SHARPNESS) -> tuple[float, list[dict
     """Stage 4: the level-map sharpness (``cond_sharpness``) under which the rule-based score of
     the output is right on the most calibration pairs, ties broken by the smaller mean relative
     error of the membrane DAB per level. Returns (choice, one row per candidate)."""
-    import torch
-
-    from napari_bci.her2 import score
-
-    real = {}
+    real: dict = {}
     rows = []
     for c in candidates:
         module.cond_sharpness = float(c)
         right, mem = 0, {}
-        for p in ps:
-            y0, y1, x0, x1 = T.valid_box(p.valid, p.ihc.shape[:2], 16)
-            he, gt = p.he[y0:y1, x0:x1], p.ihc[y0:y1, x0:x1]
-            if p.name not in real:
-                real[p.name] = T.membrane_dab(score(gt, mpp=0.5))
-            x = torch.from_numpy(np.ascontiguousarray(he)).permute(2, 0, 1)[None].float() / 127.5 - 1
-            with torch.inference_mode():
-                img, _ = module(x)
-            out = img[0].add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-            s = score(out, mpp=0.5)
-            right += s.her2 == HER2_LEVELS[p.level]
-            mem.setdefault(p.level, []).append((T.membrane_dab(s), real[p.name]))
+        for level, her2, gen, truth in scored_outputs(module, ps, real):
+            right += her2 == HER2_LEVELS[level]
+            mem.setdefault(level, []).append((gen, truth))
         by_level = {HER2_LEVELS[k]: (float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v])))
                     for k, v in sorted(mem.items())}
         err = float(np.mean([abs(g - t) / max(t, 1e-9) for g, t in by_level.values()]))
@@ -531,7 +527,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-cache", default=None, metavar="DIR",
                     help="cache the rendered held-out pairs here (default: render them fresh)")
     ap.add_argument("--previous", default=None, metavar="JSON",
-                    help="the previous model's held-out figures, computed beforehand (previous_figures)")
+                    help="the previous model's held-out figures, computed beforehand (figures)")
     ap.add_argument("--init", default=None,
                     help="stage-1 weights to fine-tune (skips stage 1; stage 2 of the built-in model "
                          "fine-tuned the first built-in weights, which stage 1 reproduces)")

@@ -138,3 +138,20 @@ def test_builtin_draws_membrane_dab_that_rises_with_the_level(gen, subset):
     if 1 in on_membranes:
         assert on_membranes[2][0] > on_membranes[1][0]
     assert on_membranes[3][0] > 0.6 * on_membranes[3][1]
+
+
+def test_model_card_is_what_the_training_script_writes_from_the_shipped_config(card):
+    """docs/model_card.md is generated from builtin.json (scripts/train_builtin.py), so the card
+    and the config cannot drift apart; the card names the level-map sharpness the config uses."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        from train_builtin import model_card_md
+    finally:
+        sys.path.remove(str(root / "scripts"))
+    md = (root / "docs" / "model_card.md").read_text()
+    assert md == model_card_md(card)
+    assert f"sharpened by {card['cond_sharpness']:g} before the softmax" in md
