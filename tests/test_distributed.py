@@ -46,10 +46,25 @@ def client():
     """Two worker processes with one thread each (the 2-core machine), nannies restart dead workers."""
     import cloudpickle
 
+    from napari_bci.generate.distributed import restore_environ
+
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    environ = dict(os.environ)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=50) as cluster, distributed.Client(cluster, set_as_default=False) as c:
         yield c
+    restore_environ(environ)  # the nannies' thread limits would reach later tests' subprocesses
+
+
+def test_own_local_cluster_leaves_the_environment_as_it_was():
+    """A run on its own LocalCluster (``workers=N``) gives this process's environment back as it
+    found it once closed, so commands started later keep their threads."""
+    from napari_bci.generate.distributed import Cluster
+
+    before = dict(os.environ)
+    with Cluster("baseline", workers=1) as c:
+        assert c.cluster is not None
+    assert dict(os.environ) == before
 
 
 def _bytes_without_uuid(path) -> bytes:

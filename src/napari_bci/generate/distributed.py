@@ -160,6 +160,16 @@ def patch_task(path: str, plugin_name: str, tile: int | None, batch_size: int | 
         return patch_image(_plugin(plugin_name).generator, Path(path), tile=tile, batch_size=batch_size)
 
 
+def restore_environ(snapshot: dict) -> None:
+    """Put ``os.environ`` back to ``snapshot``: a LocalCluster's nannies set thread limits
+    (OMP/MKL/OpenBLAS_NUM_THREADS = 1, ...) in this process's environment for their workers to
+    inherit, and they would otherwise reach every later child process (a napari-bci command run
+    from the same session got single-threaded BLAS, and the demo ran at half speed)."""
+    for k in set(os.environ) - set(snapshot):
+        del os.environ[k]
+    os.environ.update(snapshot)
+
+
 class Cluster:
     """A dask client with the generator plugin installed on every worker.
 
@@ -182,6 +192,7 @@ class Cluster:
         self._own_client = client is None
         self.cluster = None
         self.plugin: GeneratorPlugin | None = None
+        self._environ: dict | None = None
 
     def start(self) -> "Cluster":
         from distributed import Client, LocalCluster
@@ -193,6 +204,7 @@ class Cluster:
                 except OSError as e:
                     raise InputError(None, f"--scheduler {self.scheduler}: cannot connect ({e})") from None
             else:
+                self._environ = dict(os.environ)
                 self.cluster = LocalCluster(n_workers=self.workers or 1, threads_per_worker=1, processes=True,
                                             dashboard_address=None, silence_logs=logging.ERROR)
                 self.client = Client(self.cluster, set_as_default=False)
@@ -272,6 +284,9 @@ class Cluster:
             self.client = None
         if self.cluster is not None:
             self.cluster.close()
+        if self._environ is not None:
+            restore_environ(self._environ)
+            self._environ = None
             self.cluster = None
 
     def __enter__(self) -> "Cluster":
