@@ -144,6 +144,7 @@ def test_structure_flow_refines_without_following_cells(he):
     """The deformable step used for consecutive sections (half resolution, cells blurred) still
     recovers a smooth field on top of the projective start."""
     from napari_bci.registration import register_deformable
+    from napari_bci.registration.api import STRUCTURE_FLOW, STRUCTURE_SIGMA
     from napari_bci.transform import Transform
 
     pair = make_known_pair(he, seed=6, angle=20, field_amplitude=5)
@@ -152,7 +153,7 @@ def test_structure_flow_refines_without_following_cells(he):
     from napari_bci.registration.images import downscale
 
     levels = [[a, downscale(a, 2)] for a in (pair.fixed, pair.moving)]  # half resolution, as for real pairs
-    t = register_deformable(*levels, start, max_side=256, structure=2.0)
+    t = register_deformable(*levels, start, max_side=256, structure=STRUCTURE_SIGMA, **STRUCTURE_FLOW)
     after = _tre(t, pair, he.shape[:2])
     assert t.meta["deformable_downsample"] == 2.0
     assert after < 0.6 * before, (before, after)

@@ -23,11 +23,14 @@ MAX_FIELD_SHIFT = 0.01
 #: judged by the tissue's orientation agreement instead (docs/registration.md)
 MAX_STRUCTURE_SHIFT = 0.03
 #: a structure-following field that lowers the tissue's orientation agreement by more than this
-#: is dropped; one that moves tissue by over MAX_FIELD_SHIFT must raise it
+#: is dropped; one that moves tissue by over RAISE_SHIFT of the diagonal must raise it
 ORIENTATION_TOLERANCE = 0.03
-#: smoothing (px of the half-resolution level) of the hematoxylin optical density that the
-#: deformable flow follows where the sections share no cells
-STRUCTURE_SIGMA = 2.0
+RAISE_SHIFT = 0.02
+#: smoothing (px of the half-resolution level) of the ranked hematoxylin that the deformable
+#: flow follows where the sections share no cells, and that flow's Lucas-Kanade window radius
+#: and field smoothing (px), chosen on the real pairs of docs/registration.md
+STRUCTURE_SIGMA = 2.5
+STRUCTURE_FLOW = {"radius": 7, "sigma": 16.0}
 
 
 @dataclass
@@ -101,7 +104,8 @@ def register(
             # consecutive sections share no cells: the flow follows the tissue's structure instead,
             # at half the resolution with the cells blurred (closer to the automatic start's
             # own result on real pairs, and a quarter of the time; docs/registration.md)
-            kw = {"max_side": max(min(deform_side, max(pf.shape)) // 2, 256), "structure": STRUCTURE_SIGMA}
+            kw = {"max_side": max(min(deform_side, max(pf.shape)) // 2, 256), "structure": STRUCTURE_SIGMA,
+                  **(STRUCTURE_FLOW if engine == "flow" else {})}
         report["deformable_follows"] = "cells" if shared_cells else "tissue structure"
         td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
                                  cancelled=cancelled, **kw)
@@ -129,12 +133,13 @@ def register(
                 elif not shared_cells:
                     # the flow raises the hematoxylin NCC it follows whether right or not; the
                     # tissue's orientation is what a drifting field on consecutive sections
-                    # loses: a field moving tissue by over 1 % of the diagonal must raise it, a
+                    # loses: a field moving tissue by over 2 % of the diagonal must raise it, a
                     # smaller one must not clearly lower it (its noise is about 0.02)
                     gain = b["orientation"] - a["orientation"]
-                    big = shift > MAX_FIELD_SHIFT * diag
+                    big = shift > RAISE_SHIFT * diag
                     if (big and not gain > 0) or gain < -ORIENTATION_TOLERANCE:
-                        what = (f"moves tissue by a median {shift:.0f} px (over 1 % of the diagonal) without "
+                        what = (f"moves tissue by a median {shift:.0f} px (over {100 * RAISE_SHIFT:g} % of the "
+                                "diagonal) without "
                                 "raising" if big and gain >= -ORIENTATION_TOLERANCE else "lowered")
                         report["deformable_rejected"] = (
                             f"the field {what} the tissue's orientation agreement "

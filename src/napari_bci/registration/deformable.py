@@ -24,6 +24,7 @@ from scipy import ndimage as ndi
 from ..errors import InputError
 from ..transform import Transform
 from .images import as_pyramid, od_channel, od_range
+from .intensity import ranked_hematoxylin
 from .warp import warp_region
 
 ENGINES = ("flow", "elastix")
@@ -204,7 +205,9 @@ def register_deformable(
     residual flows are feather-blended into one low-resolution field (every ``spacing`` level-0
     px, default 4 px of the working level) and composed with ``initial``. ``structure`` > 0: both
     hematoxylin channels are smoothed by that many working-level px first, so that the flow
-    follows tissue structure rather than individual cells (consecutive sections)."""
+    follows tissue structure rather than individual cells (consecutive sections); they are then
+    ranked (:func:`ranked_hematoxylin`) rather than percentile-normalised, since an IHC's
+    counterstain takes a different contrast curve than an H&E's."""
     from ..errors import Cancelled
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
@@ -232,9 +235,10 @@ def register_deformable(
             say(f"{engine}: part {k + 1}/{n_parts}", k / n_parts)
             fimg = np.asarray(flevel[r0:r1, c0:c1])
             warped = warp_region(mlevel, initial, (r0, c0), (r1 - r0, c1 - c0), dsf, dsm, fill="mirror")
-            a, b = od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr)
             if structure > 0:
-                a, b = ndi.gaussian_filter(a, structure), ndi.gaussian_filter(b, structure)
+                a, b = (ndi.gaussian_filter(ranked_hematoxylin(x), structure) for x in (fimg, warped))
+            else:
+                a, b = od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr)
             v = residual_flow(a, b, engine, **engine_kw)
             sel = (rr >= r0 - 0.5) & (rr <= r1 - 0.5) & (cc >= c0 - 0.5) & (cc <= c1 - 0.5)
             if sel.any():

@@ -34,6 +34,12 @@ def _rank(a: np.ndarray) -> np.ndarray:
     return (r / max(flat.size - 1, 1)).reshape(a.shape)
 
 
+def ranked_hematoxylin(rgb: np.ndarray) -> np.ndarray:
+    """The hematoxylin optical density of ``rgb`` replaced by its rank in ``[0, 1]``: comparable
+    between an H&E and an IHC whatever each one's counterstain strength and contrast curve."""
+    return _rank(hematoxylin(np.asarray(rgb)[..., :3]))
+
+
 def tissue_threshold(od_sum: np.ndarray) -> float:
     """Total-OD threshold between glass and tissue: Otsu's, at most 0.25 (an image that is all
     tissue has no glass mode, and Otsu would split stroma from nuclei)."""
@@ -50,7 +56,7 @@ def invariant_channels(rgb: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     rgb = np.asarray(rgb)[..., :3]
     od = rgb_to_od(rgb).sum(-1)
     tissue = (od > tissue_threshold(od)).astype(np.float32)
-    hema = _rank(hematoxylin(rgb))
+    hema = ranked_hematoxylin(rgb)
     out = np.stack([tissue, hema])
     if sigma > 0:
         out = np.stack([ndi.gaussian_filter(c, sigma) for c in out])
