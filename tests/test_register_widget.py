@@ -181,3 +181,16 @@ def test_bad_input_is_a_message_not_a_crash(setup, qtbot):
     assert "collinear" in w.status.text() and w.transform is None
     w.load_transform("/nonexistent/t.json")
     assert "no such file" in w.status.text()
+
+
+def test_quality_text_says_whether_the_dense_field_was_kept():
+    from napari_bci.widgets.register import format_quality
+
+    kept = format_quality({"deformable_kept": True, "deformable_follows": "tissue structure",
+                           "structure_polish_px": 6.04})
+    assert "Dense field kept (follows tissue structure)" in kept
+    assert "Pose fitted to the tissue structure: moved 6.0 px" in kept
+    dropped = format_quality({"deformable_kept": False,
+                              "deformable_rejected": "the field lowered the tissue's orientation agreement"})
+    assert "Dense field dropped, projective kept: the field lowered the tissue's orientation" in dropped
+    assert "Dense field" not in format_quality({"method": "landmarks", "landmark_residuals": [1.0]})

@@ -144,7 +144,7 @@ def test_structure_flow_refines_without_following_cells(he):
     """The deformable step used for consecutive sections (half resolution, cells blurred) still
     recovers a smooth field on top of the projective start."""
     from napari_bci.registration import register_deformable
-    from napari_bci.registration.api import STRUCTURE_FLOW, STRUCTURE_SIGMA
+    from napari_bci.registration.deformable import STRUCTURE_FLOW, STRUCTURE_SIGMA
     from napari_bci.transform import Transform
 
     pair = make_known_pair(he, seed=6, angle=20, field_amplitude=5)
@@ -222,3 +222,25 @@ def test_ecc_judge_picks_the_iterate_the_decision_prefers(he):
     assert abs(ecc_refine(cf, cm, judged, "affine", iterations=1)[1] - s_judged) < 1e-6
     corners = np.array([[0, 0], [255, 0], [0, 255], [255, 255]], float)
     assert np.median(np.linalg.norm(apply_matrix(judged, corners) - apply_matrix(truth, corners), axis=1)) < 2.0
+
+
+def test_consecutive_sections_auto_pose_is_fitted_to_the_structure_field(he, monkeypatch):
+    """Where the sections share no cells, the automatic pose is the projective fit to the
+    tissue-structure field (closer to the truth than the ECC pose it starts from, which a fit
+    allowed no movement keeps), and the deformable step reuses that field on top of it."""
+    import napari_bci.registration.api as api
+    import napari_bci.registration.features as features
+
+    for mod in (api, features):  # treat the re-stained pair as consecutive sections
+        monkeypatch.setattr(mod, "SHARED_CELLS_NCC", 1.01)
+    pair = make_known_pair(he, seed=6, angle=25, field_amplitude=0)
+    auto = register(pair.fixed, pair.moving, method="auto", refine_side=512, quality=False)
+    assert 0 < auto.report["structure_polish_px"] < 0.03 * np.hypot(*he.shape[:2])
+    deformable = register(pair.fixed, pair.moving, method="deformable", refine_side=512, quality=False)
+    assert np.allclose(deformable.transform.matrix, auto.transform.matrix)
+    assert deformable.report["deformable_kept"] and _tre(deformable.transform, pair, he.shape[:2]) < 1.0
+
+    monkeypatch.setattr(features, "MAX_POLISH_SHIFT", 0.0)
+    ecc = register(pair.fixed, pair.moving, method="auto", refine_side=512, quality=False)
+    assert "structure_polish_rejected" in ecc.report and "structure_polish_px" not in ecc.report
+    assert _tre(auto.transform, pair, he.shape[:2]) < 0.8 * _tre(ecc.transform, pair, he.shape[:2])

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InputError
-from ..transform import Transform
-from .deformable import register_deformable
+from ..transform import Transform, apply_matrix
+from .deformable import register_deformable, structure_kw
 from .features import SHARED_CELLS_NCC, register_auto
 from .images import as_pyramid
 from .landmarks import fit_landmarks
@@ -26,11 +26,6 @@ MAX_STRUCTURE_SHIFT = 0.03
 #: is dropped; one that moves tissue by over RAISE_SHIFT of the diagonal must raise it
 ORIENTATION_TOLERANCE = 0.03
 RAISE_SHIFT = 0.02
-#: smoothing (px of the half-resolution level) of the ranked hematoxylin that the deformable
-#: flow follows where the sections share no cells, and that flow's Lucas-Kanade window radius
-#: and field smoothing (px), chosen on the real pairs of docs/registration.md
-STRUCTURE_SIGMA = 2.5
-STRUCTURE_FLOW = {"radius": 7, "sigma": 16.0}
 
 
 @dataclass
@@ -93,6 +88,9 @@ def register(
                        "auto_orientation": t.meta.get("orientation"), "auto_decision": t.meta.get("decision"),
                        "feature_inliers": res.inliers, "feature_matches": res.matches,
                        "flipped": res.flipped})
+        for k in ("structure_polish_px", "structure_polish_rejected"):
+            if k in res.info:
+                report[k] = res.info[k]
     if cancelled is not None and cancelled():
         raise Cancelled("registration cancelled")
     if method == "deformable":
@@ -104,11 +102,21 @@ def register(
             # consecutive sections share no cells: the flow follows the tissue's structure instead,
             # at half the resolution with the cells blurred (closer to the automatic start's
             # own result on real pairs, and a quarter of the time; docs/registration.md)
-            kw = {"max_side": max(min(deform_side, max(pf.shape)) // 2, 256), "structure": STRUCTURE_SIGMA,
-                  **(STRUCTURE_FLOW if engine == "flow" else {})}
+            kw = structure_kw(pf.shape, engine, deform_side)
         report["deformable_follows"] = "cells" if shared_cells else "tissue structure"
-        td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
-                                 cancelled=cancelled, **kw)
+        if (landmarks is None and res.structure_field is not None
+                and res.structure_kw == structure_kw(pf.shape, engine, deform_side, part, overlap)):
+            # the automatic step's polish computed this very field: the same map, re-expressed as
+            # a residual on top of the polished projective
+            f = res.structure_field
+            gh, gw = f.field.shape[:2]
+            ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float64) * f.spacing
+            g = np.stack([xs.ravel(), ys.ravel()], 1)
+            u = apply_matrix(t.matrix, f.backward(g)) - g
+            td = Transform(t.matrix, u.reshape(gh, gw, 2).astype(np.float32), f.spacing, dict(t.meta, **f.meta))
+        else:
+            td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
+                                     cancelled=cancelled, **kw)
         if landmarks is None:
             # without landmarks nothing vouches for the dense field: one that moves tissue far
             # beyond the trusted projective start, or that makes the stain-invariant figures

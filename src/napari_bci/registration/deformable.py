@@ -28,6 +28,21 @@ from .intensity import ranked_hematoxylin
 from .warp import warp_region
 
 ENGINES = ("flow", "elastix")
+#: where two sections share no cells, the flow follows tissue structure: the ranked hematoxylin
+#: smoothed by this many px of the half-resolution level, with this Lucas-Kanade window radius
+#: and field smoothing (px), chosen on the real pairs of docs/registration.md
+STRUCTURE_SIGMA = 2.5
+STRUCTURE_FLOW = {"radius": 7, "sigma": 16.0}
+
+
+def structure_kw(fixed_shape: tuple[int, int], engine: str = "flow", deform_side: int = 4096,
+                 part: int | None = None, overlap: int | None = None) -> dict:
+    """:func:`register_deformable` arguments of the structure-following field for a fixed image
+    of level-0 ``fixed_shape``: half the resolution, cells blurred (and ``part``/``overlap``
+    where given)."""
+    kw = {"max_side": max(min(deform_side, max(fixed_shape)) // 2, 256), "structure": STRUCTURE_SIGMA,
+          **(STRUCTURE_FLOW if engine == "flow" else {})}
+    return kw | {k: v for k, v in (("part", part), ("overlap", overlap)) if v is not None}
 
 
 def smooth_flow(v: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:

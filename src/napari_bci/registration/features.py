@@ -1,7 +1,8 @@
 """Automatic registration: the stain-invariant intensity search of :mod:`.intensity` (works on
 real consecutive sections), SIFT/ORB features on hematoxylin with RANSAC where that is not
 confident (both orientations), and, where both images share their cells, a dense-flow polish kept
-only where it does not lower the score."""
+only where it does not lower the score; where they do not (consecutive sections), a projective fit
+to the tissue-structure field."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ CONFIDENT_SCORE = 0.4
 #: and the dense-flow polish is tried: 0.8-0.97 on re-stained and synthetic pairs, 0.26-0.40 on
 #: real consecutive sections (docs/registration.md)
 SHARED_CELLS_NCC = 0.6
+#: a projective fit to the structure field that moves tissue by more than this fraction of the
+#: diagonal is not kept (the field's own cap, docs/registration.md)
+MAX_POLISH_SHIFT = 0.03
 #: a different pose whose decision score (refined correlation + orientation agreement) is within
 #: this margin of the best makes the result ambiguous, and it is refused (calibrated on real sections, docs/registration.md)
 AMBIGUITY_MARGIN = 0.02
@@ -46,6 +50,11 @@ class AutoResult:
     matches: int
     flipped: bool
     info: dict = field(default_factory=dict)
+    #: for sections that share no cells: the tissue-structure field on top of the accepted pose,
+    #: whose projective fit is ``transform``, and the :func:`~.deformable.register_deformable`
+    #: arguments it was computed with (the deformable step reuses it)
+    structure_field: Transform | None = None
+    structure_kw: dict | None = None
 
 
 def detect(img: np.ndarray, detector: str = "sift", n_keypoints: int = 3000):
@@ -234,6 +243,39 @@ def _flow_polish(pf, pm, m0, refine_side, seed, info):
     return m0
 
 
+def _structure_polish(pf, pm, m0, info) -> tuple[np.ndarray, Transform, dict]:
+    """Projective fit to the structure-following field (:func:`~.deformable.structure_kw`) on
+    top of ``m0``, for sections that share no cells: the ECC climb on smooth density maps is
+    flat over 5-20 px there, while the field, fitted over all the tissue, is not
+    (docs/registration.md). ``m0`` is kept where the fit fails or moves tissue by over
+    :data:`MAX_POLISH_SHIFT` of the diagonal. Returns the pose, the field and its arguments."""
+    from .deformable import register_deformable, structure_kw
+    from .intensity import pose_distance
+
+    kw = structure_kw(pf.shape, part=1024, overlap=128)
+    td = register_deformable(pf, pm, Transform(m0), **kw)
+    fimg, dsf = pf.image_at(512)
+    ys, xs = np.mgrid[4 : fimg.shape[0] : 8, 4 : fimg.shape[1] : 8]
+    keep = tissue_mask(fimg)[ys, xs]
+    pts = (np.stack([xs[keep], ys[keep]], 1) + 0.5) * dsf - 0.5  # level-0 fixed px
+    back = td.backward(pts)
+    mimg, dsm = pm.image_at(512)
+    q = np.rint((back + 0.5) / dsm - 0.5).astype(int)
+    ok = (q >= 0).all(1) & (q[:, 0] < mimg.shape[1]) & (q[:, 1] < mimg.shape[0])
+    ok[ok] = tissue_mask(mimg)[q[ok, 1], q[ok, 0]]  # tissue on both sides
+    mp = robust_projective(back[ok], pts[ok], threshold=3.0) if ok.sum() >= 20 else None
+    if mp is None:
+        return m0, td, kw
+    moved = pose_distance(pf, m0, mp)
+    limit = MAX_POLISH_SHIFT * float(np.hypot(*pf.shape))
+    if moved > limit:
+        info["structure_polish_rejected"] = (
+            f"the fit moves tissue by {moved:.0f} px (over {limit:.0f} px, {100 * MAX_POLISH_SHIFT:g} % of the diagonal)")
+        return m0, td, kw
+    info["structure_polish_px"] = round(moved, 2)
+    return mp, td, kw
+
+
 def register_auto(
     fixed: Any,
     moving: Any,
@@ -299,8 +341,14 @@ def register_auto(
             f"registration failed: the best alignment found matches tissue, nuclei and tissue orientation "
             f"poorly (decision score {decision:.2f} = {score:.2f} + {orient:.2f} < {min_decision:.2f}; are "
             "these sections of the same tissue?) (try landmarks: place >= 4 point pairs on both images)")
+    if info["cell_ncc"] < SHARED_CELLS_NCC and max(pf.shape) <= 2048:
+        # accepted by the figures above; the fit to the tissue's structure sets the final pose
+        say("refine (tissue structure)", 0.9)
+        m0, field0, field_kw = _structure_polish(pf, pm, m0, info)
+    else:
+        field0 = field_kw = None
     say("done", 1.0)
     meta = {"method": "auto", "start": how, "score": round(float(score), 4),
             "orientation": round(float(orient), 4), "decision": round(float(decision), 4), "inliers": ninl,
             "matches": nmatch, "flipped": bool(flipped)}
-    return AutoResult(Transform(m0 / m0[2, 2], meta=meta), ninl, nmatch, bool(flipped), info)
+    return AutoResult(Transform(m0 / m0[2, 2], meta=meta), ninl, nmatch, bool(flipped), info, field0, field_kw)

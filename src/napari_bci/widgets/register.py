@@ -634,6 +634,12 @@ def format_quality(r: dict) -> str:
         lines.append(f"Automatic start: {r.get('auto_start')}, score {r['auto_score']:.2f}"
                      + (f" + orientation {r['auto_orientation']:.2f}" if r.get("auto_orientation") is not None
                         else ""))
+    if r.get("structure_polish_px") is not None:
+        lines.append(f"Pose fitted to the tissue structure: moved {r['structure_polish_px']:.1f} px")
+    if "deformable_kept" in r:
+        follows = f" (follows {r['deformable_follows']})" if r.get("deformable_follows") else ""
+        lines.append(f"Dense field kept{follows}" if r["deformable_kept"]
+                     else f"Dense field dropped, projective kept: {r.get('deformable_rejected', '')}")
     if "ncc_before" in r:
         lines.append(f"NCC (ranked hematoxylin): {r['ncc_before']:.3f} -> {r['ncc_after']:.3f}")
         lines.append(f"Mutual information: {r['mi_before']:.3f} -> {r['mi_after']:.3f}")
