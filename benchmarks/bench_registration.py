@@ -173,6 +173,7 @@ def real_pairs() -> None:
     from napari_bci.registration import RegistrationFailed
     from napari_bci.registration.images import tissue_mask
     from napari_bci.registration.known_warp import grid_points, random_transform
+    from napari_bci.registration.quality import folded_fraction
 
     files = sorted((MIST / "HE").glob("*.jpg"))
     if not files:
@@ -233,6 +234,9 @@ def real_pairs() -> None:
                          "diag": diag, "ref_failed": "failed" in ref})
             kept = "" if step == "auto" else (
                 " field kept" if res["elastix_kept" if step == "elastix" else "kept"] else " field rejected")
+            if step != "auto":
+                rows[-1]["folded"] = folded_fraction(res[step])
+                kept += f", folded {100 * rows[-1]['folded']:.2f} %"
             print(f"{f.stem[:22]:22s} {label:16s} {step:10s} {cpu:6.1f} {res['score']:6.2f} "
                   f"{np.median(e_w):10.1f} /{np.percentile(e_w, 90):7.1f}    "
                   f"{np.median(e_o):10.1f} /{np.percentile(e_o, 90):7.1f}{kept}")
@@ -250,7 +254,8 @@ def real_pairs() -> None:
               f"p90 {np.percentile(w, 90):.1f} px; TRE vs own median {np.nanmedian(o):.1f} px "
               f"({100 * np.nanmedian(o) / d:.2f} %), p90 {np.nanpercentile(o, 90):.1f} px; "
               f"CPU s per 1024 px pair (automatic + {'elastix' if step == 'elastix' else 'deformable'}) "
-              f"{np.mean([r['cpu'] for r in rr]):.1f} (wall {np.mean([r['wall'] for r in rr]):.1f})")
+              f"{np.mean([r['cpu'] for r in rr]):.1f} (wall {np.mean([r['wall'] for r in rr]):.1f})"
+              + (f"; folded field samples at most {100 * max(r['folded'] for r in rr):.2f} %" if step != "auto" else ""))
     if not elastix_available():
         print("note: itk-elastix is not installed; no elastix reference on the real pairs")
 

@@ -310,3 +310,20 @@ def test_patch_file_gets_the_same_levels_as_an_array(data_dir, tmp_path):
     assert [lv.shape for lv in from_file.levels] == [lv.shape for lv in from_array.levels]
     assert len(from_file.levels) >= 2 and from_file.downsamples[1] == pytest.approx(2.0, abs=0.01)
     np.testing.assert_array_equal(np.asarray(from_file.levels[1]), from_array.levels[1])
+
+
+def test_unfold_removes_a_long_deep_fold_and_leaves_the_rest():
+    """A field in which the tissue right of a line is pulled 160 px over the tissue left of it
+    (20 field samples: deeper than any local smoothing removes in a few passes) comes out with
+    no folded sample, and unchanged far from the line."""
+    from napari_bci.registration.deformable import unfold
+    from napari_bci.registration.quality import folded_fraction, jacobian_determinant
+    from napari_bci.transform import Transform
+
+    xs = np.mgrid[0:129, 0:129][1].astype(float)
+    u = np.stack([-160.0 * (xs > 64), np.zeros_like(xs)], -1).astype(np.float32)
+    folded = Transform(np.eye(3), u, 8.0)
+    assert folded_fraction(folded) > 0.01
+    out = unfold(Transform(np.eye(3), u.copy(), 8.0))
+    assert folded_fraction(out) == 0 and jacobian_determinant(out).min() > 0
+    assert np.array_equal(out.field[:, :8], u[:, :8]) and np.array_equal(out.field[:, -8:], u[:, -8:])

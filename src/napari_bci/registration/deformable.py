@@ -157,7 +157,7 @@ def compose_field(transform: Transform, residual0: np.ndarray, spacing: float,
     return Transform(transform.matrix.copy(), u.reshape(gh, gw, 2).astype(np.float32), float(spacing), m)
 
 
-def unfold(transform: Transform, max_iter: int = 50) -> Transform:
+def unfold(transform: Transform, max_iter: int = 200) -> Transform:
     """Remove folds (Jacobian determinant <= 0) by smoothing the field locally around them."""
     from .quality import jacobian_determinant
 
