@@ -295,7 +295,9 @@ def register_auto(
     :data:`CONFIDENT_SCORE`, also features (matched at longer side <= ``coarse_side``), and the
     better of the two by the decision score (that correlation plus the tissue's orientation
     agreement); then, where the images share their cells (:data:`SHARED_CELLS_NCC`), a dense-flow
-    projective polish at longer side <= ``refine_side``, kept only if the score does not drop.
+    projective polish at longer side <= ``refine_side``, kept only if the score does not drop;
+    where they do not (images up to 2048 px), once accepted, the projective fit to the
+    tissue-structure field (:func:`_structure_polish`), returned as ``structure_field`` too.
     Raises :class:`RegistrationFailed` when the final decision score is below ``min_decision``,
     or when the intensity result is ambiguous (a pose elsewhere has a decision score within
     :data:`AMBIGUITY_MARGIN` of it).
