@@ -243,7 +243,7 @@ def _flow_polish(pf, pm, m0, refine_side, seed, info):
     return m0
 
 
-def _structure_polish(pf, pm, m0, info) -> tuple[np.ndarray, Transform, dict]:
+def _structure_polish(pf, pm, m0, info, progress=None) -> tuple[np.ndarray, Transform, dict]:
     """Projective fit to the structure-following field (:func:`~.deformable.structure_kw`) on
     top of ``m0``, for sections that share no cells: the ECC climb on smooth density maps is
     flat over 5-20 px there, while the field, fitted over all the tissue, is not
@@ -253,7 +253,7 @@ def _structure_polish(pf, pm, m0, info) -> tuple[np.ndarray, Transform, dict]:
     from .intensity import pose_distance
 
     kw = structure_kw(pf.shape, part=1024, overlap=128)
-    td = register_deformable(pf, pm, Transform(m0), **kw)
+    td = register_deformable(pf, pm, Transform(m0), progress=progress, **kw)
     fimg, dsf = pf.image_at(512)
     ys, xs = np.mgrid[4 : fimg.shape[0] : 8, 4 : fimg.shape[1] : 8]
     keep = tissue_mask(fimg)[ys, xs]
@@ -346,7 +346,8 @@ def register_auto(
     if info["cell_ncc"] < SHARED_CELLS_NCC and max(pf.shape) <= 2048:
         # accepted by the figures above; the fit to the tissue's structure sets the final pose
         say("refine (tissue structure)", 0.9)
-        m0, field0, field_kw = _structure_polish(pf, pm, m0, info)
+        m0, field0, field_kw = _structure_polish(
+            pf, pm, m0, info, progress=lambda m, f: say(f"refine (tissue structure): {m}", 0.9 + 0.09 * f))
     else:
         field0 = field_kw = None
     say("done", 1.0)
