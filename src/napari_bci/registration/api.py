@@ -8,8 +8,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InputError
-from ..transform import Transform, apply_matrix
-from .deformable import register_deformable, structure_kw
+from ..transform import Transform
+from .deformable import MAX_STRUCTURE_SHIFT, rebase_field, register_deformable, structure_kw
 from .features import SHARED_CELLS_NCC, register_auto
 from .images import as_pyramid
 from .landmarks import fit_landmarks
@@ -19,9 +19,6 @@ METHODS = ("landmarks", "auto", "deformable")
 #: without landmarks, a dense field whose median displacement beyond the automatic projective
 #: start exceeds this fraction of the fixed image's diagonal is dropped (docs/registration.md)
 MAX_FIELD_SHIFT = 0.01
-#: the same cap for the structure-following field of sections that share no cells, which is
-#: judged by the tissue's orientation agreement instead (docs/registration.md)
-MAX_STRUCTURE_SHIFT = 0.03
 #: a structure-following field that lowers the tissue's orientation agreement by more than this
 #: is dropped; one that moves tissue by over RAISE_SHIFT of the diagonal must raise it
 ORIENTATION_TOLERANCE = 0.03
@@ -106,14 +103,10 @@ def register(
         report["deformable_follows"] = "cells" if shared_cells else "tissue structure"
         if (landmarks is None and res.structure_field is not None
                 and res.structure_kw == structure_kw(pf.shape, engine, deform_side, part, overlap)):
-            # the automatic step's polish computed this very field: the same map, re-expressed as
-            # a residual on top of the polished projective
-            f = res.structure_field
-            gh, gw = f.field.shape[:2]
-            ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float64) * f.spacing
-            g = np.stack([xs.ravel(), ys.ravel()], 1)
-            u = apply_matrix(t.matrix, f.backward(g)) - g
-            td = Transform(t.matrix, u.reshape(gh, gw, 2).astype(np.float32), f.spacing, dict(t.meta, **f.meta))
+            # the automatic step's polish computed this very field: the same map, on top of the
+            # polished projective
+            td = rebase_field(res.structure_field, t.matrix)
+            td.meta = dict(t.meta, **td.meta)
         else:
             td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
                                      cancelled=cancelled, **kw)

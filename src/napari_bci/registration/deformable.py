@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..errors import InputError
-from ..transform import Transform
+from ..transform import Transform, apply_matrix
 from .images import as_pyramid, od_channel, od_range
 from .intensity import ranked_hematoxylin
 from .warp import warp_region
@@ -33,6 +33,9 @@ ENGINES = ("flow", "elastix")
 #: and field smoothing (px), chosen on the real pairs of docs/registration.md
 STRUCTURE_SIGMA = 2.5
 STRUCTURE_FLOW = {"radius": 7, "sigma": 16.0}
+#: without landmarks, a structure-following field whose median displacement exceeds this
+#: fraction of the fixed image's diagonal is dropped (docs/registration.md)
+MAX_STRUCTURE_SHIFT = 0.03
 
 
 def structure_kw(fixed_shape: tuple[int, int], engine: str = "flow", deform_side: int = 4096,
@@ -155,6 +158,17 @@ def compose_field(transform: Transform, residual0: np.ndarray, spacing: float,
     m = dict(transform.meta)
     m.update(meta or {})
     return Transform(transform.matrix.copy(), u.reshape(gh, gw, 2).astype(np.float32), float(spacing), m)
+
+
+def rebase_field(transform: Transform, matrix: np.ndarray) -> Transform:
+    """The same map as ``transform`` (matrix + field), its field re-expressed as the residual on
+    top of another moving -> fixed ``matrix`` (sampled on the same grid)."""
+    gh, gw = transform.field.shape[:2]
+    ys, xs = np.mgrid[0:gh, 0:gw].astype(np.float64) * transform.spacing
+    p = np.stack([xs.ravel(), ys.ravel()], 1)
+    u = apply_matrix(matrix, transform.backward(p)) - p
+    return Transform(np.asarray(matrix, np.float64), u.reshape(gh, gw, 2).astype(np.float32), transform.spacing,
+                     dict(transform.meta))
 
 
 def unfold(transform: Transform, max_iter: int = 200) -> Transform:

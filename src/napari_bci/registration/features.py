@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import BCIError
 from ..transform import Transform, apply_matrix
+from .deformable import MAX_STRUCTURE_SHIFT, register_deformable, structure_kw
 from .images import as_pyramid, matrix_to_level, matrix_to_level0, od_channel, tissue_mask
 from .warp import warp
 
@@ -37,7 +38,7 @@ CONFIDENT_SCORE = 0.4
 SHARED_CELLS_NCC = 0.6
 #: a projective fit to the structure field that moves tissue by more than this fraction of the
 #: diagonal is not kept (the field's own cap, docs/registration.md)
-MAX_POLISH_SHIFT = 0.03
+MAX_POLISH_SHIFT = MAX_STRUCTURE_SHIFT
 #: a different pose whose decision score (refined correlation + orientation agreement) is within
 #: this margin of the best makes the result ambiguous, and it is refused (calibrated on real sections, docs/registration.md)
 AMBIGUITY_MARGIN = 0.02
@@ -249,7 +250,6 @@ def _structure_polish(pf, pm, m0, info, progress=None) -> tuple[np.ndarray, Tran
     flat over 5-20 px there, while the field, fitted over all the tissue, is not
     (docs/registration.md). ``m0`` is kept where the fit fails or moves tissue by over
     :data:`MAX_POLISH_SHIFT` of the diagonal. Returns the pose, the field and its arguments."""
-    from .deformable import register_deformable, structure_kw
     from .intensity import pose_distance
 
     kw = structure_kw(pf.shape, part=1024, overlap=128)
