@@ -4,6 +4,7 @@ widget; it stays silent on the package's own synthetic samples."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,35 @@ def test_cli_warns_on_real_he_only(run_cli, data_dir, tmp_path):
     write_image_atomic(synth, make_pair("3+", 512, seed=424246).he)
     code, out, err = run_cli("generate", synth, "--out", tmp_path / "synth_ihc.png")
     assert code == 0 and "out of domain" not in err
+
+
+def test_cli_warns_once_for_a_folder_of_real_he(run_cli, data_dir, tmp_path):
+    """A BCI-style folder of real H&E patches gets the same one-line warning, naming a flagged
+    image; a folder of synthetic patches none (the outputs are written either way)."""
+    import shutil
+
+    from napari_bci.io.writers import write_image_atomic
+    from napari_bci.samples.synthetic import make_pair
+
+    real = tmp_path / "HE_real"
+    real.mkdir()
+    shutil.copy(data_dir / "he_tile_240.png", real / "00000_test_2+.png")
+    shutil.copy(data_dir / "he_carcinoma_1000.png", real / "00001_test_3+.png")
+    code, out, err = run_cli("generate", real, "--out", tmp_path / "pred_real", "--json")
+    assert code == 0, err
+    lines = [ln for ln in err.splitlines() if "out of domain" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "BCIStainer" in lines[0]
+    assert "00000_test_2+.png and 1 more of the 2 images judged" in lines[0]
+    rep = json.loads(out)
+    assert rep["written"] == 2 and rep["out_of_domain"] == lines[0][len("warning: "):]
+
+    synth = tmp_path / "HE_synth"
+    synth.mkdir()
+    for i, level in enumerate(("0", "3+")):
+        write_image_atomic(synth / f"0000{i}_test_{level}.png", make_pair(level, 384, seed=424250 + i).he)
+    code, out, err = run_cli("generate", synth, "--out", tmp_path / "pred_synth", "--json")
+    assert code == 0 and "out of domain" not in err and "out_of_domain" not in json.loads(out)
+    assert sorted(p.name for p in (tmp_path / "pred_synth").iterdir()) == ["00000_test_0.png", "00001_test_3+.png"]
 
 
 def test_widget_notifies_and_keeps_a_note(make_napari_viewer, data_dir, qtbot):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -331,6 +332,28 @@ def test_cli_generate_folder_and_errors(run_cli, data_dir, tmp_path):
     # the tiled CLI output equals the generator run on the whole image (baseline is pixel-wise)
     whole = load_generator("baseline")(read_patch(src / "00001_test_2+.png")[None])[0]
     assert np.array_equal(a, whole)
+
+    # a folder run resumes: the outputs present are kept, as for a BCI root and for slides
+    code, stdout, err = run_cli("generate", src, "--model", "baseline", "--out", out, "--json")
+    assert code == 0 and json.loads(stdout)["kept"] == 2 and json.loads(stdout)["written"] == 0
+
+    # an unreadable patch stops the run naming it (the outputs written stay whole), or with
+    # --on-error skip is listed and the rest written
+    (src / "00003_test_1+.png").write_bytes(b"not a png")
+    code, stdout, err = run_cli("generate", src, "--model", "baseline", "--out", tmp_path / "p2", "--tile", "128")
+    assert code == 2 and "00003_test_1+.png: not an image" in err and stdout == ""
+    assert not (tmp_path / "p2" / "00003_test_1+.png").exists()
+    assert all(read_patch(p).shape[2] == 3 for p in (tmp_path / "p2").iterdir())
+    code, stdout, err = run_cli("generate", src, "--model", "baseline", "--out", tmp_path / "p3", "--json",
+                                "--on-error", "skip")
+    rep = json.loads(stdout)
+    assert code == 0 and rep["written"] == 2 and [Path(f["file"]).name for f in rep["failed"]] == ["00003_test_1+.png"]
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"not a png")
+    code, stdout, err = run_cli("generate", only_bad, "--model", "baseline", "--out", tmp_path / "p4",
+                                "--on-error", "skip")
+    assert code == 2 and "no image could be read" in err
 
     code, stdout, err = run_cli("generate", tmp_path / "missing", "--model", "baseline", "--out", out)
     assert code == 2 and "missing" in err and stdout == ""

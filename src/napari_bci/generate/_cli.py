@@ -1,6 +1,6 @@
 """Subcommands ``models`` and ``generate``: argparse stays here; the work is keyword calls into
-:mod:`.batch` (slides, folders needing batch options) and :mod:`.tiles` (single images, plain
-folders of patches). The model is loaded once and a slide opened once per run."""
+:mod:`.batch` (slides and folders) and :mod:`.tiles` (single images). The model is loaded once
+and a slide opened once per run."""
 
 from __future__ import annotations
 
@@ -43,23 +43,16 @@ def register(sub) -> None:
     p.set_defaults(func=run_generate)
 
 
-class _Flag(argparse.Action):
-    """Stores the value and marks that a batch option was given (``args._batch_requested``)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, True if self.nargs == 0 else values)
-        namespace._batch_requested = True
-
-
 def _add_batch_arguments(p: argparse.ArgumentParser) -> None:
     """Whole-slide and distributed options of ``napari-bci generate``."""
     g = p.add_argument_group("whole slides and cohorts")
-    g.add_argument("--workers", type=int, default=None, action=_Flag, metavar="N",
+    g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="compute tiles on a local dask cluster of N worker processes (1 thread each)")
-    g.add_argument("--scheduler", default=None, action=_Flag, metavar="ADDRESS",
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="join an existing dask scheduler (e.g. tcp://host:8786 from dask-jobqueue)")
-    g.add_argument("--on-error", choices=("stop", "skip"), default="stop", action=_Flag,
-                   help="a tile whose input cannot be read: stop (default) or fill it white and go on")
+    g.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                   help="a slide tile or a folder's image that cannot be read: stop (default), or fill the "
+                        "tile white / list the image under failed, and go on")
     g.add_argument("--level", type=int, default=None, help="generate at this pyramid level "
                    "(default: the level matching the model's magnification)")
     g.add_argument("--no-resume", dest="resume", action="store_false",
@@ -77,7 +70,6 @@ def _add_batch_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tiles-per-task", type=int, default=1, help="dask: tiles per task (default 1)")
     g.add_argument("--task-resources", type=_resources, default=None, metavar="NAME=N[,...]",
                    help="dask: resources each task needs, e.g. GPU=1 (workers started with --resources GPU=1)")
-    p.set_defaults(_batch_requested=False)
 
 
 def _resources(text: str) -> dict:
@@ -145,7 +137,7 @@ def run_generate(args) -> dict:
     _check_numbers(args)
     files = None
     if src.is_dir():
-        files, needs_batch = batch.folder_files(src, batch_options=args._batch_requested)
+        files = batch.folder_files(src)
         if not files:
             raise InputError(src, "folder holds no images (.png, .jpg, .tif)")
         if out.exists() and not out.is_dir():
@@ -167,15 +159,19 @@ def run_generate(args) -> dict:
         gen = with_tta(gen)
     try:
         if files is not None:
-            if needs_batch:
-                opts = _slide_options(args)
-                opts.pop("resources")
-                return batch.generate_folder(files, model, out, generator=gen, **opts)
-            return _run_patch_folder(args, gen, files, out)
+            warning = mpp_warning(gen, args.mpp, src)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+            opts = _slide_options(args)
+            opts.pop("resources")
+            rep = batch.generate_folder(files, model, out, generator=gen,
+                                        warn=lambda m: print(f"warning: {m}", file=sys.stderr), **opts)
+            return rep | ({"warning": warning} if warning else {})
         return _run_file(args, model, gen, src, out)
     except KeyboardInterrupt:
-        err = BCIError(f"{out}: interrupted; finished tiles are kept in {batch.parts_dir(out)}, "
-                       f"run the same command again to resume")
+        kept = (f"finished outputs (and an unfinished slide's tiles) are kept in {out}" if files is not None
+                else f"finished tiles are kept in {batch.parts_dir(out)}")
+        err = BCIError(f"{out}: interrupted; {kept}, run the same command again to resume")
         err.exit_code = 130
         raise err from None
 
@@ -253,39 +249,3 @@ def her2_level(engine, output=None, mpp: float | None = None) -> dict:
         cmp = compare(score(output, mpp=mpp or 0.5), probs)
         out.update(her2_rule=cmp["rule_display"], her2_agree=cmp["agree"], her2_compare=cmp["text"])
     return out
-
-
-def _run_patch_folder(args, gen, files: list[Path], out: Path) -> dict:
-    """A plain folder of patches: every patch rewritten as ``out/<stem>.png``."""
-    from tqdm import tqdm
-
-    import numpy as np
-
-    from ..io.patches import read_patch
-    from ..io.writers import write_image_atomic
-    from .tiles import generate_image
-
-    out.mkdir(parents=True, exist_ok=True)
-    warning = mpp_warning(gen, args.mpp, files[0].parent)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    t0 = time.perf_counter()
-    tiles = 0
-    written, failed = [], []
-    for f in tqdm(files, desc="generate", unit="image", file=sys.stderr, disable=not sys.stderr.isatty()):
-        try:
-            img = np.asarray(read_patch(f))
-        except InputError as e:
-            failed.append({"file": str(f), "error": str(e)})
-            continue
-        res, eng = generate_image(gen, img, tile=args.tile, batch_size=args.batch_size)
-        tiles += eng.computed
-        dst = out / (f.stem + ".png")
-        write_image_atomic(dst, res)
-        written.append(dst.name)
-    dt = time.perf_counter() - t0
-    if failed and not written:
-        raise InputError(files[0].parent, f"no image could be read ({failed[0]['error']})")
-    return {"n": len(written), "out": str(out), "model": gen.name, "device": gen.device, "tiles": tiles,
-            "seconds": round(dt, 3), "images_per_s": round(len(written) / dt, 3) if dt else None,
-            "failed": failed}

@@ -202,7 +202,8 @@ def parts_dir(out: str | os.PathLike) -> Path:
 class _Progress:
     """tqdm bar (tiles done/total, tiles/s, ETA) and/or a ``callback(done, total)``."""
 
-    def __init__(self, total: int, initial: int, show: bool | None, callback: Callable | None, desc: str):
+    def __init__(self, total: int, initial: int, show: bool | None, callback: Callable | None, desc: str,
+                 unit: str = "tile"):
         self.total, self.n, self.callback = total, initial, callback
         self.bar = None
         if show is None:
@@ -210,7 +211,7 @@ class _Progress:
         if show:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="tile", desc=desc, file=sys.stderr,
+            self.bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, file=sys.stderr,
                             dynamic_ncols=True, smoothing=0.1)
         if callback is not None:
             callback(initial, total)
@@ -605,29 +606,32 @@ def _is_pyramid_file(p: Path) -> bool:
         return False
 
 
-def folder_files(src: Path, *, batch_options: bool = False) -> tuple[list[Path], bool]:
-    """The input files of folder ``src`` and whether they need this module (a BCI root, a folder
-    holding slides, or batch options given) rather than the plain patch loop of the CLI."""
+def folder_files(src: Path) -> list[Path]:
+    """The input files of folder ``src``: a BCI root's test H&E patches, else its images."""
     from ..io.patches import IMAGE_SUFFIXES
 
     src = Path(src)
     bci = bci_test_files(src)
     if bci is not None:
-        return bci, True
-    files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith("."))
-    return files, bool(files) and (batch_options or any(_is_pyramid_file(p) for p in files))
+        return bci
+    return sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
 
 
 def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLike, *, generator=None,
                     device: str | None = None, tile: int | None = None, batch_size: int | None = None,
                     workers: int | None = None, scheduler: str | None = None, resume: bool = True,
                     on_error: str = "stop", show_progress: bool | None = None,
-                    progress: Callable[[int, int], Any] | None = None, **slide_kw: Any) -> dict:
+                    progress: Callable[[int, int], Any] | None = None,
+                    warn: Callable[[str], Any] | None = None, **slide_kw: Any) -> dict:
     """Patches -> ``out_dir/<stem>.png`` (same names, ready for ``napari-bci evaluate``), slides ->
     ``out_dir/<stem>.ome.tif``. Outputs already present are kept when ``resume`` (each is written
     atomically, so a present file is complete). Patches go to dask workers as tasks when
-    ``workers``/``scheduler`` is given; slides are tiled as in :func:`generate_slide`."""
+    ``workers``/``scheduler`` is given; slides are tiled as in :func:`generate_slide`. A patch that
+    cannot be read stops the run (``on_error="stop"``) or is listed under ``failed``.
+
+    Before the work starts, :func:`folder_domain` judges a few of the images against the
+    generator's training domain; its warning (if any) goes to ``warn`` and the report."""
     from ..io.writers import write_image_atomic
     from ..models.registry import load_generator
 
@@ -645,6 +649,9 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     distributed = bool(workers) or bool(scheduler)
     if generator is None:
         generator = load_generator(model, device="cpu" if distributed else device)
+    domain = folder_domain(generator, files)
+    if domain and warn is not None:
+        warn(domain)
     t0 = time.perf_counter()
     slides = [f for f in files if _is_pyramid_file(f)]
     patches = [f for f in files if f not in set(slides)]
@@ -652,7 +659,7 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     todo = [f for f in patches if f not in set(kept)]
     written: list[str] = []
     failed: list[dict] = []
-    bar = _Progress(len(patches), len(kept), show_progress, progress, desc="generate")
+    bar = _Progress(len(patches), len(kept), show_progress, progress, desc="generate", unit="image")
     try:
         if todo:
             for f, res in _patch_results(todo, model, generator, device=device, tile=tile, batch_size=batch_size,
@@ -667,6 +674,8 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
                 bar.update()
     finally:
         bar.close()
+    if failed and not written and not kept and not slides:
+        raise InputError(Path(failed[0]["file"]).parent, f"no image could be read (first: {failed[0]['error']})")
     slide_reports = []
     for f in slides:
         slide_reports.append(generate_slide(f, model, out_dir / (f.name.split(".")[0] + ".ome.tif"),
@@ -677,7 +686,37 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     dt = time.perf_counter() - t0
     return {"n": len(written) + len(kept) + len(slide_reports), "out": str(out_dir), "model": generator.name,
             "written": len(written), "kept": len(kept), "slides": slide_reports, "failed": failed,
-            "seconds": round(dt, 3), "images_per_s": round(len(written) / dt, 3) if dt > 0 and written else None}
+            "seconds": round(dt, 3), "images_per_s": round(len(written) / dt, 3) if dt > 0 and written else None,
+            **({"out_of_domain": domain} if domain else {})}
+
+
+def folder_domain(generator: Any, files: Sequence[Path], sample: int = 4) -> str | None:
+    """The out-of-domain warning (:func:`~napari_bci.models.domain.check_generator_domain`) of a
+    folder: up to ``sample`` of its images, spread over the list, are judged; the line names the
+    first flagged one and how many of those judged were flagged. None when none is (or the
+    generator records no training domain); an image that cannot be read is left to the run."""
+    from ..io.slide import open_slide
+    from ..models.domain import check_generator_domain, generator_domain
+
+    if not files or not generator_domain(generator):
+        return None
+    k = min(sample, len(files))
+    idx = sorted({round(i * (len(files) - 1) / max(k - 1, 1)) for i in range(k)})
+    flagged, judged = [], 0
+    for i in idx:
+        try:
+            with open_slide(files[i]) as s:
+                msg = check_generator_domain(generator, s.levels[0])
+        except (InputError, OSError, ValueError):
+            continue
+        judged += 1
+        if msg:
+            flagged.append((files[i], msg))
+    if not flagged:
+        return None
+    f, msg = flagged[0]
+    more = f" and {len(flagged) - 1} more of the {judged} images judged" if len(flagged) > 1 else ""
+    return f"{f}{more}: {msg}"
 
 
 def _patch_results(files, model, generator, *, device, tile, batch_size, workers, scheduler):
