@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..transform import Transform
-from .deformable import MAX_STRUCTURE_SHIFT, rebase_field, register_deformable, structure_kw
+from .deformable import MAX_STRUCTURE_SHIFT, OVERLAP, PART, rebase_field, register_deformable, structure_kw
 from .features import SHARED_CELLS_NCC, register_auto
 from .images import as_pyramid
 from .landmarks import fit_landmarks
@@ -42,8 +42,8 @@ def register(
     coarse_side: int = 384,
     refine_side: int = 1024,
     deform_side: int = 4096,
-    part: int = 1024,
-    overlap: int = 128,
+    part: int = PART,
+    overlap: int = OVERLAP,
     quality: bool = True,
     seed: int = 0,
     progress: Callable[[str, float], None] | None = None,
@@ -139,9 +139,11 @@ def register(
                     gain = b["orientation"] - a["orientation"]
                     big = shift > RAISE_SHIFT * diag
                     if (big and not gain > 0) or gain < -ORIENTATION_TOLERANCE:
-                        what = (f"moves tissue by a median {shift:.0f} px (over {100 * RAISE_SHIFT:g} % of the "
-                                "diagonal) without "
-                                "raising" if big and gain >= -ORIENTATION_TOLERANCE else "lowered")
+                        if big and gain >= -ORIENTATION_TOLERANCE:
+                            what = (f"moves tissue by a median {shift:.0f} px (over {100 * RAISE_SHIFT:g} % "
+                                    "of the diagonal) without raising")
+                        else:
+                            what = "lowered"
                         report["deformable_rejected"] = (
                             f"the field {what} the tissue's orientation agreement "
                             f"({a['orientation']:.3f} -> {b['orientation']:.3f})")

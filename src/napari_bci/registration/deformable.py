@@ -38,6 +38,10 @@ STRUCTURE_FLOW = {"radius": 7, "sigma": 16.0}
 MAX_STRUCTURE_SHIFT = 0.03
 
 
+#: Default part side and overlap of :func:`register_deformable` (px of its working level).
+PART, OVERLAP = 1024, 128
+
+
 def structure_kw(fixed_shape: tuple[int, int], engine: str = "flow", deform_side: int = 4096,
                  part: int | None = None, overlap: int | None = None) -> dict:
     """:func:`register_deformable` arguments of the structure-following field for a fixed image
@@ -218,8 +222,8 @@ def register_deformable(
     initial: Transform,
     engine: str = "flow",
     max_side: int = 4096,
-    part: int = 1024,
-    overlap: int = 128,
+    part: int = PART,
+    overlap: int = OVERLAP,
     spacing: float | None = None,
     structure: float = 0.0,
     progress: Callable[[str, float], None] | None = None,

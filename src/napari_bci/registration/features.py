@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import BCIError
 from ..transform import Transform, apply_matrix
-from .deformable import MAX_STRUCTURE_SHIFT, register_deformable, structure_kw
+from .deformable import MAX_STRUCTURE_SHIFT, OVERLAP, PART, register_deformable, structure_kw
 from .images import as_pyramid, matrix_to_level, matrix_to_level0, od_channel, tissue_mask
 from .warp import warp
 
@@ -252,7 +252,7 @@ def _structure_polish(pf, pm, m0, info, progress=None) -> tuple[np.ndarray, Tran
     :data:`MAX_POLISH_SHIFT` of the diagonal. Returns the pose, the field and its arguments."""
     from .intensity import pose_distance
 
-    kw = structure_kw(pf.shape, part=1024, overlap=128)
+    kw = structure_kw(pf.shape, part=PART, overlap=OVERLAP)
     td = register_deformable(pf, pm, Transform(m0), progress=progress, **kw)
     fimg, dsf = pf.image_at(512)
     ys, xs = np.mgrid[4 : fimg.shape[0] : 8, 4 : fimg.shape[1] : 8]
