@@ -240,6 +240,30 @@ def test_evaluate_cli_errors(run_cli, bci_folder, tmp_path):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_evaluate_matches_png_predictions_to_jpeg_truth(run_cli, bci_folder, tmp_path):
+    """``generate`` writes PNG; a dataset's truth may be JPEG (MIST): the stems pair them. Two
+    files of one stem in a folder fall back to whole names (and so to a clear error)."""
+    from imageio.v3 import imread, imwrite
+
+    (pred, gt), _ = bci_folder
+    jpg = tmp_path / "gt_jpg"
+    jpg.mkdir()
+    for p in gt.iterdir():
+        imwrite(jpg / (p.stem + ".jpg"), imread(p), quality=95)
+    code, out, err = run_cli("evaluate", "--pred", pred, "--gt", jpg, "--json", "--csv", tmp_path / "r.csv")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["n"] == 5 and [rep["per_level"][k]["n"] for k in ("0", "2+", "3+")] == [2, 1, 2]
+    assert (tmp_path / "r.csv").read_text().splitlines()[1].startswith("00001_test_0.png,0,")
+    from napari_bci.metrics.evaluate import match_folders
+
+    rows = {n: b for n, _, b in match_folders(pred, jpg)}
+    assert rows["00005_test_2+.png"].name == "00005_test_2+.jpg"
+    (jpg / "00005_test_2+.png").write_bytes((gt / "00005_test_2+.png").read_bytes())
+    code, out, err = run_cli("evaluate", "--pred", pred, "--gt", jpg, "--json")
+    assert code == 2 and "without ground truth" in err and "00001_test_0.png" in err
+
+
 def test_ssim_cli_writes_float32_map(run_cli, tmp_path, he):
     from imageio.v3 import imwrite
 

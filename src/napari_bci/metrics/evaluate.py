@@ -32,22 +32,35 @@ def _few(names) -> str:
     return s + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def _by_stem(files: dict[str, Path]) -> dict[str, Path] | None:
+    """``files`` keyed by name without the suffix, or None when two share a stem."""
+    out = {p.stem: p for p in files.values()}
+    return out if len(out) == len(files) else None
+
+
 def match_folders(pred_dir, gt_dir) -> list[tuple[str, Path, Path]]:
-    """``(name, pred, gt)`` for files with the same name in both folders; InputError when a
-    folder is empty or a file has no partner (a silently smaller test set would skew means)."""
+    """``(name, pred, gt)`` for files with the same name in both folders, the suffix aside
+    (``generate`` writes PNG, a dataset's truth may be JPEG) unless a folder holds two files of
+    one stem; ``name`` is the prediction's. InputError when a folder is empty or a file has no
+    partner (a silently smaller test set would skew means)."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     pred, gt = _images(pred_dir), _images(gt_dir)
     if not pred:
         raise InputError(pred_dir, f"no images ({', '.join(IMAGE_SUFFIXES)}) in the prediction folder")
     if not gt:
         raise InputError(gt_dir, f"no images ({', '.join(IMAGE_SUFFIXES)}) in the ground-truth folder")
+    sp, sg = _by_stem(pred), _by_stem(gt)
+    if sp is not None and sg is not None:
+        pred, gt = sp, sg
     only_pred = set(pred) - set(gt)
     only_gt = set(gt) - set(pred)
     if only_pred:
-        raise InputError(pred_dir, f"{len(only_pred)} prediction(s) without ground truth in {gt_dir}: {_few(only_pred)}")
+        raise InputError(pred_dir, f"{len(only_pred)} prediction(s) without ground truth in {gt_dir}: "
+                                     f"{_few(pred[k].name for k in only_pred)}")
     if only_gt:
-        raise InputError(gt_dir, f"{len(only_gt)} ground-truth image(s) without a prediction in {pred_dir}: {_few(only_gt)}")
-    return [(n, pred[n], gt[n]) for n in sorted(pred)]
+        raise InputError(gt_dir, f"{len(only_gt)} ground-truth image(s) without a prediction in {pred_dir}: "
+                                   f"{_few(gt[k].name for k in only_gt)}")
+    return [(pred[n].name, pred[n], gt[n]) for n in sorted(pred)]
 
 
 def read_rgb(path: Path) -> np.ndarray:
