@@ -293,7 +293,12 @@ def model_card_md(cfg: dict) -> str:
   A sharper map cannot separate HER2 0 from 1+: the head confuses them (their synthetic H&E
   differs by 5% in nucleus size), and even with the true level 0 forced the decoder draws some
   stray border DAB (membrane DAB 0.012-0.039 on the three HER2 0 pairs of seeds
-  710000-710011, truth 0.007-0.008).""" if sharp_rows else "")
+  710000-710011, truth 0.007-0.008). On the 24 calibration pairs the level-0 share of the
+  decoder's map averages 0.47-0.66 over the HER2 0 pairs and 0.36-0.72 over the 1+ pairs: the
+  two overlap, so nothing keyed to the map can clean HER2 0 alone. Tried there and not shipped:
+  a level-0 DAB gain alone (0.28, fitted on those pairs) brought HER2 0 to 0.007 (truth 0.008)
+  but 1+ to 0.022 (truth 0.063), 4 of 6 1+ read as 0 (20/24 right, was 21/24); pooling the
+  head's logits over 9, 15 or 31 cells instead of 5 left HER2 0 at 0.031-0.034 (20-21/24).""" if sharp_rows else "")
     if cfg.get("dab_gain"):
         stage3 = (f"- Stage 3, DAB calibration: the output's DAB concentration times a per-level gain mixed by the "
                   f"level map (`dab_gain` {cfg['dab_gain']} for 0/1+/2+/3+, ramped in between DAB OD 0.04 and "
