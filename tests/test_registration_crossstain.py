@@ -244,3 +244,24 @@ def test_consecutive_sections_auto_pose_is_fitted_to_the_structure_field(he, mon
     ecc = register(pair.fixed, pair.moving, method="auto", refine_side=512, quality=False)
     assert "structure_polish_rejected" in ecc.report and "structure_polish_px" not in ecc.report
     assert _tre(auto.transform, pair, he.shape[:2]) < 0.8 * _tre(ecc.transform, pair, he.shape[:2])
+
+
+def test_whole_slide_auto_pose_is_fitted_to_the_structure_field(data_dir, monkeypatch):
+    """The same fit on an image past the whole-slide mark (2048 px: coarse levels, the field in
+    parts at half the working level): a real 2967 x 2220 px slide region under a known warp."""
+    import napari_bci.registration.api as api
+    import napari_bci.registration.features as features
+    from napari_bci.io.slide import open_slide
+    from napari_bci.transform import Transform
+
+    with open_slide(data_dir / "CMU-1-Small-Region.svs") as s:
+        he = np.asarray(s.levels[0])[..., :3]
+    assert max(he.shape) > 2048
+    for mod in (api, features):
+        monkeypatch.setattr(mod, "SHARED_CELLS_NCC", 1.01)
+    pair = make_known_pair(he, seed=4, angle=-30, field_amplitude=0)
+    res = register(pair.fixed, pair.moving, method="deformable", quality=False)
+    assert res.report["structure_polish_px"] > 0 and res.report["deformable_kept"]
+    # the fitted pose (the ECC pose before it: 1.1 px), then the reused field on top of it
+    assert _tre(Transform(res.transform.matrix), pair, he.shape[:2]) < 0.5
+    assert _tre(res.transform, pair, he.shape[:2]) < 3.0

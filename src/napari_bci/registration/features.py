@@ -296,7 +296,7 @@ def register_auto(
     better of the two by the decision score (that correlation plus the tissue's orientation
     agreement); then, where the images share their cells (:data:`SHARED_CELLS_NCC`), a dense-flow
     projective polish at longer side <= ``refine_side``, kept only if the score does not drop;
-    where they do not (images up to 2048 px), once accepted, the projective fit to the
+    where they do not, once accepted, the projective fit to the
     tissue-structure field (:func:`_structure_polish`), returned as ``structure_field`` too.
     Raises :class:`RegistrationFailed` when the final decision score is below ``min_decision``,
     or when the intensity result is ambiguous (a pose elsewhere has a decision score within
@@ -343,7 +343,7 @@ def register_auto(
             f"registration failed: the best alignment found matches tissue, nuclei and tissue orientation "
             f"poorly (decision score {decision:.2f} = {score:.2f} + {orient:.2f} < {min_decision:.2f}; are "
             "these sections of the same tissue?) (try landmarks: place >= 4 point pairs on both images)")
-    if info["cell_ncc"] < SHARED_CELLS_NCC and max(pf.shape) <= 2048:
+    if info["cell_ncc"] < SHARED_CELLS_NCC:
         # accepted by the figures above; the fit to the tissue's structure sets the final pose
         say("refine (tissue structure)", 0.9)
         m0, field0, field_kw = _structure_polish(
