@@ -630,9 +630,11 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     ``workers``/``scheduler`` is given; slides are tiled as in :func:`generate_slide`. A patch that
     cannot be read stops the run (``on_error="stop"``) or is listed under ``failed``.
 
-    Before the work starts, :func:`folder_domain` judges a few of the images against the
+    Before the work starts, :func:`~napari_bci.models.domain.check_folder_domain` judges a few
+    of the images against the
     generator's training domain; its warning (if any) goes to ``warn`` and the report."""
     from ..io.writers import write_image_atomic
+    from ..models.domain import check_folder_domain
     from ..models.registry import load_generator
 
     out_dir = Path(out_dir)
@@ -649,7 +651,7 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     distributed = bool(workers) or bool(scheduler)
     if generator is None:
         generator = load_generator(model, device="cpu" if distributed else device)
-    domain = folder_domain(generator, files)
+    domain = check_folder_domain(generator, files)
     if domain and warn is not None:
         warn(domain)
     t0 = time.perf_counter()
@@ -688,35 +690,6 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
             "written": len(written), "kept": len(kept), "slides": slide_reports, "failed": failed,
             "seconds": round(dt, 3), "images_per_s": round(len(written) / dt, 3) if dt > 0 and written else None,
             **({"out_of_domain": domain} if domain else {})}
-
-
-def folder_domain(generator: Any, files: Sequence[Path], sample: int = 4) -> str | None:
-    """The out-of-domain warning (:func:`~napari_bci.models.domain.check_generator_domain`) of a
-    folder: up to ``sample`` of its images, spread over the list, are judged; the line names the
-    first flagged one and how many of those judged were flagged. None when none is (or the
-    generator records no training domain); an image that cannot be read is left to the run."""
-    from ..io.slide import open_slide
-    from ..models.domain import check_generator_domain, generator_domain
-
-    if not files or not generator_domain(generator):
-        return None
-    k = min(sample, len(files))
-    idx = sorted({round(i * (len(files) - 1) / max(k - 1, 1)) for i in range(k)})
-    flagged, judged = [], 0
-    for i in idx:
-        try:
-            with open_slide(files[i]) as s:
-                msg = check_generator_domain(generator, s.levels[0])
-        except (InputError, OSError, ValueError):
-            continue
-        judged += 1
-        if msg:
-            flagged.append((files[i], msg))
-    if not flagged:
-        return None
-    f, msg = flagged[0]
-    more = f" and {len(flagged) - 1} more of the {judged} images judged" if len(flagged) > 1 else ""
-    return f"{f}{more}: {msg}"
 
 
 def _patch_results(files, model, generator, *, device, tile, batch_size, workers, scheduler):

@@ -5,11 +5,14 @@ statistics of its training H&E (:func:`domain_features`), recorded when it was t
 (``scripts/train_builtin.py`` records them for the built-in model, whose training tissue is
 synthetic). :func:`check_domain` measures the same features on an image and returns a one-line
 warning when their Mahalanobis distance from the training distribution exceeds ``threshold``
-(6: a chi-square tail probability below 1e-5 for six Gaussian features), else None. Headless: the CLI prints the warning, the Virtual IHC widget shows it.
+(6: a chi-square tail probability below 1e-5 for six Gaussian features), else None;
+:func:`check_folder_domain` judges a few images of a folder run. Headless: the CLI prints the
+warning, the Virtual IHC widget shows it.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -137,5 +140,33 @@ def check_generator_domain(generator: Any, image: Any) -> str | None:
     return check_domain(win, domain, f"the '{name}' model" if name else "the model")
 
 
+def check_folder_domain(generator: Any, files: Sequence[Path], sample: int = 4) -> str | None:
+    """The out-of-domain warning (:func:`check_generator_domain`) of a folder's images: up to
+    ``sample`` of them, spread over the list, are judged; the line names the first flagged one
+    and how many of those judged were flagged. None when none is (or the generator records no
+    training domain); an image that cannot be read is left to the run to report."""
+    from ..io.slide import open_slide
+
+    if not files or not generator_domain(generator):
+        return None
+    k = min(sample, len(files))
+    idx = sorted({round(i * (len(files) - 1) / max(k - 1, 1)) for i in range(k)})
+    flagged, judged = [], 0
+    for i in idx:
+        try:
+            with open_slide(files[i]) as s:
+                msg = check_generator_domain(generator, s.levels[0])
+        except (OSError, ValueError):  # InputError is a ValueError
+            continue
+        judged += 1
+        if msg:
+            flagged.append((files[i], msg))
+    if not flagged:
+        return None
+    f, msg = flagged[0]
+    more = f" and {len(flagged) - 1} more of the {judged} images judged" if len(flagged) > 1 else ""
+    return f"{f}{more}: {msg}"
+
+
 __all__ = ["FEATURES", "domain_features", "domain_stats", "domain_distance", "check_domain", "generator_domain",
-           "check_generator_domain", "tissue_window"]
+           "check_generator_domain", "check_folder_domain", "tissue_window"]
