@@ -298,7 +298,11 @@ def model_card_md(cfg: dict) -> str:
   two overlap, so nothing keyed to the map can clean HER2 0 alone. Tried there and not shipped:
   a level-0 DAB gain alone (0.28, fitted on those pairs) brought HER2 0 to 0.007 (truth 0.008)
   but 1+ to 0.022 (truth 0.063), 4 of 6 1+ read as 0 (20/24 right, was 21/24); pooling the
-  head's logits over 9, 15 or 31 cells instead of 5 left HER2 0 at 0.031-0.034 (20-21/24).""" if sharp_rows else "")
+  head's logits over 9, 15 or 31 cells instead of 5 left HER2 0 at 0.031-0.034 (20-21/24); a
+  fine-tune of this model with a one-sided term on HER2 0 crops (the output's pooled DAB above
+  the truth's by over 0.01 OD, weight 8-20, 150-600 steps, otherwise the stage-3 recipe) brought
+  HER2 0 to 0.005-0.008 and 2+/3+ to 0.18-0.21/0.46-0.51, but 1+ to 0.017-0.020, 17-18/24 right:
+  the network as a whole does not tell the two apart either.""" if sharp_rows else "")
     if cfg.get("dab_gain"):
         stage3 = (f"- Stage 3, DAB calibration: the output's DAB concentration times a per-level gain mixed by the "
                   f"level map (`dab_gain` {cfg['dab_gain']} for 0/1+/2+/3+, ramped in between DAB OD 0.04 and "
