@@ -171,12 +171,25 @@ REAL_WARPS = [(0, False, 1.0), (170, True, 0.8), (-120, False, 1.25), (45, True,
               (180, False, 1.1), (-75, True, 1.2), (100, False, 0.85), (-150, True, 1.0)]
 
 
+def warped_with_points(he: np.ndarray, k, step: int):
+    """The H&E moved by the known warp ``k``, and the tissue grid points (every ``step`` px) that
+    it keeps 24 px inside the frame: (moving, points in ``he``, the same points in ``moving``)."""
+    from napari_bci.registration.images import tissue_mask
+    from napari_bci.registration.known_warp import grid_points
+
+    moving = k.warp_image(he, he.shape[:2], cval=255)
+    h = grid_points(he.shape[:2], step, 24)
+    q = k.forward(h)
+    ok = ((q > 24) & (q < np.array(he.shape[1::-1]) - 24)).all(1) & tissue_mask(he)[
+        h[:, 1].astype(int), h[:, 0].astype(int)]
+    return moving, h[ok], q[ok]
+
+
 def real_pairs() -> None:
     from skimage.io import imread
 
     from napari_bci.registration import RegistrationFailed
-    from napari_bci.registration.images import tissue_mask
-    from napari_bci.registration.known_warp import grid_points, random_transform
+    from napari_bci.registration.known_warp import random_transform
     from napari_bci.registration.quality import folded_fraction
 
     files = sorted((MIST / "HE").glob("*.jpg"))
@@ -191,12 +204,7 @@ def real_pairs() -> None:
         ihc = imread(MIST / "IHC" / f.name)[..., :3]
         angle, flip, scale = REAL_WARPS[i % len(REAL_WARPS)]
         k = random_transform(he.shape[:2], seed=i, angle=angle, flip=flip, scale=scale, field_amplitude=6)
-        moving = k.warp_image(he, he.shape[:2], cval=255)
-        h = grid_points(he.shape[:2], 32, 24)
-        q = k.forward(h)
-        ok = ((q > 24) & (q < np.array(he.shape[1::-1]) - 24)).all(1) & tissue_mask(he)[
-            h[:, 1].astype(int), h[:, 0].astype(int)]
-        h, q = h[ok], q[ok]
+        moving, h, q = warped_with_points(he, k, 32)
         diag = float(np.hypot(*he.shape[:2]))
         ref, res = {}, {}
         engines = ("flow", "elastix") if elastix_available() else ("flow",)
@@ -276,8 +284,7 @@ def real_mosaic() -> None:
     from skimage.io import imread
 
     from napari_bci.registration import RegistrationFailed
-    from napari_bci.registration.images import tissue_mask
-    from napari_bci.registration.known_warp import grid_points, random_transform
+    from napari_bci.registration.known_warp import random_transform
 
     if not all((MIST / "HE" / f"{n}.jpg").is_file() for n in MOSAIC):
         print(f"real mosaic: {MIST} not found; skipped")
@@ -289,12 +296,7 @@ def real_mosaic() -> None:
 
     he, ihc = tile("HE"), tile("IHC")
     k = random_transform(he.shape[:2], seed=3, angle=35, flip=True, scale=1.1, field_amplitude=6)
-    moving = k.warp_image(he, he.shape[:2], cval=255)
-    h = grid_points(he.shape[:2], 64, 24)
-    q = k.forward(h)
-    ok = ((q > 24) & (q < np.array(he.shape[1::-1]) - 24)).all(1) & tissue_mask(he)[
-        h[:, 1].astype(int), h[:, 0].astype(int)]
-    h, q = h[ok], q[ok]
+    moving, h, q = warped_with_points(he, k, 64)
     res, clocks = {}, {}
     for name, img in (("ref", he), ("warp", moving)):
         with Clock() as c:
