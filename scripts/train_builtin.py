@@ -292,9 +292,9 @@ def model_card_md(cfg: dict) -> str:
 
   A sharper map cannot separate HER2 0 from 1+: the head confuses them (their synthetic H&E
   differs only slightly: 5% in nucleus size, 8% in nuclear hematoxylin, in pleomorphism and
-  tumour density, each with a per-case jitter as large), and even with the true level 0 forced the decoder draws some
-  stray border DAB (membrane DAB 0.012-0.039 on the three HER2 0 pairs of seeds
-  710000-710011, truth 0.007-0.008). On the 24 calibration pairs the level-0 share of the
+  tumour density, each with a per-case jitter as large), and even with the true level 0 forced
+  the decoder draws some stray border DAB (membrane DAB 0.012-0.039 on the three HER2 0 pairs
+  of seeds 710000-710011, truth 0.007-0.008). On the 24 calibration pairs the level-0 share of the
   decoder's map averages 0.47-0.66 over the HER2 0 pairs and 0.36-0.72 over the 1+ pairs: the
   two overlap, so nothing keyed to the map can clean HER2 0 alone. Tried there and not shipped:
   a level-0 DAB gain alone (0.28, fitted on those pairs) brought HER2 0 to 0.007 (truth 0.008)
@@ -310,28 +310,28 @@ def model_card_md(cfg: dict) -> str:
   stage, the SD of the three strided ones, the dense head's mean logits: 352 numbers,
   standardised), fitted on the 256 training H&E of 512 px with the network frozen. It reads the
   level far better than the dense head: 89% right on the training images, 22/24 on the 24
-  calibration pairs (every HER2 0 right, two 1+ read as 0), where the dense head's tile means
-  give the HER2 0 pairs a level-0 probability of only 0.44-0.62. With the decoder conditioned on
-  its softmax (sharpened by 3, one level per window): 21/24 scored right on the calibration
-  pairs; on the held-out set 15/16, PSNR 25.16 dB, SSIM 0.739, membrane DAB OD 0.017 / 0.069 /
-  0.219 / 0.481 (real 0.007 / 0.074 / 0.184 / 0.510): every target but HER2 0 (2.4x). The reason
-  is the decoder: forcing the true level in (one-hot) changes its membranes little (the three
-  HER2 0 pairs above: 0.012-0.039 forced, 0.013-0.046 with its own map), since it reads the level
-  from the encoder's skip features as much as from the condition, and a fine-tune that always
-  feeds it the true level (teacher forcing 1, the crop-mean balance term at 4, 300 steps) left
-  HER2 0 at 0.027 on the calibration pairs. A level-0 DAB gain under the case head's condition
-  (one calibration round: 0.318 / 1.52 / 1.33 / 1.11) gave 23/24 and 0.005 / 0.050 / 0.195 /
-  0.548 on the calibration pairs but 13/16 and 0.000 / 0.096 / 0.255 / 0.540 on the held-out set.
-  Why HER2 0 is the hard level: the scorer counts a cell's membrane only above its faint
-  threshold, and the real HER2 0 has faint staining on about 5% of its tumour cells, at random;
-  which cells is not visible in the H&E, so a deterministic generator draws their expectation, a
-  faint yellow network on every cell close to that threshold (seen on HER2 0 pair 700000 with
-  level 0 forced, beside its real IHC), and any gain moves all the cells across the threshold together. Matching 0.007 means
-  drawing faint membranes on a few cells and none on the rest, which takes a model that samples
-  (an adversarial or diffusion generator) rather than a better gain. The case head was not
-  shipped: it leaves that target missed, and one level per window makes the output depend on
-  the whole window, so the tile engine would feather windows at half-tile stride on slides
-  (about 4x the compute per tile) for one more pair right in 16.""" if sharp_rows else "")
+  calibration pairs (every HER2 0 right, two 1+ read as 0), where the dense head's tile means give
+  the HER2 0 pairs a level-0 probability of only 0.44-0.62. With the decoder conditioned on its
+  softmax (sharpened by 3, one level per window): 21/24 scored right on the calibration pairs; on
+  the held-out set 15/16, PSNR 25.16 dB, SSIM 0.739, membrane DAB OD 0.017 / 0.069 / 0.219 / 0.481
+  (real 0.007 / 0.074 / 0.184 / 0.510): every target but HER2 0 (2.4x). The reason is the decoder:
+  forcing the true level in changes its membranes little (the 0.012-0.039 above, against
+  0.013-0.046 with its own map on the same three pairs), since it reads the level from the
+  encoder's skip features as much as from the condition, and a fine-tune that always feeds it the
+  true level (teacher forcing 1, the crop-mean balance term at 4, 300 steps, the case head
+  refitted after it) left HER2 0 at 0.027 on the calibration pairs. A level-0 DAB gain under the
+  case head's condition (one calibration round: 0.318 / 1.52 / 1.33 / 1.11) gave 23/24 and 0.005 /
+  0.050 / 0.195 / 0.548 on the calibration pairs but 13/16 and 0.000 / 0.096 / 0.255 / 0.540 on
+  the held-out set. Why HER2 0 is the hard level: the scorer counts a cell's membrane only above
+  its faint threshold, and the real HER2 0 has faint staining on about 5% of its tumour cells, at
+  random; which cells is not visible in the H&E, so a deterministic generator draws their
+  expectation, a faint yellow network on every cell close to that threshold (seen on HER2 0 pair
+  700000 with level 0 forced, beside its real IHC), and any gain moves all the cells across the
+  threshold together. Matching 0.007 means drawing faint membranes on a few cells and none on the
+  rest, which takes a model that samples (an adversarial or diffusion generator) rather than a
+  better gain. The case head was not shipped: it leaves that target missed, and one level per
+  window makes the output depend on the whole window, so the tile engine would feather windows at
+  half-tile stride on slides (4x the windows per tile) for one more pair right in 16.""" if sharp_rows else "")
     if cfg.get("dab_gain"):
         stage3 = (f"- Stage 3, DAB calibration: the output's DAB concentration times a per-level gain mixed by the "
                   f"level map (`dab_gain` {cfg['dab_gain']} for 0/1+/2+/3+, ramped in between DAB OD 0.04 and "
