@@ -10,8 +10,9 @@ import pytest
 
 DATA = Path(__file__).parent / "data"
 
-# Keep torch and BLAS from oversubscribing the two CI cores when tests run Qt threads too.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep torch and BLAS from oversubscribing the two CI cores when tests run Qt threads too: two
+# threads in a single process, one in each pytest-xdist worker.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 # Settings the widgets remember (QSettings) go to a private folder, never the user's.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="napari-bci-test-config-")
 
