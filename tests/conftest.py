@@ -11,8 +11,14 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 # Keep torch and BLAS from oversubscribing the two CI cores when tests run Qt threads too: two
-# threads in a single process, one in each pytest-xdist worker.
-os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+# threads in a single process, one in each pytest-xdist worker. Workers inherit the controller's
+# environment, so a default the controller set is replaced there; a value the user set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("NAPARI_BCI_TEST_THREADS_DEFAULTED"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+elif "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "2"
+    os.environ["NAPARI_BCI_TEST_THREADS_DEFAULTED"] = "1"
 # Settings the widgets remember (QSettings) go to a private folder, never the user's.
 os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="napari-bci-test-config-")
 
