@@ -159,6 +159,42 @@ def test_structure_flow_refines_without_following_cells(he):
     assert after < 0.6 * before, (before, after)
 
 
+def test_structure_flow_is_not_pulled_into_a_tear_only_one_section_has(he, monkeypatch):
+    """Where the moving section has a tear (glass) that the fixed one lacks, the structure flow has
+    nothing to follow; the shared-tissue weight keeps the tear's rim out of the field, which then
+    errs less around it than the same flow without that weight."""
+    from napari_bci.registration import deformable as D
+    from napari_bci.registration.images import downscale
+    from napari_bci.transform import Transform
+
+    pair = make_known_pair(he, seed=7, angle=20, field_amplitude=5)
+    moving = pair.moving.copy()
+    yy, xx = np.mgrid[: moving.shape[0], : moving.shape[1]]
+    moving[(yy - 260) ** 2 + (xx - 250) ** 2 < 60**2] = 240
+    pm, pf = truth_points(pair.transform, he.shape[:2], pair.fixed.shape[:2], step=12)
+    d = np.hypot(pm[:, 1] - 260, pm[:, 0] - 250)
+    rim = (d > 60) & (d < 110)
+    levels = [[a, downscale(a, 2)] for a in (pair.fixed, moving)]
+
+    def rim_error():
+        t = D.register_deformable(*levels, Transform(pair.transform.matrix), max_side=256,
+                                  structure=D.STRUCTURE_SIGMA, **D.STRUCTURE_FLOW)
+        return float(np.median(np.linalg.norm(t.forward(pm[rim]) - pf[rim], axis=1)))
+
+    weight, weighted = D.shared_tissue_weight, rim_error()
+    monkeypatch.setattr(D, "shared_tissue_weight", lambda *a: None)
+    assert weighted < 0.8 * rim_error()
+
+    fixed = np.full((64, 64, 3), 150, np.uint8)
+    warped = fixed.copy()
+    warped[:, 40:] = 240  # glass in the moving section only
+    valid = np.ones((64, 64), bool)
+    valid[:8] = False  # mirrored data beyond the moving image
+    w = weight(fixed, warped, valid, 1.0, 4)
+    assert w[30, 10] == 1 and w[30, 30] == 1 and w[13, 10] == 1  # both have tissue, data
+    assert w[30, 40] == 0 and w[30, 50] == 0 and w[10, 10] == 0  # the tear, the mirrored rows
+
+
 def test_field_on_sections_without_shared_cells_is_judged_by_orientation(he, monkeypatch):
     """Where the sections share no cells, the structure-following field is kept unless it lowers
     the tissue's orientation agreement, and then dropped with the reason."""

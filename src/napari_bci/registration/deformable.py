@@ -23,7 +23,7 @@ from scipy import ndimage as ndi
 
 from ..errors import InputError
 from ..transform import Transform, apply_matrix
-from .images import as_pyramid, od_channel, od_range
+from .images import TISSUE_OD, as_pyramid, od_channel, od_range
 from .intensity import ranked_hematoxylin
 from .warp import warp_region
 
@@ -69,8 +69,9 @@ def smooth_flow(v: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def flow_ilk(fixed_od: np.ndarray, moving_od: np.ndarray, radius: int = 15, sigma: float = 4.0,
-             num_warp: int = 5) -> np.ndarray:
-    """Residual flow ``(2, H, W)`` (rows, cols) such that ``fixed(p) ~ moving(p + v(p))``."""
+             num_warp: int = 5, weight: np.ndarray | None = None) -> np.ndarray:
+    """Residual flow ``(2, H, W)`` (rows, cols) such that ``fixed(p) ~ moving(p + v(p))``;
+    ``weight`` (``(H, W)`` in [0, 1]) scales the confidence of the smoothing (0: not trusted)."""
     from skimage.registration import optical_flow_ilk
 
     v = optical_flow_ilk(fixed_od, moving_od, radius=radius, num_warp=num_warp, prefilter=False)
@@ -79,7 +80,22 @@ def flow_ilk(fixed_od: np.ndarray, moving_od: np.ndarray, radius: int = 15, sigm
     # confidence: local gradient energy of both images (flow is undetermined in flat areas)
     gy2, gx2 = np.gradient(ndi.gaussian_filter(moving_od, 1.0))
     conf = ndi.uniform_filter(np.minimum(g2, gy2 * gy2 + gx2 * gx2), 2 * radius + 1)
-    return smooth_flow(v, conf, sigma)
+    return smooth_flow(v, conf if weight is None else conf * weight, sigma)
+
+
+def shared_tissue_weight(fixed_rgb: np.ndarray, warped_rgb: np.ndarray, valid: np.ndarray, sigma: float,
+                         radius: int) -> np.ndarray | None:
+    """Where consecutive sections can guide a structure flow: 0 within ``radius`` px of an area
+    over ``2 radius`` px wide where one has tissue and the other none (a tear, a fold, tissue cut
+    off by a patch's edge: there is nothing to follow there, only an edge to be pulled to) or of
+    the moving image's frame (``valid`` False: mirrored data); 1 elsewhere (None: 1 everywhere)."""
+    from ..stain import rgb_to_od
+
+    t = [ndi.gaussian_filter(rgb_to_od(np.asarray(x)[..., :3]).sum(-1), sigma) > TISSUE_OD
+         for x in (fixed_rgb, warped_rgb)]
+    # thin bands of disagreement along tissue edges are the misalignment the flow is there to fix
+    bad = ndi.binary_opening(t[0] != t[1], iterations=int(radius)) | ~valid
+    return (~ndi.binary_dilation(bad, iterations=int(radius))).astype(np.float32) if bad.any() else None
 
 
 def elastix_available() -> bool:
@@ -240,7 +256,8 @@ def register_deformable(
     hematoxylin channels are smoothed by that many working-level px first, so that the flow
     follows tissue structure rather than individual cells (consecutive sections); they are then
     ranked (:func:`ranked_hematoxylin`) rather than percentile-normalised, since an IHC's
-    counterstain takes a different contrast curve than an H&E's."""
+    counterstain takes a different contrast curve than an H&E's, and the flow engine ignores
+    what only one section has (:func:`shared_tissue_weight`)."""
     from ..errors import Cancelled
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
@@ -267,12 +284,16 @@ def register_deformable(
                 raise Cancelled("registration cancelled")
             say(f"{engine}: part {k + 1}/{n_parts}", k / n_parts)
             fimg = np.asarray(flevel[r0:r1, c0:c1])
-            warped = warp_region(mlevel, initial, (r0, c0), (r1 - r0, c1 - c0), dsf, dsm, fill="mirror")
+            warped, valid = warp_region(mlevel, initial, (r0, c0), (r1 - r0, c1 - c0), dsf, dsm,
+                                        fill="mirror", return_valid=True)
+            kw = dict(engine_kw)
             if structure > 0:
                 a, b = (ndi.gaussian_filter(ranked_hematoxylin(x), structure) for x in (fimg, warped))
+                if engine == "flow":
+                    kw["weight"] = shared_tissue_weight(fimg, warped, valid, structure, kw.get("radius", 15))
             else:
                 a, b = od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr)
-            v = residual_flow(a, b, engine, **engine_kw)
+            v = residual_flow(a, b, engine, **kw)
             sel = (rr >= r0 - 0.5) & (rr <= r1 - 0.5) & (cc >= c0 - 0.5) & (cc <= c1 - 0.5)
             if sel.any():
                 w = _ramp(rr[sel], r0, r1, H, overlap) * _ramp(cc[sel], c0, c1, W, overlap)

@@ -40,7 +40,11 @@ def od_channel(rgb: Any, lo: float = 1.0, hi: float = 99.5,
     return np.clip((h - a) / (b - a), 0.0, 1.5).astype(np.float32)
 
 
-def tissue_mask(rgb: Any, threshold: float = 0.08) -> np.ndarray:
+#: total optical density above which a pixel shows stain (tissue, not glass)
+TISSUE_OD = 0.08
+
+
+def tissue_mask(rgb: Any, threshold: float = TISSUE_OD) -> np.ndarray:
     """Pixels with visible stain (total OD above ``threshold``)."""
     from ..stain import rgb_to_od
 
