@@ -305,6 +305,46 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     assert not [x.name for x in out.iterdir() if x.name.endswith(".tmp")]
 
 
+_HANGING_UNWIND = """
+import sys, threading
+from napari_bci import cli
+from napari_bci.io.writers import temp_path
+cli._handle_sigterm("sample")
+tmp = temp_path(sys.argv[1])
+tmp.write_bytes(b"half")
+print(tmp, flush=True)
+try:
+    threading.Event().wait()
+finally:  # unwinding that never ends, like a worker stuck in a library
+    threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_exits_within_the_grace_even_when_unwinding_hangs(tmp_path, signals):
+    """A run whose unwinding hangs still exits 130 with its one line and no temporary: after
+    SIGTERM_GRACE_S, or at once on a second SIGTERM (what an impatient user sends)."""
+    from napari_bci.cli import SIGTERM_GRACE_S
+
+    p = subprocess.Popen([sys.executable, "-c", _HANGING_UNWIND, str(tmp_path / "o.png")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp = Path(p.stdout.readline().strip())
+    assert tmp.is_file(), p.stderr.read()
+    t0 = time.monotonic()
+    for _ in range(signals):
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+    _, err = p.communicate(timeout=SIGTERM_GRACE_S + 30)
+    waited = time.monotonic() - t0
+    assert p.returncode == 130, err
+    assert err.strip() == "napari-bci sample: error: terminated"
+    assert not tmp.exists() and not list(tmp_path.iterdir())
+    if signals == 1:
+        assert waited >= SIGTERM_GRACE_S - 0.5
+    else:
+        assert waited < SIGTERM_GRACE_S - 2
+
+
 def test_rerun_removes_temporaries_of_a_killed_run(bad, tmp_path, capsys):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()

@@ -10,6 +10,7 @@ nothing else), the human rendering, and errors (one line on stderr; exit 2 for b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -96,17 +97,52 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what batch schedulers send): handled like Ctrl-C (SIGINT)."""
 
 
+SIGTERM_GRACE_S = 10.0
+_sigterm: dict[str, Any] = {"timer": None, "line": []}
+
+
+def _say_terminated_once() -> None:
+    with contextlib.suppress(IndexError):
+        print(_sigterm["line"].pop(), file=sys.stderr, flush=True)
+
+
+def _exit_now() -> None:
+    """Exit 130 at once: remove this process's temporaries and say ``terminated`` (once)."""
+    from .io.writers import remove_own_temps
+
+    try:
+        remove_own_temps()
+        _say_terminated_once()
+        sys.stderr.flush()
+    finally:
+        os._exit(130)
+
+
 def _on_sigterm(signum, frame):
+    if _sigterm["timer"] is not None:  # a second SIGTERM: no more waiting
+        _exit_now()
+    import threading
+
+    # unwinding can hang (a worker stuck in a library, an exception raised while it held a
+    # lock): a scheduler's SIGKILL would then leave temporaries behind
+    timer = _sigterm["timer"] = threading.Timer(SIGTERM_GRACE_S, _exit_now)
+    timer.daemon = True
+    timer.start()
     raise Terminated()
 
 
-def _handle_sigterm() -> Callable[[], None]:
-    """Raise :class:`Terminated` on SIGTERM in the main thread; returns the undo."""
+def _handle_sigterm(command: str) -> Callable[[], None]:
+    """Raise :class:`Terminated` on SIGTERM in the main thread; returns the undo.
+
+    If the command has not exited :data:`SIGTERM_GRACE_S` seconds later (or at a second SIGTERM),
+    the process removes its temporaries and exits 130 without unwinding further.
+    """
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
+    _sigterm["line"] = [f"napari-bci {command}: error: terminated"]
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     return lambda: signal.signal(signal.SIGTERM, previous)
 
@@ -129,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], Any] = args.func
-    undo_sigterm, undo_warnings = _handle_sigterm(), _one_line_warnings(args.command)
+    undo_sigterm, undo_warnings = _handle_sigterm(args.command), _one_line_warnings(args.command)
 
     def restore():
         undo_sigterm()
@@ -145,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, f"{e.filename}: no such file or directory", 2)
     except PermissionError as e:
         return _fail(args.command, f"{e.filename}: permission denied", 2)
-    except KeyboardInterrupt as e:
-        return _fail(args.command, "terminated" if isinstance(e, Terminated) else "interrupted", 130)
+    except Terminated:
+        _say_terminated_once()
+        return 130
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", 130)
     except Exception as e:  # the contract: one readable line, never a traceback
         if os.environ.get("NAPARI_BCI_DEBUG"):
             raise

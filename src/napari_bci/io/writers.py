@@ -52,10 +52,29 @@ IMAGE_OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 JPEG_MAX_SIDE = 65535
 
 
+_OWN_TEMPS: set[Path] = set()
+
+
 def temp_path(path: str | os.PathLike) -> Path:
     """A fresh hidden temporary path beside ``path`` naming this process: ``.<name>.<pid>-<hex>.tmp``."""
     path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    _OWN_TEMPS.add(tmp)
+    return tmp
+
+
+def remove_own_temps() -> list[Path]:
+    """Remove the temporaries this process has named and not yet renamed or removed; returns them.
+
+    For a process that must exit at once (see ``cli``'s SIGTERM grace) without unwinding.
+    """
+    removed = []
+    for tmp in list(_OWN_TEMPS):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    _OWN_TEMPS.clear()
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:
