@@ -312,8 +312,8 @@ from napari_bci.io.writers import temp_path
 cli._handle_sigterm("sample")
 tmp = temp_path(sys.argv[1])
 tmp.write_bytes(b"half")
-print(tmp, flush=True)
 try:
+    print(tmp, flush=True)  # inside the try: the test signals as soon as it reads this
     threading.Event().wait()
 finally:  # unwinding that never ends, like a worker stuck in a library
     threading.Event().wait()
