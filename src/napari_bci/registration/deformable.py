@@ -24,7 +24,7 @@ from scipy import ndimage as ndi
 from ..errors import InputError
 from ..transform import Transform, apply_matrix
 from .images import TISSUE_OD, as_pyramid, od_channel, od_range
-from .intensity import ranked_hematoxylin
+from .intensity import ranked_density, ranked_hematoxylin
 from .warp import warp_region
 
 ENGINES = ("flow", "elastix")
@@ -71,16 +71,49 @@ def smooth_flow(v: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
 def flow_ilk(fixed_od: np.ndarray, moving_od: np.ndarray, radius: int = 15, sigma: float = 4.0,
              num_warp: int = 5, weight: np.ndarray | None = None) -> np.ndarray:
     """Residual flow ``(2, H, W)`` (rows, cols) such that ``fixed(p) ~ moving(p + v(p))``;
-    ``weight`` (``(H, W)`` in [0, 1]) scales the confidence of the smoothing (0: not trusted)."""
+    ``weight`` (``(H, W)`` in [0, 1]) scales the confidence of the smoothing (0: not trusted).
+
+    ``(C, H, W)`` inputs: one flow per channel, fused by a normalised convolution over all
+    channels' flows, each weighted by its texture and by how well that channel agrees between the
+    images once its flow is applied (``r^2 / (1 - r^2)`` of the local NCC ``r``, a correlation's
+    signal-to-noise ratio): a channel without structure somewhere, or whose contrast differs
+    between the two stains there, does not pull the others' flow."""
     from skimage.registration import optical_flow_ilk
 
-    v = optical_flow_ilk(fixed_od, moving_od, radius=radius, num_warp=num_warp, prefilter=False)
-    gy, gx = np.gradient(ndi.gaussian_filter(fixed_od, 1.0))
-    g2 = gy * gy + gx * gx
-    # confidence: local gradient energy of both images (flow is undetermined in flat areas)
-    gy2, gx2 = np.gradient(ndi.gaussian_filter(moving_od, 1.0))
-    conf = ndi.uniform_filter(np.minimum(g2, gy2 * gy2 + gx2 * gx2), 2 * radius + 1)
+    several = fixed_od.ndim == 3
+    if not several:
+        fixed_od, moving_od = fixed_od[None], moving_od[None]
+    num, conf = 0.0, 0.0
+    for f, m in zip(fixed_od, moving_od):
+        v = optical_flow_ilk(f, m, radius=radius, num_warp=num_warp, prefilter=False)
+        # confidence: local gradient energy of both images (flow is undetermined in flat areas)
+        gy, gx = np.gradient(ndi.gaussian_filter(f, 1.0))
+        gy2, gx2 = np.gradient(ndi.gaussian_filter(m, 1.0))
+        c = ndi.uniform_filter(np.minimum(gy * gy + gx * gx, gy2 * gy2 + gx2 * gx2), 2 * radius + 1)
+        if several:  # and how well this contrast agrees between the images once its flow is applied
+            r2 = np.clip(local_ncc(f, _warp_by(m, v), radius), 0, 0.99) ** 2
+            c = c * r2 / (1 - r2)
+        num, conf = num + c * v, conf + c
+    v = num / np.maximum(conf, 1e-12)
     return smooth_flow(v, conf if weight is None else conf * weight, sigma)
+
+
+def _warp_by(img: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``img(p + v(p))`` (bilinear, edges repeated)."""
+    rr, cc = np.meshgrid(np.arange(img.shape[0], dtype=np.float32), np.arange(img.shape[1], dtype=np.float32),
+                         indexing="ij")
+    return ndi.map_coordinates(img, [rr + v[0], cc + v[1]], order=1, mode="nearest")
+
+
+def local_ncc(a: np.ndarray, b: np.ndarray, radius: int) -> np.ndarray:
+    """Normalised cross-correlation of ``a`` and ``b`` in ``(2 radius + 1)``-px windows."""
+    def mean(x):
+        return ndi.uniform_filter(x, 2 * radius + 1)
+
+    ma, mb = mean(a), mean(b)
+    cov = mean(a * b) - ma * mb
+    va, vb = np.maximum(mean(a * a) - ma * ma, 0), np.maximum(mean(b * b) - mb * mb, 0)
+    return cov / np.sqrt(va * vb + 1e-12)
 
 
 def shared_tissue_weight(fixed_rgb: np.ndarray, warped_rgb: np.ndarray, valid: np.ndarray, sigma: float,
@@ -252,12 +285,13 @@ def register_deformable(
     level 0), in parts of ``part`` px with ``overlap`` (as BCI did for whole slides, in 16 parts);
     each part reads only its fixed window and the moving region that maps into it. The per-part
     residual flows are feather-blended into one low-resolution field (every ``spacing`` level-0
-    px, default 4 px of the working level) and composed with ``initial``. ``structure`` > 0: both
-    hematoxylin channels are smoothed by that many working-level px first, so that the flow
-    follows tissue structure rather than individual cells (consecutive sections); they are then
-    ranked (:func:`ranked_hematoxylin`) rather than percentile-normalised, since an IHC's
-    counterstain takes a different contrast curve than an H&E's, and the flow engine ignores
-    what only one section has (:func:`shared_tissue_weight`)."""
+    px, default 4 px of the working level) and composed with ``initial``. ``structure`` > 0: the
+    flow follows tissue structure rather than individual cells (consecutive sections): both
+    images' ranked hematoxylin (:func:`ranked_hematoxylin`; ranked rather than
+    percentile-normalised, since an IHC's counterstain takes a different contrast curve than an
+    H&E's) and, for the flow engine, their ranked total density (:func:`ranked_density`), each
+    smoothed by that many working-level px; the flow engine fuses the two contrasts' flows and
+    ignores what only one section has (:func:`shared_tissue_weight`)."""
     from ..errors import Cancelled
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
@@ -288,9 +322,13 @@ def register_deformable(
                                         fill="mirror", return_valid=True)
             kw = dict(engine_kw)
             if structure > 0:
-                a, b = (ndi.gaussian_filter(ranked_hematoxylin(x), structure) for x in (fimg, warped))
+                # the flow engine follows two contrasts (docs/registration.md); elastix, hematoxylin
+                contrasts = (ranked_hematoxylin, ranked_density) if engine == "flow" else (ranked_hematoxylin,)
+                a, b = (np.stack([ndi.gaussian_filter(c(x), structure) for c in contrasts]) for x in (fimg, warped))
                 if engine == "flow":
                     kw["weight"] = shared_tissue_weight(fimg, warped, valid, structure, kw.get("radius", 15))
+                else:
+                    a, b = a[0], b[0]
             else:
                 a, b = od_channel(fimg, value_range=fr), od_channel(warped, value_range=mr)
             v = residual_flow(a, b, engine, **kw)

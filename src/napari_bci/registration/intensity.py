@@ -40,6 +40,12 @@ def ranked_hematoxylin(rgb: np.ndarray) -> np.ndarray:
     return _rank(hematoxylin(np.asarray(rgb)[..., :3]))
 
 
+def ranked_density(rgb: np.ndarray) -> np.ndarray:
+    """The total optical density of ``rgb`` replaced by its rank in ``[0, 1]``: the tissue's
+    structure in both stains (stroma bands, nests, lumens), whatever the stains' colours."""
+    return _rank(rgb_to_od(np.asarray(rgb)[..., :3]).sum(-1))
+
+
 def tissue_threshold(od_sum: np.ndarray) -> float:
     """Total-OD threshold between glass and tissue: Otsu's, at most 0.25 (an image that is all
     tissue has no glass mode, and Otsu would split stroma from nuclei)."""
