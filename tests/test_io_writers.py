@@ -280,3 +280,20 @@ def test_successful_write_removes_temporaries_of_dead_runs_only(tmp_path):
     other.write_bytes(b"not ours")
     write_image_atomic(out, _smooth())
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_the_forced_exit_list_keeps_only_temporaries_still_in_use(tmp_path):
+    """A long napari session writes many files: once renamed or removed, a temporary leaves the
+    list that a forced exit (the CLI's SIGTERM grace) cleans up."""
+    from napari_bci.io import writers
+
+    live = writers.temp_path(tmp_path / "busy.png")  # a write still in progress
+    writers.write_image_atomic(tmp_path / "a.png", _smooth())
+    writers.write_pyramid(tmp_path / "b.ome.tif", np.zeros((300, 200, 3), np.uint8), tile=128)
+    with writers.atomic_output(tmp_path / "c.txt") as f:
+        f.write("x")
+    with pytest.raises(RuntimeError), writers.atomic_output(tmp_path / "d.txt") as f:
+        raise RuntimeError("failed half way")
+    assert {p for p in writers._OWN_TEMPS if p.parent == tmp_path} == {live}
+    live.write_bytes(b"half")
+    assert live in writers.remove_own_temps() and not live.exists()

@@ -63,6 +63,11 @@ def temp_path(path: str | os.PathLike) -> Path:
     return tmp
 
 
+def _forget(tmp: Path) -> None:
+    """``tmp`` is renamed or removed: :func:`remove_own_temps` need not know it any more."""
+    _OWN_TEMPS.discard(tmp)
+
+
 def remove_own_temps() -> list[Path]:
     """Remove the temporaries this process has named and not yet renamed or removed; returns them.
 
@@ -157,7 +162,9 @@ def check_writable(path: str | os.PathLike) -> Path:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     except OSError as e:
         raise InputError(path, f"cannot write: {_os_problem(e)}") from None
-    probe.unlink(missing_ok=True)
+    finally:
+        probe.unlink(missing_ok=True)
+        _forget(probe)
     return path
 
 
@@ -245,6 +252,8 @@ def atomic_output(path: str | os.PathLike, mode: str = "w", *, encoding: str | N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _forget(tmp)
     remove_stale_temps(path)
 
 
@@ -615,6 +624,7 @@ def write_pyramid(
             pass
         raise
     finally:
+        _forget(tmp)
         for s in spills:
             s.close()
     remove_stale_temps(path)
