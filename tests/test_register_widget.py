@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from skimage.io import imread
@@ -155,9 +157,11 @@ def test_automatic_and_save_load(setup, qtbot, tmp_path):
     assert w.transform is not None, w.status.text()
     pm, pf = truth_points(pair.transform, (384, 384), (384, 384), step=32)
     assert np.median(np.linalg.norm(w.transform.forward(pm) - pf, axis=1)) < 1.5
-    # the figures that tell whether to trust it: the automatic score and the tissue overlap
+    # the figures that tell whether to trust it: the automatic score, the local agreement (the
+    # same re-stained tissue: its blocks' best matches lie on the alignment) and the tissue overlap
     text = w.quality.text()
     assert "Automatic start: intensity" in text and "Tissue overlap (Dice)" in text
+    assert re.search(r"Local agreement: the best matches of \d+ tissue blocks lie a median [0-2] px from", text), text
     w.save_transform(tmp_path / "t.json")
     viewer.layers.remove(WARPED)
     w.load_transform(tmp_path / "t.json")  # warped and measured in a worker

@@ -85,7 +85,8 @@ def register(
                        "auto_orientation": t.meta.get("orientation"), "auto_decision": t.meta.get("decision"),
                        "feature_inliers": res.inliers, "feature_matches": res.matches,
                        "flipped": res.flipped})
-        for k in ("structure_polish_px", "structure_polish_rejected"):
+        for k in ("structure_polish_px", "structure_polish_rejected", "local_blocks", "local_shift",
+                  "local_shift_px"):
             if k in res.info:
                 report[k] = res.info[k]
     if cancelled is not None and cancelled():

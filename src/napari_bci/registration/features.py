@@ -30,6 +30,11 @@ class RegistrationFailed(BCIError):
 #: calibrated on real H&E / HER2-IHC sections (docs/registration.md): right poses 0.76-1.25,
 #: wrong ones 0.52-0.59
 MIN_DECISION = 0.65
+#: above this median distance of the tissue blocks' best local matches from the alignment (a
+#: fraction of the search radius, :func:`~napari_bci.registration.quality.local_agreement`) the
+#: automatic result is refused: on real consecutive sections 0.09-0.58 where the tissue is the
+#: same, 0.91-1.15 where unrelated patches passed the decision score (docs/registration.md)
+MAX_LOCAL_SHIFT = 0.75
 #: below this score the feature path is tried too (it rescues pairs that share their cells)
 CONFIDENT_SCORE = 0.4
 #: ranked-hematoxylin NCC at 512 px (the cell scale) from which two images share their cells
@@ -299,11 +304,12 @@ def register_auto(
     where they do not, once accepted, the projective fit to the
     tissue-structure field (:func:`_structure_polish`), returned as ``structure_field`` too.
     Raises :class:`RegistrationFailed` when the final decision score is below ``min_decision``,
+    when the result does not hold locally (:data:`MAX_LOCAL_SHIFT`),
     or when the intensity result is ambiguous (a pose elsewhere has a decision score within
     :data:`AMBIGUITY_MARGIN` of it).
     """
     from .intensity import invariant_scores, register_intensity
-    from .quality import image_similarity
+    from .quality import image_similarity, local_agreement
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
     say = progress or (lambda msg, frac: None)
@@ -350,6 +356,17 @@ def register_auto(
             pf, pm, m0, info, progress=lambda m, f: say(f"refine (tissue structure): {m}", 0.9 + 0.09 * f))
     else:
         field0 = field_kw = None
+    # tissue that only looks alike as a whole can pass the decision score; the same tissue also
+    # agrees block by block
+    say("local check", 0.99)
+    local = local_agreement(pf, pm, Transform(m0))
+    info.update(local)
+    if local["local_shift"] is not None and local["local_shift"] > MAX_LOCAL_SHIFT:
+        raise RegistrationFailed(
+            f"registration failed: the alignment does not hold locally: in {local['local_blocks']} tissue blocks the "
+            f"best local match lies a median {local['local_shift_px']:.0f} px from it ({local['local_shift']:.2f} of "
+            f"the radius searched, over {MAX_LOCAL_SHIFT:.2f}), as between tissues that only look alike as a whole; "
+            "are these sections of the same tissue? (try landmarks: place >= 4 point pairs on both images)")
     say("done", 1.0)
     meta = {"method": "auto", "start": how, "score": round(float(score), 4),
             "orientation": round(float(orient), 4), "decision": round(float(decision), 4), "inliers": ninl,

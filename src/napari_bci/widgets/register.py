@@ -636,6 +636,9 @@ def format_quality(r: dict) -> str:
                         else ""))
     if r.get("structure_polish_px") is not None:
         lines.append(f"Pose fitted to the tissue structure: moved {r['structure_polish_px']:.1f} px")
+    if r.get("local_shift_px") is not None:
+        lines.append(f"Local agreement: the best matches of {r['local_blocks']} tissue blocks lie a median "
+                     f"{r['local_shift_px']:.0f} px from the alignment")
     if "deformable_kept" in r:
         follows = f" (follows {r['deformable_follows']})" if r.get("deformable_follows") else ""
         lines.append(f"Dense field kept{follows}" if r["deformable_kept"]
