@@ -138,6 +138,8 @@ def test_report_has_the_decision_score(he):
     r = register(pair.fixed, pair.moving, method="auto", refine_side=512).report
     assert r["auto_decision"] == pytest.approx(r["auto_score"] + r["auto_orientation"], abs=2e-4)
     assert r["auto_decision"] > MIN_DECISION and r["auto_orientation"] > 0.3
+    # and the local agreement: the re-stained tissue's blocks match on the alignment
+    assert r["local_blocks"] >= 16 and r["local_shift"] < 0.2 and r["local_shift_px"] < 5
 
 
 def test_structure_flow_refines_without_following_cells(he):
