@@ -28,7 +28,7 @@ class RegistrationFailed(BCIError):
 #: below this decision score (the overlap-weighted correlation of tissue and nucleus density
 #: at 512 px plus the tissue's orientation agreement at 256 px) the automatic result is refused;
 #: calibrated on real H&E / HER2-IHC sections (docs/registration.md): right poses 0.76-1.25,
-#: wrong ones 0.52-0.59
+#: wrong ones 0.52-0.59 (unrelated patches can pass it: see :data:`MAX_LOCAL_SHIFT`)
 MIN_DECISION = 0.65
 #: above this median distance of the tissue blocks' best local matches from the alignment (a
 #: fraction of the search radius, :func:`~napari_bci.registration.quality.local_agreement`) the
