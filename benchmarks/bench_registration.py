@@ -20,9 +20,11 @@ px patch leaves the field little to go on). With itk-elastix installed, each rea
 registered a second time with ``engine="elastix"`` on the first draw (the reference: the same
 pipeline, elastix's B-spline as the field). Then a whole-slide-sized real pair: the six pairs that
 show the same tissue tiled 2 x 3 (2048 x 3072 px, through the whole-slide path) under one known
-warp, TRE against the method's own result on the unwarped mosaic.
+warp, TRE against the method's own result on the unwarped mosaic. ``--unrelated``: also every
+real IHC against the H&E of every other pair (unrelated tissue): how many the automatic step
+refuses, and by which rule.
 
-    python benchmarks/bench_registration.py [--quick] [--wsi-size 4096] [--real | --real-only] [--draws 3]
+    python benchmarks/bench_registration.py [--quick] [--wsi-size 4096] [--real | --real-only] [--draws 3] [--unrelated]
 """
 
 from __future__ import annotations
@@ -84,12 +86,16 @@ def main() -> None:
     ap.add_argument("--wsi-size", type=int, default=4096, help="0: skip the whole-slide part")
     ap.add_argument("--real", action="store_true", help="also the real MIST pairs (if present)")
     ap.add_argument("--real-only", action="store_true", help="only the real MIST pairs")
+    ap.add_argument("--unrelated", action="store_true",
+                    help="also every real IHC against every other pair's H&E (56 pairings, about 8 min)")
     ap.add_argument("--draws", type=int, default=3,
                     help="known warps per real pair (the first fixed, the others drawn at random)")
     args = ap.parse_args()
     if args.real or args.real_only:
         real_pairs(args.draws)
         real_mosaic()
+        if args.unrelated:
+            unrelated_pairs()
     if args.real_only:
         return
     has_elastix = elastix_available()
@@ -311,6 +317,40 @@ def real_pairs(draws: int = 3) -> None:
     if not elastix_available():
         print("note: itk-elastix is not installed; no elastix reference on the real pairs")
 
+
+
+def unrelated_pairs() -> None:
+    """Every real IHC against the H&E of every other pair (unrelated tissue): how many the
+    automatic step refuses, by which rule, and the figures of those it accepts."""
+    from skimage.io import imread
+
+    from napari_bci.registration import RegistrationFailed, register_auto
+
+    files = sorted((MIST / "HE").glob("*.jpg"))
+    if not files:
+        print(f"unrelated pairings: {MIST} not found; skipped")
+        return
+    rules = {"decision score": "matches tissue, nuclei and tissue orientation poorly",
+             "ambiguity rule": "two alignments", "local check": "does not hold locally"}
+    refused = dict.fromkeys(rules, 0)
+    accepted = []
+    for j, fj in enumerate(files):
+        ihc = imread(MIST / "IHC" / fj.name)[..., :3]
+        for i, fi in enumerate(files):
+            if i == j:
+                continue
+            try:
+                r = register_auto(ihc, imread(fi)[..., :3])
+            except RegistrationFailed as e:
+                refused[next(k for k, v in rules.items() if v in str(e))] += 1
+                continue
+            accepted.append(f"H&E {fi.stem} on IHC {fj.stem}: decision {r.transform.meta['decision']:.2f}, "
+                            f"local {r.info['local_shift']:.2f}")
+    n = len(files) * (len(files) - 1)
+    print(f"unrelated pairings: {n - len(accepted)}/{n} refused ("
+          + ", ".join(f"{v} by the {k}" for k, v in refused.items()) + f"), {len(accepted)} accepted")
+    for line in accepted:
+        print("  accepted:", line)
 
 
 #: the real pairs that show the same tissue (28M2101987_31_31 is refused alone by the local check,
