@@ -127,7 +127,7 @@ def test_orientation_agreement_tells_the_true_pose_from_its_mirror(he):
     mirror = m @ np.array([[-1.0, 0, 2 * c], [0, 1, 0], [0, 0, 1]])  # flip the H&E about its centre first
     right, wrong = orientation_agreement(od_f, od_m, m), orientation_agreement(od_f, od_m, mirror)
     assert right > 0.5 and wrong < right - 0.3, (right, wrong)
-    shifted = np.array([[1.0, 0, 20], [0, 1, 0], [0, 0, 1]]) @ m  # 40 px off
+    shifted = np.array([[1.0, 0, 40], [0, 1, 0], [0, 0, 1]]) @ m  # 40 px off
     assert orientation_agreement(od_f, od_m, shifted) < right - 0.2
 
 
