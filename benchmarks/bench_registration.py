@@ -325,14 +325,13 @@ def unrelated_pairs() -> None:
     from skimage.io import imread
 
     from napari_bci.registration import RegistrationFailed, register_auto
+    from napari_bci.registration.features import RULES
 
     files = sorted((MIST / "HE").glob("*.jpg"))
     if not files:
         print(f"unrelated pairings: {MIST} not found; skipped")
         return
-    rules = {"decision score": "matches tissue, nuclei and tissue orientation poorly",
-             "ambiguity rule": "two alignments", "local check": "does not hold locally"}
-    refused = dict.fromkeys(rules, 0)
+    refused = dict.fromkeys(RULES, 0)
     accepted = []
     for j, fj in enumerate(files):
         ihc = imread(MIST / "IHC" / fj.name)[..., :3]
@@ -342,13 +341,13 @@ def unrelated_pairs() -> None:
             try:
                 r = register_auto(ihc, imread(fi)[..., :3])
             except RegistrationFailed as e:
-                refused[next(k for k, v in rules.items() if v in str(e))] += 1
+                refused[e.rule] += 1
                 continue
             accepted.append(f"H&E {fi.stem} on IHC {fj.stem}: decision {r.transform.meta['decision']:.2f}, "
                             f"local {r.info['local_shift']:.2f}")
     n = len(files) * (len(files) - 1)
     print(f"unrelated pairings: {n - len(accepted)}/{n} refused ("
-          + ", ".join(f"{v} by the {k}" for k, v in refused.items()) + f"), {len(accepted)} accepted")
+          + ", ".join(f"{v}: {RULES[k]}" for k, v in refused.items()) + f"), {len(accepted)} accepted")
     for line in accepted:
         print("  accepted:", line)
 

@@ -99,8 +99,13 @@ def test_auto_fails_clearly_on_blank_images():
     from napari_bci.registration import RegistrationFailed
 
     blank = np.full((256, 256, 3), 250, np.uint8)
-    with pytest.raises(RegistrationFailed, match="landmarks"):
+    with pytest.raises(RegistrationFailed, match=r"the fixed image \(IHC\) shows no tissue") as err:
         register_auto(blank, blank)
+    assert (err.value.rule, err.value.image) == ("tissue", "fixed")
+    # tissue-free glass is named as the problem before anything is searched for
+    with pytest.raises(RegistrationFailed, match=r"the moving image \(H&E\) shows no tissue") as err:
+        register_auto(np.full((256, 256, 3), 120, np.uint8), blank)
+    assert (err.value.rule, err.value.image) == ("tissue", "moving")
 
 
 # --------------------------------------------------------------------------- deformable

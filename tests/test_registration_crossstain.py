@@ -7,6 +7,8 @@ DAB membrane-like stain (no eosin) after a known warp, so colours differ as betw
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from skimage.io import imread
@@ -90,8 +92,9 @@ def test_ambiguous_pose_is_refused(he):
     patch = he[:256, :256]
     fixed = ihc_like(np.concatenate([patch, patch], 1), seed=3)
     msg = r"^registration failed: two alignments .*equally well.*\(try landmarks"
-    with pytest.raises(RegistrationFailed, match=msg):
+    with pytest.raises(RegistrationFailed, match=msg) as err:
         register_auto(fixed, patch)
+    assert err.value.rule == "ambiguity"
 
 
 def test_unrelated_tissue_fails_clearly_in_one_cli_line(he, data_dir, tmp_path, run_cli):
@@ -112,6 +115,20 @@ def test_unrelated_tissue_fails_clearly_in_one_cli_line(he, data_dir, tmp_path, 
     assert re.match(r"napari-bci register: error: registration failed: .*\(try landmarks", err), err
     assert not (tmp_path / "T.json").exists()
 
+
+def test_cli_names_the_file_that_shows_no_tissue(he, tmp_path, run_cli):
+    """A moving image of bare glass (the wrong region exported, say): exit 2, one line that
+    starts with that file's path and says it shows no tissue; no output file."""
+    from skimage.io import imsave
+
+    glass = np.random.default_rng(0).integers(247, 254, (512, 512, 3)).astype(np.uint8)
+    imsave(tmp_path / "ihc.png", he)
+    imsave(tmp_path / "glass.png", glass)
+    code, out, err = run_cli("register", tmp_path / "ihc.png", tmp_path / "glass.png", "--out",
+                             tmp_path / "T.json", "--method", "auto")
+    assert code == 2 and out == "" and err.strip().count("\n") == 0, err
+    assert f"error: {tmp_path / 'glass.png'}: registration failed: the moving image (H&E) shows no tissue" in err, err
+    assert not (tmp_path / "T.json").exists()
 
 
 def test_orientation_agreement_tells_the_true_pose_from_its_mirror(he):
@@ -342,8 +359,12 @@ def test_tissue_that_only_looks_alike_as_a_whole_is_refused_locally(he, data_dir
 
     skin = ihc_like(imread(data_dir / "he_skin_10x.tif")[:512, :512, :3], seed=3)
     with pytest.raises(RegistrationFailed, match=r"^registration failed: the alignment does not hold locally: "
-                                                 r".*same tissue\? \(try landmarks"):
+                                                 r".*same tissue\? \(try landmarks") as err:
         register_auto(skin, he)
+    assert err.value.rule == "local"
+    # a refusal raised in a worker process (the distributed runner) reaches the caller intact
+    back = pickle.loads(pickle.dumps(err.value))
+    assert (type(back), str(back), back.rule) == (RegistrationFailed, str(err.value), "local")
 
 
 def test_local_agreement_measures_how_far_the_blocks_best_matches_lie(he):

@@ -54,6 +54,7 @@ def run_register(args) -> dict:
 
     from ..errors import InputError
     from .api import register as do_register
+    from .features import RegistrationFailed
     from .images import read_pyramid
     from .landmarks import read_landmarks_csv
 
@@ -74,8 +75,13 @@ def run_register(args) -> dict:
         if method != "landmarks" and min(h, w) < MIN_SIDE:
             raise InputError(path, f"{w}x{h} px is too small to register automatically "
                                    f"(at least {MIN_SIDE} px a side; place landmarks instead)")
-    res = do_register(fixed, moving, method=method, landmarks=landmarks, model=args.model,
-                      ransac=args.ransac, engine=args.engine, seed=args.seed)
+    try:
+        res = do_register(fixed, moving, method=method, landmarks=landmarks, model=args.model,
+                          ransac=args.ransac, engine=args.engine, seed=args.seed)
+    except RegistrationFailed as e:
+        if e.image is None:
+            raise
+        raise InputError({"fixed": args.fixed, "moving": args.moving}[e.image], str(e)) from e
     t = res.transform
     t.meta.update({"fixed": str(args.fixed), "moving": str(args.moving), "fixed_shape": list(fixed.shape),
                    "moving_shape": list(moving.shape), "fixed_mpp": fixed.mpp, "moving_mpp": moving.mpp})

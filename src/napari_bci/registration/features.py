@@ -20,9 +20,27 @@ from .warp import warp
 
 
 class RegistrationFailed(BCIError):
-    """The images could not be aligned automatically; the message says what to try."""
+    """The images could not be aligned automatically; the message says what to try, ``rule``
+    which check refused them (:data:`RULES`)."""
 
     exit_code = 2
+
+    def __init__(self, message: str, rule: str, image: str | None = None):
+        if rule not in RULES:
+            raise ValueError(f"unknown refusal rule {rule!r}")
+        #: ``"fixed"`` or ``"moving"`` where one image alone is the problem
+        self.rule, self.image = rule, image
+        super().__init__(message)
+
+    def __reduce__(self):  # a worker process's refusal reaches its caller intact
+        return type(self), (str(self), self.rule, self.image)
+
+
+#: the checks that refuse an automatic result (:attr:`RegistrationFailed.rule`), described
+RULES = {"tissue": "an image shows no tissue", "decision": "the decision score is too low",
+         "ambiguity": "another pose scores about as well", "local": "the alignment does not hold locally"}
+#: an image with stain on less than this fraction of its pixels (at 512 px) shows no tissue to align
+MIN_TISSUE = 0.01
 
 
 #: below this decision score (the overlap-weighted correlation of tissue and nucleus density
@@ -303,7 +321,8 @@ def register_auto(
     projective polish at longer side <= ``refine_side``, kept only if the score does not drop;
     where they do not, once accepted, the projective fit to the
     tissue-structure field (:func:`_structure_polish`), returned as ``structure_field`` too.
-    Raises :class:`RegistrationFailed` when the final decision score is below ``min_decision``,
+    Raises :class:`RegistrationFailed` when an image shows no tissue (:data:`MIN_TISSUE`), when
+    the final decision score is below ``min_decision``,
     when the result does not hold locally (:data:`MAX_LOCAL_SHIFT`),
     or when the intensity result is ambiguous (a pose elsewhere has a decision score within
     :data:`AMBIGUITY_MARGIN` of it).
@@ -312,6 +331,13 @@ def register_auto(
     from .quality import image_similarity, local_agreement
 
     pf, pm = as_pyramid(fixed), as_pyramid(moving)
+    for which, stain, p in (("fixed", "IHC", pf), ("moving", "H&E", pm)):
+        frac = float(tissue_mask(p.image_at(512)[0]).mean())
+        if frac < MIN_TISSUE:
+            raise RegistrationFailed(
+                f"registration failed: the {which} image ({stain}) shows no tissue (stain on "
+                f"{100 * frac:.2f} % of it, under {100 * MIN_TISSUE:g} %): is it the right file or region?",
+                rule="tissue", image=which)
     say = progress or (lambda msg, frac: None)
     r = register_intensity(pf, pm, flips=flips, seed=seed, progress=lambda m, f: say(m, 0.6 * f))
     m0, score, flipped, how = r.matrix, r.score, r.candidate.flipped, "intensity"
@@ -337,18 +363,19 @@ def register_auto(
             m0, score, orient = mp, max(sp, score), op
     info["score"], info["orientation"] = score, orient
     decision = score + orient
+    if not decision >= min_decision:
+        raise RegistrationFailed(
+            f"registration failed: the best alignment found matches tissue, nuclei and tissue orientation "
+            f"poorly (decision score {decision:.2f} = {score:.2f} + {orient:.2f} < {min_decision:.2f}; are "
+            "these sections of the same tissue?) (try landmarks: place >= 4 point pairs on both images)",
+            rule="decision")
     ru = info.get("runner_up_decision")
     if how == "intensity" and ru is not None and ru >= info["decision"] - AMBIGUITY_MARGIN:
         raise RegistrationFailed(
             f"registration failed: two alignments {info['runner_up_px']:.0f} px apart match tissue, "
             f"nuclei and tissue orientation about equally well (decision scores {info['decision']:.2f} and "
             f"{ru:.2f}); the sections share too little structure to choose (try landmarks: place >= 4 "
-            "point pairs on both images)")
-    if not decision >= min_decision:
-        raise RegistrationFailed(
-            f"registration failed: the best alignment found matches tissue, nuclei and tissue orientation "
-            f"poorly (decision score {decision:.2f} = {score:.2f} + {orient:.2f} < {min_decision:.2f}; are "
-            "these sections of the same tissue?) (try landmarks: place >= 4 point pairs on both images)")
+            "point pairs on both images)", rule="ambiguity")
     if info["cell_ncc"] < SHARED_CELLS_NCC:
         # accepted by the figures above; the fit to the tissue's structure sets the final pose
         say("refine (tissue structure)", 0.9)
@@ -366,7 +393,8 @@ def register_auto(
             f"registration failed: the alignment does not hold locally: in {local['local_blocks']} tissue blocks the "
             f"best local match lies a median {local['local_shift_px']:.0f} px from it ({local['local_shift']:.2f} of "
             f"the radius searched, over {MAX_LOCAL_SHIFT:.2f}), as between tissues that only look alike as a whole; "
-            "are these sections of the same tissue? (try landmarks: place >= 4 point pairs on both images)")
+            "are these sections of the same tissue? (try landmarks: place >= 4 point pairs on both images)",
+            rule="local")
     say("done", 1.0)
     meta = {"method": "auto", "start": how, "score": round(float(score), 4),
             "orientation": round(float(orient), 4), "decision": round(float(decision), 4), "inliers": ninl,
