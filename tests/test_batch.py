@@ -72,6 +72,14 @@ def _expected_tissue_tiles() -> set[tuple[int, int]]:
             if r * TILE < Y1 and (r + 1) * TILE > Y0 and c * TILE < X1 and (c + 1) * TILE > X0}
 
 
+def test_slide_output_records_its_model_and_source(reference, slide_path):
+    from napari_bci.io import provenance
+
+    made = provenance.read(reference)
+    assert (made["virtual_ihc"], made["model"], made["source"]) == (True, "baseline", str(slide_path))
+    assert made["out_of_domain"] is None  # the baseline records no training domain
+
+
 def test_slide_cli_writes_tiled_compressed_pyramid(slide_path, tmp_path, run_cli, data_dir):
     out = tmp_path / "ihc.ome.tif"
     code, stdout, stderr = run_cli("generate", slide_path, "--model", "baseline", "--out", out,

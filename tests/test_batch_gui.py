@@ -54,3 +54,6 @@ def test_save_generated_layer_from_the_viewer(make_napari_viewer, qtbot, data_di
     rep = save_generated_layer.last_report
     assert rep["reused"] == n_viewer and rep["computed"] == rep["tissue_tiles"] - n_viewer
     assert _bytes_without_uuid(out) == _bytes_without_uuid(ref)
+    from napari_bci.io import provenance  # the same record as the CLI's: what made it, from what
+
+    assert provenance.read(out)["model"] == "baseline" and provenance.read(out)["source"] == str(slide)

@@ -297,3 +297,54 @@ def test_the_forced_exit_list_keeps_only_temporaries_still_in_use(tmp_path):
     assert {p for p in writers._OWN_TEMPS if p.parent == tmp_path} == {live}
     live.write_bytes(b"half")
     assert live in writers.remove_own_temps() and not live.exists()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif", ".jpg"])
+def test_a_virtual_ihc_file_carries_its_provenance(tmp_path, suffix):
+    """The record (model, source H&E, out-of-domain warning) is stored in the file itself and
+    read back; the image still decodes as before, with another library too (Pillow)."""
+    from PIL import Image
+
+    from napari_bci.io import provenance
+    from napari_bci.io.patches import read_patch
+    from napari_bci.io.writers import write_image_atomic
+
+    img = _smooth()
+    rec = provenance.record("builtin", tmp_path / "he.png", "out of domain: this H&E is unlike ...")
+    out = write_image_atomic(tmp_path / f"o{suffix}", img, provenance=rec)
+    assert provenance.read(out) == rec and rec["virtual_ihc"] and rec["source"].endswith("he.png")
+    err = np.abs(read_patch(out).astype(int) - img)
+    assert (err.mean() < 2 and err.max() <= 12) if suffix == ".jpg" else err.max() == 0
+    with Image.open(out) as im:
+        assert np.abs(np.asarray(im.convert("RGB")).astype(int) - read_patch(out)).max() <= 2
+    plain = write_image_atomic(tmp_path / f"plain{suffix}", img)
+    assert provenance.read(plain) is None
+
+
+@pytest.mark.parametrize("layout", ["subifd", "pages"])
+def test_a_virtual_ihc_pyramid_carries_its_provenance(cmu, tmp_path, layout):
+    from napari_bci.io import provenance
+
+    rec = provenance.record("baseline", "/slides/he.svs", None)
+    out = write_pyramid(tmp_path / ("o.ome.tif" if layout == "subifd" else "o.tif"), cmu, mpp=0.5, tile=256,
+                        compression="zlib", layout=layout, provenance=rec)
+    assert provenance.read(out) == rec
+    with open_slide(out) as s:  # levels and pixel size as without it
+        assert len(s.levels) == len(pyramid_shapes(cmu.shape[:2], 256)) and s.mpp == pytest.approx(0.5)
+        assert np.array_equal(np.asarray(s.levels[0]), cmu)
+    assert provenance.read(write_pyramid(tmp_path / "plain.ome.tif", cmu, tile=256)) is None
+
+
+def test_damaged_or_foreign_files_have_no_provenance(tmp_path, data_dir):
+    from napari_bci.io import provenance
+    from napari_bci.io.writers import write_image_atomic
+
+    rec = provenance.record("builtin")
+    full = write_image_atomic(tmp_path / "o.png", _smooth(), provenance=rec).read_bytes()
+    (tmp_path / "cut.png").write_bytes(full[:40])  # cut inside the record
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff\xfe\x00")
+    (tmp_path / "junk.tif").write_bytes(b"II*\x00garbage")
+    for name in ("cut.png", "junk.jpg", "junk.tif", "missing.png"):
+        assert provenance.read(tmp_path / name) is None
+    for name in ("he_carcinoma_1000.png", "he_tumour_nuclei_500x300.jpg", "CMU-1-Small-Region.svs"):
+        assert provenance.read(data_dir / name) is None

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .io.layers import HE, IHC_TRUTH, image_layer
+from .io.layers import HE, IHC_TRUTH, generated_name, image_layer
 from .io.slide import is_slide_file
 
 
@@ -89,10 +89,17 @@ def slide_layer(slide, name: str, role: str, her2: str | None = None, **extra: A
 
 
 def read_file(p: Path) -> list[tuple]:
-    """A slide or patch; a BCI patch also yields its partner (H&E first)."""
+    """A slide or patch; a BCI patch also yields its partner (H&E first); a virtual IHC file
+    (:mod:`napari_bci.io.provenance`) opens as a generated layer."""
+    from .io import provenance
     from .io.bci import find_ihc_partner, parse_bci_name
     from .io.slide import open_slide
 
+    made = provenance.read(p)
+    if made and made.get("virtual_ihc"):  # written by `napari-bci generate` (or the viewer's writer)
+        return [slide_layer(open_slide(p, on_error="fill"), generated_name(str(made.get("model"))), "generated",
+                            model=made.get("model"), source=made.get("source"),
+                            out_of_domain=made.get("out_of_domain"))]
     bci = parse_bci_name(p.name)
     partner = find_ihc_partner(p) if bci else None
     is_ihc = _is_ihc_name(p)

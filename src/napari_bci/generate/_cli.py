@@ -179,6 +179,7 @@ def run_generate(args) -> dict:
 def _run_file(args, model, gen, src: Path, out: Path) -> dict:
     import numpy as np
 
+    from ..io.provenance import record
     from ..io.slide import open_slide
     from ..io.writers import write_image_atomic
     from ..models.domain import check_generator_domain
@@ -192,7 +193,8 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
         # a PNG/JPEG asked for by name is one image, however large (it is held in memory)
         as_image = slide.native_levels == 1 and out.suffix.lower() in (".png", ".jpg", ".jpeg")
         if (batch.is_pyramid(slide) and not as_image) or out.name.lower().endswith(batch.OME_SUFFIXES):
-            return batch.generate_slide(slide, model, _slide_out(src, out), generator=gen, **_slide_options(args))
+            return batch.generate_slide(slide, model, _slide_out(src, out), generator=gen,
+                                        provenance=record(gen.name, src, domain), **_slide_options(args))
         if out.is_dir():
             out = out / (src.stem + ".png")
         if not out.parent.is_dir():
@@ -205,7 +207,7 @@ def _run_file(args, model, gen, src: Path, out: Path) -> dict:
         print(f"warning: {warning}", file=sys.stderr)
     t0 = time.perf_counter()
     res, eng = generate_image(gen, image, tile=args.tile, batch_size=args.batch_size)
-    write_image_atomic(out, res, quality=args.quality)
+    write_image_atomic(out, res, quality=args.quality, provenance=record(gen.name, src, domain))
     dt = time.perf_counter() - t0
     result = {"n": 1, "out": str(out), "model": gen.name, "device": gen.device, "shape": list(res.shape[:2]),
               "mpp": mpp, "tiles": eng.computed, "seconds": round(dt, 3), "tta": bool(args.tta)}

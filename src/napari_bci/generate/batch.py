@@ -338,12 +338,14 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
              on_error: str = "stop", resume: bool = True, keep_parts: bool = False,
              compression: str | None = "jpeg", quality: int = 90, layout: str = "subifd",
              progress: Callable[[int, int], Any] | None = None, show_progress: bool | None = None,
-             cancel: Any = None, name: str | None = None, prefilled: dict | None = None) -> dict:
+             cancel: Any = None, name: str | None = None, prefilled: dict | None = None,
+             provenance: dict | None = None) -> dict:
     """Generate the plan's missing tissue tiles and write the output pyramid (atomically).
 
     ``results(todo)`` yields :data:`Result` in the order of ``todo`` (default: this process,
     :func:`local_results`; see :meth:`napari_bci.generate.distributed.DaskTiles.results`).
     ``prefilled``: ``{(row, col): tile}`` already generated elsewhere (e.g. by the viewer).
+    ``provenance``: the record the output carries (:mod:`napari_bci.io.provenance`).
     """
     from ..io.writers import OutputLock
 
@@ -354,11 +356,12 @@ def run_plan(plan: SlidePlan, out: str | os.PathLike, *, results: Callable[[Sequ
     with OutputLock(out):  # a second run on the same output refuses instead of resetting the store
         return _run_plan(plan, out, results=results, on_error=on_error, resume=resume, keep_parts=keep_parts,
                          compression=compression, quality=quality, layout=layout, progress=progress,
-                         show_progress=show_progress, cancel=cancel, name=name, prefilled=prefilled)
+                         show_progress=show_progress, cancel=cancel, name=name, prefilled=prefilled,
+                         provenance=provenance)
 
 
 def _run_plan(plan: SlidePlan, out: Path, *, results, on_error, resume, keep_parts, compression, quality,
-              layout, progress, show_progress, cancel, name, prefilled) -> dict:
+              layout, progress, show_progress, cancel, name, prefilled, provenance) -> dict:
     from ..io.writers import write_pyramid
 
     grid = plan.grid
@@ -432,7 +435,7 @@ def _run_plan(plan: SlidePlan, out: Path, *, results, on_error, resume, keep_par
 
     try:
         write_pyramid(out, tiles(), shape=plan.engine.shape, mpp=plan.out_mpp, tile=grid.tile,
-                      compression=compression, quality=quality, layout=layout, name=name,
+                      compression=compression, quality=quality, layout=layout, name=name, provenance=provenance,
                       cancel=(lambda: cancel_requested(cancel)) if cancel is not None else None)
     except BaseException as e:
         state = "cancelled" if isinstance(e, (Cancelled, KeyboardInterrupt)) else "failed"
@@ -520,7 +523,7 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
                    progress: Callable[[int, int], Any] | None = None, show_progress: bool | None = None,
                    cancel: Any = None, keep_parts: bool = False, window: int | None = None,
                    generator=None, prefilled: dict | None = None, tiles_per_task: int = 1,
-                   client=None, resources: dict | None = None) -> dict:
+                   client=None, resources: dict | None = None, provenance: dict | None = None) -> dict:
     """Virtual IHC of a whole slide as a pyramidal OME-TIFF at ``out``; returns a report dict.
 
     ``model``: a registry name, a checkpoint path or a :class:`Generator`. ``workers``/
@@ -530,8 +533,12 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
     Event or callable; when set the run stops with :class:`Cancelled`, keeping finished tiles
     for the next run (``resume``). ``client``: an existing ``distributed.Client`` to compute on;
     ``resources``: dask resources each task needs (e.g. ``{"GPU": 1}`` on workers started with
-    ``--resources GPU=1``)
+    ``--resources GPU=1``). ``provenance``: the record the output carries (default: the model,
+    the source and the model's out-of-domain warning on the slide, :mod:`napari_bci.io.provenance`;
+    the warning is also the report's ``out_of_domain``).
     """
+    from ..io.provenance import record
+    from ..models.domain import check_generator_domain
     from ..models.registry import load_generator
 
     out = Path(out)
@@ -542,6 +549,13 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
         generator = load_generator(model, device="cpu" if distributed else device)
     plan = plan_slide(source, generator, model=model, level=level, tile=tile, halo=halo, batch_size=batch_size,
                       tissue=tissue, on_error=on_error)
+    if provenance is None:
+        try:
+            provenance = record(generator.name, plan.source,
+                                check_generator_domain(generator, plan.levels[plan.level]))
+        except BaseException:
+            plan.close()
+            raise
     results = None
     cluster_info: dict = {}
     ctx = None
@@ -557,13 +571,15 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
             cluster_info = ctx.info()
         report = run_plan(plan, out, results=results, on_error=on_error, resume=resume, keep_parts=keep_parts,
                           compression=compression, quality=quality, layout=layout, progress=progress,
-                          show_progress=show_progress, cancel=cancel, prefilled=prefilled,
+                          show_progress=show_progress, cancel=cancel, prefilled=prefilled, provenance=provenance,
                           name=Path(plan.source).name.split(".")[0] if plan.source else None)
     finally:
         if ctx is not None:
             ctx.close()
         plan.close()
     report["model"] = generator.name
+    if provenance.get("out_of_domain"):
+        report["out_of_domain"] = provenance["out_of_domain"]
     report["device"] = getattr(generator, "device", "cpu") if not distributed else cluster_info.get("devices")
     if distributed:
         report["cluster"] = cluster_info
@@ -633,8 +649,9 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     Before the work starts, :func:`~napari_bci.models.domain.check_folder_domain` judges a few
     of the images against the
     generator's training domain; its warning (if any) goes to ``warn`` and the report."""
+    from ..io.provenance import record
     from ..io.writers import write_image_atomic
-    from ..models.domain import check_folder_domain
+    from ..models.domain import check_file_domain, check_folder_domain
     from ..models.registry import load_generator
 
     out_dir = Path(out_dir)
@@ -671,7 +688,8 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
                     if on_error == "stop":
                         raise res
                 else:
-                    write_image_atomic(out_dir / (f.stem + ".png"), res)
+                    write_image_atomic(out_dir / (f.stem + ".png"), res, provenance=record(
+                        generator.name, f, check_file_domain(generator, f)))
                     written.append(f.stem + ".png")
                 bar.update()
     finally:
@@ -723,6 +741,7 @@ def save_generated_layer(path: str | os.PathLike, data: Any, meta: dict, *,
     ``data``, whose level 0 is the generation level): those tiles are taken from ``data``
     instead of being recomputed.
     """
+    from ..io.provenance import record
     from ..models.registry import load_generator
 
     gen = load_generator(meta["model"], device=device)
@@ -742,7 +761,8 @@ def save_generated_layer(path: str | os.PathLike, data: Any, meta: dict, *,
                                                                    dtype=np.uint8)
     try:
         report = run_plan(plan, path, on_error="skip", progress=progress, show_progress=False, cancel=cancel,
-                          prefilled=prefilled, name=Path(plan.source).name.split(".")[0] if plan.source else None)
+                          prefilled=prefilled, name=Path(plan.source).name.split(".")[0] if plan.source else None,
+                          provenance=record(gen.name, plan.source, meta.get("out_of_domain")))
     finally:
         plan.close()
     report["reused"] = len(prefilled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub) -> None:
@@ -35,7 +36,9 @@ def register(sub) -> None:
 
 def run_score(args: argparse.Namespace) -> dict:
     from ..errors import InputError
+    from ..io import provenance
     from .io import load_image, load_regions
+    from .report import virtual_ihc_caveat
     from .scoring import score
     from .tiles import choose_level, image_context, read_rgb, score_map, score_polygon
 
@@ -60,6 +63,13 @@ def run_score(args: argparse.Namespace) -> dict:
     overall.warnings[:0] = notes
     d = overall.to_dict(per_cell=args.cells)
     out = {"file": str(args.ihc), "her2": d.pop("her2"), "display": d.pop("display"), **d}
+    # a virtual IHC written by `napari-bci generate` says so (and whether its model was out of its domain)
+    made = provenance.read(args.ihc)
+    caveat = virtual_ihc_caveat({**made, "role": "generated"}) if made and made.get("virtual_ihc") else None
+    if caveat:
+        out["virtual_ihc"] = {k: made.get(k) for k in ("model", "source", "out_of_domain")}
+        out["caveat"] = caveat
+        print(f"note: {args.ihc}: {caveat}", file=sys.stderr)
     if args.he:
         out["learned"] = _learned(args, overall, mpp)
     out["regions"] = []

@@ -8,6 +8,8 @@ Layer metadata keys used across the plugin:
 ``role``    ``"he"``, ``"ihc"`` (ground truth), ``"generated"``, ``"ssim"``, ``"her2"``, ...
 ``her2``    the HER2 level ``"0" | "1+" | "2+" | "3+"`` when known (slide-level label), else None
 ``levels``  ``[[h, w], ...]`` level shapes
+``model``, ``out_of_domain``  on a generated layer: the generator, and its out-of-domain warning
+            on the H&E it was made from (None: within its domain)
 
 When ``mpp`` is known the layer's scale is ``(mpp, mpp)`` (world units: micrometres), so H&E and
 IHC with different pixel sizes overlay physically; otherwise the scale is 1 (pixels).

@@ -185,13 +185,15 @@ def _encode_image(path: Path, arr: np.ndarray, quality: int) -> bytes | None:
     return None
 
 
-def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95) -> Path:
+def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95,
+                       provenance: dict | None = None) -> Path:
     """Write one image at ``path`` (format by suffix: .png, .jpg/.jpeg, .tif/.tiff); returns the path.
 
     ``array``: ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 (PNG/TIFF also uint16), numpy
     or dask. The file appears complete or not at all (temporary file in the same folder,
     ``os.replace``), with mode 0644 (less the umask), and stale temporaries of earlier killed
-    runs are removed. ``quality``: JPEG quality (1-100). Raises InputError naming the file for an
+    runs are removed. ``quality``: JPEG quality (1-100). ``provenance``: a virtual IHC's record
+    (:mod:`napari_bci.io.provenance`), stored in the file. Raises InputError naming the file for an
     unsupported suffix, a missing or read-only folder, or an image the format cannot hold.
     """
     path = Path(path)
@@ -215,6 +217,11 @@ def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95
         raise
     except Exception as e:  # imagecodecs' PngError/Jpeg8Error: size or layout it cannot encode
         raise InputError(path, f"cannot encode the image ({type(e).__name__}: {e})") from None
+    if provenance is not None:
+        from .provenance import add_to_jpeg, add_to_png, text
+
+        if data is not None:
+            data = (add_to_png if suffix == ".png" else add_to_jpeg)(data, provenance)
     with atomic_output(path, "wb", check=False) as f:  # checked above, before encoding
         if data is not None:
             f.write(data)
@@ -224,7 +231,8 @@ def write_image_atomic(path: str | os.PathLike, array: Any, *, quality: int = 95
             tifffile.imwrite(f, arr, photometric="minisblack" if arr.ndim == 2 else "rgb",
                              compression="zlib", bigtiff=arr.nbytes > 2**31 - 2**25,
                              tile=(512, 512) if max(arr.shape[:2]) > 2048 else None,
-                             extrasamples=("unassalpha",) if arr.ndim == 3 and arr.shape[2] == 4 else None)
+                             extrasamples=("unassalpha",) if arr.ndim == 3 and arr.shape[2] == 4 else None,
+                             **({} if provenance is None else {"description": text(provenance), "metadata": None}))
     return path
 
 
@@ -479,6 +487,7 @@ def write_pyramid(
     cancel: Callable[[], bool] | None = None,
     name: str | None = None,
     maxworkers: int | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Write a tiled pyramidal (OME-)TIFF at ``path``; returns the path.
 
@@ -490,6 +499,8 @@ def write_pyramid(
     ``"zstd"``, ``"lzw"``, ``"webp"``, ... (tifffile names) or None. ``progress(done, total)`` is
     called per tile; ``cancel()`` returning True stops with :class:`Cancelled` (no output).
     ``maxworkers``: encoder threads (default: up to 4); tifffile buffers one tile row for them.
+    ``provenance``: a virtual IHC's record (:mod:`napari_bci.io.provenance`), stored as the
+    image's description.
     """
     import tifffile
 
@@ -603,6 +614,13 @@ def write_pyramid(
                             PhysicalSizeY=float(mpp), PhysicalSizeYUnit="µm")
         else:
             meta = None
+        if provenance is not None:
+            from .provenance import text
+
+            if ome:
+                meta["Description"] = text(provenance)
+            else:
+                opts["description"] = text(provenance)
 
         def res(k):
             if not mpp:
@@ -615,7 +633,7 @@ def write_pyramid(
                      metadata=meta, software="napari-bci", **opts, **res(0))
             for k in range(1, len(shapes)):
                 tw.write(lower_tiles(k), shape=shapes[k] + (3,), subfiletype=1, metadata=None,
-                         **opts, **res(k))
+                         **{k_: v for k_, v in opts.items() if k_ != "description"}, **res(k))
         os.replace(tmp, path)
     except BaseException:
         try:

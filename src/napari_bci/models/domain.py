@@ -140,13 +140,22 @@ def check_generator_domain(generator: Any, image: Any) -> str | None:
     return check_domain(win, domain, f"the '{name}' model" if name else "the model")
 
 
+def check_file_domain(generator: Any, path: str | Path) -> str | None:
+    """:func:`check_generator_domain` of the image file at ``path`` (its level 0, read lazily);
+    None at once when the generator records no training domain."""
+    from ..io.slide import open_slide
+
+    if not generator_domain(generator):
+        return None
+    with open_slide(path) as s:
+        return check_generator_domain(generator, s.levels[0])
+
+
 def check_folder_domain(generator: Any, files: Sequence[Path], sample: int = 4) -> str | None:
     """The out-of-domain warning (:func:`check_generator_domain`) of a folder's images: up to
     ``sample`` of them, spread over the list, are judged; the line names the first flagged one
     and how many of those judged were flagged. None when none is (or the generator records no
     training domain); an image that cannot be read is left to the run to report."""
-    from ..io.slide import open_slide
-
     if not files or not generator_domain(generator):
         return None
     k = min(sample, len(files))
@@ -154,8 +163,7 @@ def check_folder_domain(generator: Any, files: Sequence[Path], sample: int = 4) 
     flagged, judged = [], 0
     for i in idx:
         try:
-            with open_slide(files[i]) as s:
-                msg = check_generator_domain(generator, s.levels[0])
+            msg = check_file_domain(generator, files[i])
         except (OSError, ValueError):  # InputError is a ValueError
             continue
         judged += 1
@@ -169,4 +177,4 @@ def check_folder_domain(generator: Any, files: Sequence[Path], sample: int = 4) 
 
 
 __all__ = ["FEATURES", "domain_features", "domain_stats", "domain_distance", "check_domain", "generator_domain",
-           "check_generator_domain", "check_folder_domain", "tissue_window"]
+           "check_generator_domain", "check_file_domain", "check_folder_domain", "tissue_window"]

@@ -380,7 +380,9 @@ class VirtualIHCWidget(QWidget):
                 # what the OME-TIFF writer needs to complete the layer (generate/batch.py)
                 "model": self._model_spec(), "source_path": (he.metadata or {}).get("path"),
                 "source_layer": he.name, "generation_level": eng.level, "tile": eng.grid.tile,
-                "halo": eng.grid.halo, "tiles_done": self.written},
+                "halo": eng.grid.halo, "tiles_done": self.written,
+                # carried to the HER2 widget's caveat when this layer is scored
+                "out_of_domain": self.domain_warning},
             scale=eng.out_scale, translate=eng.out_translate)
         base, k = attrs["name"], 2
         while attrs["name"] in self.viewer.layers:
