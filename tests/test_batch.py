@@ -391,3 +391,19 @@ def test_npe2_writer_completes_a_generated_layer(slide_path, reference, tmp_path
     blank = np.full((1280, 1792, 3), 255, np.uint8)
     assert write_ome_tiff(str(out), [blank], {"name": "IHC (generated: baseline)", "metadata": meta}) == [str(out)]
     assert _bytes_without_uuid(out) == _bytes_without_uuid(reference)
+
+
+def test_npe2_writer_keeps_a_reopened_virtual_ihc_a_virtual_ihc(reference, tmp_path):
+    """A generated file opened in napari (no source to complete it from) and saved again keeps
+    its provenance; an H&E layer saved the same way gets none."""
+    from napari_bci._npe2 import read_paths, write_ome_tiff
+    from napari_bci.io import provenance
+
+    [(data, attrs, _)] = read_paths(str(reference))
+    assert attrs["metadata"]["role"] == "generated" and "source_path" not in attrs["metadata"]
+    out = tmp_path / "again.ome.tif"
+    assert write_ome_tiff(str(out), data, attrs) == [str(out)]
+    assert provenance.read(out) == provenance.read(reference)
+    he = tmp_path / "he.ome.tif"
+    write_ome_tiff(str(he), data, {"name": "H&E", "metadata": {"role": "he"}})
+    assert provenance.read(he) is None

@@ -162,7 +162,14 @@ def write_ome_tiff(path: str, data: Any, attributes: dict) -> list[str]:
             if not (a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8):
                 a = to_rgb8(a if hasattr(a, "map_blocks") else np.asarray(a), attributes.get("name", path))
             fixed.append(a)
-        write_pyramid(path, fixed if len(fixed) > 1 else fixed[0], mpp=mpp, name=attributes.get("name"))
+        made = None
+        if meta.get("role") == "generated":  # a virtual IHC keeps saying what made it
+            from .io.provenance import record
+
+            made = record(meta.get("model") or "unknown", meta.get("source_path") or meta.get("source"),
+                          meta.get("out_of_domain"))
+        write_pyramid(path, fixed if len(fixed) > 1 else fixed[0], mpp=mpp, name=attributes.get("name"),
+                      provenance=made)
     except ValueError as e:
         raise BCIError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
     return [str(path)]
