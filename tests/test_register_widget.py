@@ -187,6 +187,33 @@ def test_bad_input_is_a_message_not_a_crash(setup, qtbot):
     assert "no such file" in w.status.text()
 
 
+def test_a_refused_automatic_registration_says_what_to_do_next(make_napari_viewer, data_dir, qtbot):
+    """Unrelated tissue (an IHC-like skin patch against a carcinoma H&E): the automatic step
+    refuses, nothing is warped, and the status names the way on: landmarks."""
+    from napari_bci.registration import RegistrationFailed
+    from napari_bci.registration.known_warp import ihc_like
+
+    viewer = make_napari_viewer()
+    skin = ihc_like(imread(data_dir / "he_skin_10x.tif")[:512, :512, :3], seed=3)
+    he = imread(data_dir / "he_carcinoma_1000.png")[:512, :512, :3]
+    for img, name in ((skin, L.IHC_TRUTH), (he, L.HE)):
+        data, attrs, _ = L.image_layer(img, name, mpp=0.5)
+        viewer.add_image(data, **attrs)
+    w = RegisterWidget(viewer)
+    qtbot.addWidget(w)
+    w.run("auto")
+    _wait(qtbot, w)
+    text = w.status.text()
+    assert w.transform is None and WARPED not in viewer.layers
+    assert text.startswith("Error: registration failed: ") and "Next: press 'Add landmark layers'" in text, text
+    w.add_landmark_layers()  # with the layers there, the next step is to place the points
+    w._on_error(RegistrationFailed("registration failed: test", rule="decision"))
+    assert "Add landmark layers" not in w.status.text() and "press 'Landmarks'" in w.status.text()
+    w._on_error(RegistrationFailed("registration failed: the fixed image (IHC) shows no tissue", rule="tissue",
+                                   image="fixed"))
+    assert "Next:" not in w.status.text()  # no landmarks help an empty image
+
+
 def test_quality_text_says_whether_the_dense_field_was_kept():
     from napari_bci.widgets.register import format_quality
 

@@ -372,6 +372,17 @@ class RegisterWidget(QWidget):
             show_info("Register: cancelled")
             return
         self._error(f"{e}" if hasattr(e, "exit_code") else f"{type(e).__name__}: {e}")
+        from ..registration import RegistrationFailed
+
+        if isinstance(e, RegistrationFailed) and e.rule != "tissue":
+            # the automatic step found nothing trustworthy: the user's landmarks are the way on
+            have = self._layer(L.LANDMARKS_HE) is not None and self._layer(L.LANDMARKS_IHC) is not None
+            self.status.setText(
+                self.status.text() + "\nNext: " + ("" if have else "press 'Add landmark layers', then ")
+                + "click at least 4 structures you can find in both images (the same order in "
+                f"'{L.LANDMARKS_IHC}' and '{L.LANDMARKS_HE}') and press 'Landmarks'; 'Deformable' then "
+                "refines from them.")
+            (self.landmarks_run if have else self.landmark_btn).setFocus()
 
     def cancel(self):
         if self._worker is not None:
