@@ -310,7 +310,8 @@ def test_ecc_judge_picks_the_iterate_the_decision_prefers(he):
 def test_consecutive_sections_auto_pose_is_fitted_to_the_structure_field(he, monkeypatch):
     """Where the sections share no cells, the automatic pose is the projective fit to the
     tissue-structure field (closer to the truth than the ECC pose it starts from, which a fit
-    allowed no movement keeps), and the deformable step reuses that field on top of it."""
+    allowed no movement keeps), and the deformable step reuses that field on top of it, averaged
+    with a fresh one from the fitted pose (one field where the pose did not move)."""
     import napari_bci.registration.api as api
     import napari_bci.registration.features as features
 
@@ -322,11 +323,28 @@ def test_consecutive_sections_auto_pose_is_fitted_to_the_structure_field(he, mon
     deformable = register(pair.fixed, pair.moving, method="deformable", refine_side=512, quality=False)
     assert np.allclose(deformable.transform.matrix, auto.transform.matrix)
     assert deformable.report["deformable_kept"] and _tre(deformable.transform, pair, he.shape[:2]) < 1.0
+    assert deformable.transform.meta["deformable_fields"] == 2
 
     monkeypatch.setattr(features, "MAX_POLISH_SHIFT", 0.0)
     ecc = register(pair.fixed, pair.moving, method="auto", refine_side=512, quality=False)
     assert "structure_polish_rejected" in ecc.report and "structure_polish_px" not in ecc.report
     assert _tre(auto.transform, pair, he.shape[:2]) < 0.8 * _tre(ecc.transform, pair, he.shape[:2])
+    one = register(pair.fixed, pair.moving, method="deformable", refine_side=512, quality=False)
+    assert "deformable_fields" not in one.transform.meta and _tre(one.transform, pair, he.shape[:2]) < 1.5
+
+
+def test_mean_field_averages_two_fields_on_one_grid():
+    from napari_bci.registration.deformable import mean_field
+    from napari_bci.transform import Transform
+
+    m = np.array([[1.0, 0.1, 5], [0, 1, -3], [0, 0, 1]])
+    u = np.random.default_rng(0).normal(0, 0.3, (20, 30, 2)).astype(np.float32)
+    avg = mean_field(Transform(m, u + 2, 16.0, {"k": 1}), Transform(m, -u, 16.0))
+    assert np.allclose(avg.field, 1.0, atol=1e-6) and np.allclose(avg.matrix, m) and avg.meta == {"k": 1}
+    with pytest.raises(ValueError, match="same matrix and grid"):
+        mean_field(Transform(m, u, 16.0), Transform(m, u, 8.0))
+    with pytest.raises(ValueError, match="same matrix and grid"):
+        mean_field(Transform(m, u, 16.0), Transform(np.eye(3), u, 16.0))
 
 
 def test_whole_slide_auto_pose_is_fitted_to_the_structure_field(data_dir, monkeypatch):

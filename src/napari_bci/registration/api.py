@@ -9,7 +9,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..transform import Transform
-from .deformable import MAX_STRUCTURE_SHIFT, OVERLAP, PART, rebase_field, register_deformable, structure_kw
+from .deformable import (MAX_STRUCTURE_SHIFT, OVERLAP, PART, mean_field, rebase_field, register_deformable,
+                         structure_kw)
 from .features import SHARED_CELLS_NCC, register_auto
 from .images import as_pyramid
 from .landmarks import fit_landmarks
@@ -108,6 +109,13 @@ def register(
             # polished projective
             td = rebase_field(res.structure_field, t.matrix)
             td.meta = dict(t.meta, **td.meta)
+            if not np.allclose(res.structure_field.matrix, t.matrix):
+                # the field also depends on the pose it started from: averaged with a fresh one from
+                # the fitted pose, the result depends less on either (docs/registration.md)
+                fresh = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
+                                            cancelled=cancelled, **kw)
+                td = mean_field(td, fresh)
+                td.meta["deformable_fields"] = 2
         else:
             td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
                                      cancelled=cancelled, **kw)

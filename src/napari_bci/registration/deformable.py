@@ -224,6 +224,14 @@ def rebase_field(transform: Transform, matrix: np.ndarray) -> Transform:
                      dict(transform.meta))
 
 
+def mean_field(a: Transform, b: Transform) -> Transform:
+    """The mean of two fields on top of the same matrix and grid (unfolded), ``a``'s metadata."""
+    if a.field is None or b.field is None or a.field.shape != b.field.shape or a.spacing != b.spacing \
+            or not np.allclose(a.matrix, b.matrix):
+        raise ValueError("mean_field needs two fields on the same matrix and grid")
+    return unfold(Transform(a.matrix, (a.field + b.field) / 2, a.spacing, dict(a.meta)))
+
+
 def unfold(transform: Transform, max_iter: int = 200) -> Transform:
     """Remove folds (Jacobian determinant <= 0) by smoothing the field locally around them."""
     from .quality import jacobian_determinant
