@@ -115,7 +115,7 @@ def register(
                 fresh = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
                                             cancelled=cancelled, **kw)
                 td = mean_field(td, fresh)
-                td.meta["deformable_fields"] = 2
+                td.meta["deformable_fields"] = report["deformable_fields"] = 2
         else:
             td = register_deformable(pf, pm, t, engine=engine, part=part, overlap=overlap, progress=sub2,
                                      cancelled=cancelled, **kw)
