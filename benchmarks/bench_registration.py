@@ -22,7 +22,8 @@ pipeline, elastix's B-spline as the field). Then a whole-slide-sized real pair: 
 show the same tissue tiled 2 x 3 (2048 x 3072 px, through the whole-slide path) under one known
 warp, TRE against the method's own result on the unwarped mosaic. ``--unrelated``: also every
 real IHC against the H&E of every other pair (unrelated tissue): how many the automatic step
-refuses, and by which rule.
+refuses, and by which rule; and, held out from the calibration of those rules (with or without
+the MIST folder), 30 pairings of unrelated 512 px crops of the real slide in tests/data.
 
     python benchmarks/bench_registration.py [--quick] [--wsi-size 4096] [--real | --real-only] [--draws 3] [--unrelated]
 """
@@ -87,7 +88,8 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="also the real MIST pairs (if present)")
     ap.add_argument("--real-only", action="store_true", help="only the real MIST pairs")
     ap.add_argument("--unrelated", action="store_true",
-                    help="also every real IHC against every other pair's H&E (56 pairings, about 8 min)")
+                    help="also every real IHC against every other pair's H&E (56 pairings, about 8 min) and "
+                         "30 unrelated crops of a real slide from tests/data (held out, about 3 min)")
     ap.add_argument("--draws", type=int, default=3,
                     help="known warps per real pair (the first fixed, the others drawn at random)")
     args = ap.parse_args()
@@ -96,6 +98,8 @@ def main() -> None:
         real_mosaic()
         if args.unrelated:
             unrelated_pairs()
+    if args.unrelated:
+        unrelated_crops()
     if args.real_only:
         return
     has_elastix = elastix_available()
@@ -348,6 +352,47 @@ def unrelated_pairs() -> None:
     n = len(files) * (len(files) - 1)
     print(f"unrelated pairings: {n - len(accepted)}/{n} refused ("
           + ", ".join(f"{v}: {RULES[k]}" for k, v in refused.items()) + f"), {len(accepted)} accepted")
+    for line in accepted:
+        print("  accepted:", line)
+
+
+def unrelated_crops(n: int = 30, side: int = 512) -> None:
+    """Held out from the calibration of the refusal rules (which used the MIST pairs): ``n``
+    pairings of ``side`` px crops of the real CMU-1-Small-Region slide (tests/data), an IHC-like
+    re-staining of one crop as the fixed image, the H&E of another at least two crops away as
+    the moving one (the same tumour, different tissue): how many are refused, by which rule, and
+    the figures each rule judged."""
+    from napari_bci.io.slide import open_slide
+    from napari_bci.registration import RegistrationFailed, register_auto
+    from napari_bci.registration.features import RULES
+    from napari_bci.registration.images import tissue_mask
+    from napari_bci.registration.known_warp import ihc_like
+
+    with open_slide(DATA / "CMU-1-Small-Region.svs") as s:
+        he = np.asarray(s.levels[0])[..., :3]
+    crops = [((y, x), he[y:y + side, x:x + side]) for y in range(0, he.shape[0] - side + 1, side)
+             for x in range(0, he.shape[1] - side + 1, side)]
+    crops = [c for c in crops if tissue_mask(c[1]).mean() > 0.3]
+    far = [(i, j) for i in range(len(crops)) for j in range(len(crops))
+           if i != j and max(abs(a - b) for a, b in zip(crops[i][0], crops[j][0])) >= 2 * side]
+    pick = np.random.default_rng(0).choice(len(far), min(n, len(far)), replace=False)
+    refused, figures, accepted = dict.fromkeys(RULES, 0), {k: [] for k in RULES}, []
+    for k in pick:
+        i, j = far[k]
+        try:
+            r = register_auto(ihc_like(crops[i][1], seed=i), crops[j][1])
+        except RegistrationFailed as e:
+            refused[e.rule] += 1
+            figures[e.rule].append(e.figures.get("local_shift", e.figures.get("decision", np.nan)))
+            continue
+        accepted.append(f"crop {crops[j][0]} on crop {crops[i][0]}: decision {r.transform.meta['decision']:.2f}, "
+                        f"local {r.info['local_shift']:.2f}")
+    judged = {"decision": "decision", "ambiguity": "decision", "local": "local shift"}
+    print(f"unrelated crops of a real slide (held out, {len(pick)} pairings of {side} px): "
+          f"{len(pick) - len(accepted)} refused ("
+          + ", ".join(f"{v}: {RULES[k]}" + (f", {judged[k]} {min(figures[k]):.2f}-{max(figures[k]):.2f}"
+                                              if figures[k] and k in judged else "")
+                      for k, v in refused.items()) + f"), {len(accepted)} accepted")
     for line in accepted:
         print("  accepted:", line)
 

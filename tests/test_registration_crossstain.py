@@ -373,16 +373,19 @@ def test_tissue_that_only_looks_alike_as_a_whole_is_refused_locally(he, data_dir
     enough to pass the decision score (0.98 here; on real patches of different tissue 7 of 56
     did), but block by block the best local matches scatter over the search window, so the
     alignment is refused (the decision check comes first: reaching this message means it passed)."""
+    import napari_bci.registration.features as features
     from napari_bci.registration.known_warp import ihc_like
 
     skin = ihc_like(imread(data_dir / "he_skin_10x.tif")[:512, :512, :3], seed=3)
     with pytest.raises(RegistrationFailed, match=r"^registration failed: the alignment does not hold locally: "
                                                  r".*same tissue\? \(try landmarks") as err:
         register_auto(skin, he)
-    assert err.value.rule == "local"
+    assert err.value.rule == "local" and err.value.figures["local_shift"] > features.MAX_LOCAL_SHIFT
+    assert err.value.figures["decision"] >= 0.65  # it passed the decision score
     # a refusal raised in a worker process (the distributed runner) reaches the caller intact
     back = pickle.loads(pickle.dumps(err.value))
-    assert (type(back), str(back), back.rule) == (RegistrationFailed, str(err.value), "local")
+    assert (type(back), str(back), back.rule, back.figures) == (RegistrationFailed, str(err.value), "local",
+                                                                err.value.figures)
 
 
 def test_local_agreement_measures_how_far_the_blocks_best_matches_lie(he):

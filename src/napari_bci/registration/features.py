@@ -25,15 +25,17 @@ class RegistrationFailed(BCIError):
 
     exit_code = 2
 
-    def __init__(self, message: str, rule: str, image: str | None = None):
+    def __init__(self, message: str, rule: str, image: str | None = None, figures: dict | None = None):
         if rule not in RULES:
             raise ValueError(f"unknown refusal rule {rule!r}")
         #: ``"fixed"`` or ``"moving"`` where one image alone is the problem
         self.rule, self.image = rule, image
+        #: the figures the rule judged (e.g. ``decision``, ``local_shift``)
+        self.figures = dict(figures or {})
         super().__init__(message)
 
     def __reduce__(self):  # a worker process's refusal reaches its caller intact
-        return type(self), (str(self), self.rule, self.image)
+        return type(self), (str(self), self.rule, self.image, self.figures)
 
 
 #: the checks that refuse an automatic result (:attr:`RegistrationFailed.rule`), described
@@ -51,8 +53,10 @@ MIN_DECISION = 0.65
 #: above this median distance of the tissue blocks' best local matches from the alignment (a
 #: fraction of the search radius, :func:`~napari_bci.registration.quality.local_agreement`) the
 #: automatic result is refused: on real consecutive sections 0.09-0.58 where the tissue is the
-#: same, 0.91-1.15 where unrelated patches passed the decision score (docs/registration.md)
-MAX_LOCAL_SHIFT = 0.75
+#: same; where unrelated tissue passed the decision score, 0.91-1.15 (MIST patches) and, held out,
+#: 0.76-1.41 (crops of a real slide); the limit sits midway between 0.58 and 0.76, a false
+#: refusal (the user places landmarks) costing less than a silent wrong warp (docs/registration.md)
+MAX_LOCAL_SHIFT = 0.67
 #: below this score the feature path is tried too (it rescues pairs that share their cells)
 CONFIDENT_SCORE = 0.4
 #: ranked-hematoxylin NCC at 512 px (the cell scale) from which two images share their cells
@@ -368,14 +372,15 @@ def register_auto(
             f"registration failed: the best alignment found matches tissue, nuclei and tissue orientation "
             f"poorly (decision score {decision:.2f} = {score:.2f} + {orient:.2f} < {min_decision:.2f}; are "
             "these sections of the same tissue?) (try landmarks: place >= 4 point pairs on both images)",
-            rule="decision")
+            rule="decision", figures={"decision": float(decision)})
     ru = info.get("runner_up_decision")
     if how == "intensity" and ru is not None and ru >= info["decision"] - AMBIGUITY_MARGIN:
         raise RegistrationFailed(
             f"registration failed: two alignments {info['runner_up_px']:.0f} px apart match tissue, "
             f"nuclei and tissue orientation about equally well (decision scores {info['decision']:.2f} and "
             f"{ru:.2f}); the sections share too little structure to choose (try landmarks: place >= 4 "
-            "point pairs on both images)", rule="ambiguity")
+            "point pairs on both images)", rule="ambiguity",
+            figures={"decision": float(info["decision"]), "runner_up_decision": float(ru)})
     if info["cell_ncc"] < SHARED_CELLS_NCC:
         # accepted by the figures above; the fit to the tissue's structure sets the final pose
         say("refine (tissue structure)", 0.9)
@@ -394,7 +399,7 @@ def register_auto(
             f"best local match lies a median {local['local_shift_px']:.0f} px from it ({local['local_shift']:.2f} of "
             f"the radius searched, over {MAX_LOCAL_SHIFT:.2f}), as between tissues that only look alike as a whole; "
             "are these sections of the same tissue? (try landmarks: place >= 4 point pairs on both images)",
-            rule="local")
+            rule="local", figures={"decision": float(decision), "local_shift": float(local["local_shift"])})
     say("done", 1.0)
     meta = {"method": "auto", "start": how, "score": round(float(score), 4),
             "orientation": round(float(orient), 4), "decision": round(float(decision), 4), "inliers": ninl,
