@@ -376,22 +376,23 @@ def unrelated_crops(n: int = 30, side: int = 512) -> None:
     far = [(i, j) for i in range(len(crops)) for j in range(len(crops))
            if i != j and max(abs(a - b) for a, b in zip(crops[i][0], crops[j][0])) >= 2 * side]
     pick = np.random.default_rng(0).choice(len(far), min(n, len(far)), replace=False)
-    refused, figures, accepted = dict.fromkeys(RULES, 0), {k: [] for k in RULES}, []
+    judged = {"decision": "decision", "ambiguity": "decision", "local": "local_shift"}  # the figure each rule read
+    refused, figures, accepted = dict.fromkeys(RULES, 0), {k: [] for k in judged}, []
     for k in pick:
         i, j = far[k]
         try:
             r = register_auto(ihc_like(crops[i][1], seed=i), crops[j][1])
         except RegistrationFailed as e:
             refused[e.rule] += 1
-            figures[e.rule].append(e.figures.get("local_shift", e.figures.get("decision", np.nan)))
+            if e.rule in judged:
+                figures[e.rule].append(e.figures[judged[e.rule]])
             continue
         accepted.append(f"crop {crops[j][0]} on crop {crops[i][0]}: decision {r.transform.meta['decision']:.2f}, "
                         f"local {r.info['local_shift']:.2f}")
-    judged = {"decision": "decision", "ambiguity": "decision", "local": "local shift"}
     print(f"unrelated crops of a real slide (held out, {len(pick)} pairings of {side} px): "
           f"{len(pick) - len(accepted)} refused ("
-          + ", ".join(f"{v}: {RULES[k]}" + (f", {judged[k]} {min(figures[k]):.2f}-{max(figures[k]):.2f}"
-                                              if figures[k] and k in judged else "")
+          + ", ".join(f"{v}: {RULES[k]}" + (f", {judged[k].replace('_', ' ')} {min(figures[k]):.2f}-"
+                                              f"{max(figures[k]):.2f}" if figures.get(k) else "")
                       for k, v in refused.items()) + f"), {len(accepted)} accepted")
     for line in accepted:
         print("  accepted:", line)

@@ -549,17 +549,13 @@ def generate_slide(source: Any, model: Any, out: str | os.PathLike, *, device: s
         generator = load_generator(model, device="cpu" if distributed else device)
     plan = plan_slide(source, generator, model=model, level=level, tile=tile, halo=halo, batch_size=batch_size,
                       tissue=tissue, on_error=on_error)
-    if provenance is None:
-        try:
-            provenance = record(generator.name, plan.source,
-                                check_generator_domain(generator, plan.levels[plan.level]))
-        except BaseException:
-            plan.close()
-            raise
     results = None
     cluster_info: dict = {}
     ctx = None
     try:
+        if provenance is None:
+            provenance = record(generator.name, plan.source,
+                                check_generator_domain(generator, plan.levels[plan.level]))
         if distributed:
             from .distributed import DaskTiles
 
@@ -651,7 +647,7 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
     generator's training domain; its warning (if any) goes to ``warn`` and the report."""
     from ..io.provenance import record
     from ..io.writers import write_image_atomic
-    from ..models.domain import check_file_domain, check_folder_domain
+    from ..models.domain import check_folder_domain
     from ..models.registry import load_generator
 
     out_dir = Path(out_dir)
@@ -688,8 +684,9 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
                     if on_error == "stop":
                         raise res
                 else:
-                    write_image_atomic(out_dir / (f.stem + ".png"), res, provenance=record(
-                        generator.name, f, check_file_domain(generator, f)))
+                    image, out_of_domain = res
+                    write_image_atomic(out_dir / (f.stem + ".png"), image,
+                                       provenance=record(generator.name, f, out_of_domain))
                     written.append(f.stem + ".png")
                 bar.update()
     finally:
@@ -711,7 +708,8 @@ def generate_folder(files: Sequence[Path], model: Any, out_dir: str | os.PathLik
 
 
 def _patch_results(files, model, generator, *, device, tile, batch_size, workers, scheduler):
-    """``(file, image | exception)`` per patch, in order: here, or as dask tasks."""
+    """``(file, (image, out-of-domain warning) | exception)`` per patch, in order: here, or as dask
+    tasks (:func:`~.tiles.patch_image`)."""
     if not (workers or scheduler):
         for f in files:
             yield f, patch_image(generator, f, tile=tile, batch_size=batch_size)

@@ -149,7 +149,8 @@ def tiles_task(indices: Sequence[tuple[int, int]], plugin_name: str, spec: dict)
 
 
 def patch_task(path: str, plugin_name: str, tile: int | None, batch_size: int | None):
-    """A dask task: the virtual IHC of one patch file (or the :class:`InputError` reading it)."""
+    """A dask task: :func:`~.tiles.patch_image` of one patch file (the virtual IHC and the
+    out-of-domain warning, or the :class:`InputError` reading it)."""
     from pathlib import Path
 
     import dask
@@ -334,7 +335,8 @@ class DaskTiles(Cluster):
 
 def patch_results(files: Sequence, model: Any, *, device=None, tile=None, batch_size=None, workers=None,
                   scheduler=None, window=None) -> Iterator[tuple[Any, Any]]:
-    """``(file, image | InputError)`` for patch files, in order, computed on dask workers."""
+    """``(file, (image, out-of-domain warning) | InputError)`` for patch files, in order, computed
+    on dask workers."""
     with Cluster(model, workers=workers, scheduler=scheduler, device=device, window=window) as cl:
         for f, res in cl.ordered(patch_task, [str(f) for f in files], tile, batch_size):
             yield type(files[0])(f) if files and not isinstance(files[0], str) else f, res

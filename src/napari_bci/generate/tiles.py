@@ -97,12 +97,15 @@ def generate_image(generator, image, *, tile=None, batch_size=None, cancel=None,
 
 
 def patch_image(generator, path: Path, *, tile=None, batch_size=None):
-    """Virtual IHC of the patch file ``path``, or the :class:`InputError` that reading it raised
-    (so a folder run can list it and go on)."""
+    """Virtual IHC of the patch file ``path`` and the generator's out-of-domain warning on it
+    (None: within its domain, or no domain recorded), or the :class:`InputError` that reading it
+    raised (so a folder run can list it and go on)."""
     from ..io.patches import read_patch
+    from ..models.domain import check_generator_domain
 
     try:
         img = np.asarray(read_patch(path))
     except InputError as e:
         return e
-    return generate_image(generator, img, tile=tile, batch_size=batch_size)[0]
+    out = generate_image(generator, img, tile=tile, batch_size=batch_size)[0]
+    return out, check_generator_domain(generator, img)

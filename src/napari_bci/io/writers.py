@@ -614,13 +614,14 @@ def write_pyramid(
                             PhysicalSizeY=float(mpp), PhysicalSizeYUnit="µm")
         else:
             meta = None
+        described: dict[str, Any] = {}  # the record goes with level 0 only
         if provenance is not None:
             from .provenance import text
 
             if ome:
                 meta["Description"] = text(provenance)
             else:
-                opts["description"] = text(provenance)
+                described["description"] = text(provenance)
 
         def res(k):
             if not mpp:
@@ -630,10 +631,10 @@ def write_pyramid(
 
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=ome) as tw:
             tw.write(level0_tiles(), shape=(H, W, 3), subifds=(len(shapes) - 1) if ome else None,
-                     metadata=meta, software="napari-bci", **opts, **res(0))
+                     metadata=meta, software="napari-bci", **opts, **described, **res(0))
             for k in range(1, len(shapes)):
                 tw.write(lower_tiles(k), shape=shapes[k] + (3,), subfiletype=1, metadata=None,
-                         **{k_: v for k_, v in opts.items() if k_ != "description"}, **res(k))
+                         **opts, **res(k))
         os.replace(tmp, path)
     except BaseException:
         try:
