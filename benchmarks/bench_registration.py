@@ -38,6 +38,7 @@ import numpy as np
 
 from napari_bci.registration import register, register_deformable
 from napari_bci.registration.deformable import elastix_available
+from napari_bci.registration.features import edge_distance
 from napari_bci.registration.known_warp import make_known_pair, truth_points
 from napari_bci.transform import Transform
 
@@ -214,12 +215,6 @@ def real_warp(i: int, draw: int, shape):
     return angle, flip, scale, k
 
 
-def edge_distance(pts: np.ndarray, shape) -> np.ndarray:
-    """Distance (px) of each ``(x, y)`` point to the nearest edge of a ``shape`` frame."""
-    h, w = shape[:2]
-    return np.minimum.reduce([pts[:, 0], pts[:, 1], w - pts[:, 0], h - pts[:, 1]])
-
-
 #: TRE vs own is also given on the points at least this far (level-0 px) from every patch edge
 INTERIOR = 128
 
@@ -252,6 +247,7 @@ def real_pairs(draws: int = 3) -> None:
             out["cpu"], out["wall"] = c.cpu, c.wall
             out["auto"], out["deformable"] = Transform(r.transform.matrix), r.transform
             out["score"], out["kept"] = r.report["auto_score"], r.report.get("deformable_kept")
+            out["local"] = r.report.get("local_shift")
         out.setdefault("cpu", c.cpu)
         out.setdefault("wall", c.wall)
         return out
@@ -287,9 +283,10 @@ def real_pairs(draws: int = 3) -> None:
                 rows.append({"pair": f.stem, "draw": draw, "step": step, "ok": True, "cpu": cpu, "wall": wall,
                              "w": e_w, "o": e_o, "interior": interior, "diag": diag,
                              "ref_failed": "failed" in ref})
-                kept = "" if step == "auto" else (
-                    " field kept" if res["elastix_kept" if step == "elastix" else "kept"] else " field rejected")
-                if step != "auto":
+                if step == "auto":
+                    kept = "" if res["local"] is None else f" local check {res['local']:.2f}"
+                else:
+                    kept = " field kept" if res["elastix_kept" if step == "elastix" else "kept"] else " field rejected"
                     rows[-1]["folded"] = folded_fraction(res[step])
                     kept += f", folded {100 * rows[-1]['folded']:.2f} %"
                 print(f"{f.stem[:22]:22s} {label:20s} {step:10s} {cpu:6.1f} {res['score']:6.2f} "
@@ -311,7 +308,7 @@ def real_pairs(draws: int = 3) -> None:
             for k in sorted({r["draw"] for r in ok}))
         print(f"real pairs, {step}: success (no failure and median TRE vs own <= 1 % of the diagonal) "
               f"{good}/{n}; TRE vs warp median {np.median(w):.1f} px ({100 * np.median(w) / d:.2f} %), "
-              f"p90 {np.percentile(w, 90):.1f} px; TRE vs own median {np.nanmedian(o):.1f} px "
+              f"p90 {np.percentile(w, 90):.1f} px; TRE vs own median {np.nanmedian(o):.2f} px "
               f"({100 * np.nanmedian(o) / d:.2f} %), p90 {np.nanpercentile(o, 90):.1f} px "
               f"(by draw {per_draw}; {INTERIOR} px or more from every patch edge, {100 * len(inner) / len(o):.0f} % "
               f"of the points: median {np.nanmedian(inner):.1f} px); "

@@ -333,6 +333,23 @@ def test_consecutive_sections_auto_pose_is_fitted_to_the_structure_field(he, mon
     assert "deformable_fields" not in one.transform.meta and "deformable_fields" not in one.report and _tre(one.transform, pair, he.shape[:2]) < 1.5
 
 
+def test_structure_fit_leaves_out_points_near_either_frames_edge():
+    """The fit to the structure field uses the point pairs away from both frames' edges, where
+    the field has the most to go on; near-edge pairs come back only when too few would remain."""
+    from napari_bci.registration.features import POLISH_EDGE, away_from_edges
+
+    rng = np.random.default_rng(3)
+    fixed = rng.uniform(0, 511, (2000, 2))
+    moving = fixed + [7.0, -4.0]  # a pure shift of the moving frame (512 px too)
+    ok = np.ones(len(fixed), bool)
+    keep = away_from_edges(ok, fixed, (512, 512), moving, (512, 512))
+    near = lambda xy: (np.minimum(xy, 511 - xy) < POLISH_EDGE).any(1)  # noqa: E731
+    assert not keep[near(fixed) | near(moving)].any() and keep[~(near(fixed) | near(moving))].all()
+    # a frame almost all edge: everything stays
+    small = away_from_edges(ok[:100], fixed[:100] / 8, (64, 64), moving[:100] / 8, (64, 64))
+    assert small.all()
+
+
 def test_mean_field_averages_two_fields_on_one_grid():
     from napari_bci.registration.deformable import mean_field
     from napari_bci.transform import Transform
@@ -386,6 +403,27 @@ def test_tissue_that_only_looks_alike_as_a_whole_is_refused_locally(he, data_dir
     back = pickle.loads(pickle.dumps(err.value))
     assert (type(back), str(back), back.rule, back.figures) == (RegistrationFailed, str(err.value), "local",
                                                                 err.value.figures)
+
+
+def test_local_check_judges_the_fit_to_all_the_tissue(data_dir):
+    """The returned pose is the structure fit away from the frames' edges; the local check judges
+    the fit to all the points, as it was calibrated. Two crops of the real slide's tumour, 1.5 mm
+    apart (an IHC-like re-staining of one): the edge-margin pose alone reads 0.66, under the
+    limit, and would be accepted; the fit to all the tissue reads over it, and the pair is refused."""
+    import napari_bci.registration.features as features
+    from napari_bci.io.slide import open_slide
+    from napari_bci.registration.images import tissue_mask
+    from napari_bci.registration.known_warp import ihc_like
+
+    with open_slide(data_dir / "CMU-1-Small-Region.svs") as s:
+        slide = np.asarray(s.levels[0])[..., :3]
+    crops = [(y, x) for y in range(0, slide.shape[0] - 511, 512) for x in range(0, slide.shape[1] - 511, 512)
+             if tissue_mask(slide[y:y + 512, x:x + 512]).mean() > 0.3]
+    i = crops.index((0, 1024))  # the re-staining's seed, as in the held-out benchmark
+    fixed = ihc_like(slide[:512, 1024:1536], seed=i)
+    with pytest.raises(RegistrationFailed, match="does not hold locally") as err:
+        register_auto(fixed, slide[2048:2560, 1536:2048])
+    assert err.value.figures["local_shift"] > features.MAX_LOCAL_SHIFT
 
 
 def test_local_agreement_measures_how_far_the_blocks_best_matches_lie(he):

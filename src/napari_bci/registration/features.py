@@ -66,6 +66,11 @@ SHARED_CELLS_NCC = 0.6
 #: a projective fit to the structure field that moves tissue by more than this fraction of the
 #: diagonal is not kept (the field's own cap, docs/registration.md)
 MAX_POLISH_SHIFT = MAX_STRUCTURE_SHIFT
+#: the projective fit to the structure field leaves out the points within this many px of the
+#: 512-px level's frame edges, in either image (64 level-0 px on a 1024 px pair), where the field
+#: has least to go on (docs/registration.md), unless fewer than :data:`POLISH_EDGE_KEEP` of them remain
+POLISH_EDGE = 32
+POLISH_EDGE_KEEP = 0.3
 #: a different pose whose decision score (refined correlation + orientation agreement) is within
 #: this margin of the best makes the result ambiguous, and it is refused (calibrated on real sections, docs/registration.md)
 AMBIGUITY_MARGIN = 0.02
@@ -271,12 +276,28 @@ def _flow_polish(pf, pm, m0, refine_side, seed, info):
     return m0
 
 
-def _structure_polish(pf, pm, m0, info, progress=None) -> tuple[np.ndarray, Transform, dict]:
+def edge_distance(xy: np.ndarray, shape) -> np.ndarray:
+    """Distance (px) of each ``(x, y)`` point to the nearest edge of a frame of ``shape``."""
+    h, w = shape[:2]
+    return np.minimum.reduce([xy[:, 0], xy[:, 1], w - 1 - xy[:, 0], h - 1 - xy[:, 1]])
+
+
+def away_from_edges(ok: np.ndarray, fixed_xy: np.ndarray, fixed_shape, moving_xy: np.ndarray,
+                    moving_shape, edge: float = POLISH_EDGE) -> np.ndarray:
+    """``ok`` less the point pairs within ``edge`` px of either frame's edge, unless fewer than
+    :data:`POLISH_EDGE_KEEP` of the ``ok`` ones (or 20) would remain."""
+    inner = ok & (np.minimum(edge_distance(fixed_xy, fixed_shape), edge_distance(moving_xy, moving_shape)) >= edge)
+    return inner if inner.sum() >= max(20, POLISH_EDGE_KEEP * ok.sum()) else ok
+
+
+def _structure_polish(pf, pm, m0, info, progress=None) -> tuple[np.ndarray, np.ndarray, Transform, dict]:
     """Projective fit to the structure-following field (:func:`~.deformable.structure_kw`) on
     top of ``m0``, for sections that share no cells: the ECC climb on smooth density maps is
-    flat over 5-20 px there, while the field, fitted over all the tissue, is not
-    (docs/registration.md). ``m0`` is kept where the fit fails or moves tissue by over
-    :data:`MAX_POLISH_SHIFT` of the diagonal. Returns the pose, the field and its arguments."""
+    flat over 5-20 px there, while the field, fitted over the tissue away from the frames'
+    edges (:data:`POLISH_EDGE`), is not (docs/registration.md). ``m0`` is kept where the fit fails or moves tissue by over
+    :data:`MAX_POLISH_SHIFT` of the diagonal. Returns the pose, the pose that the local check
+    judges (the fit to all the points, on which that check was calibrated, docs/registration.md),
+    the field and its arguments."""
     from .intensity import pose_distance
 
     kw = structure_kw(pf.shape, part=PART, overlap=OVERLAP)
@@ -290,17 +311,23 @@ def _structure_polish(pf, pm, m0, info, progress=None) -> tuple[np.ndarray, Tran
     q = np.rint((back + 0.5) / dsm - 0.5).astype(int)
     ok = (q >= 0).all(1) & (q[:, 0] < mimg.shape[1]) & (q[:, 1] < mimg.shape[0])
     ok[ok] = tissue_mask(mimg)[q[ok, 1], q[ok, 0]]  # tissue on both sides
-    mp = robust_projective(back[ok], pts[ok], threshold=3.0) if ok.sum() >= 20 else None
+    inner = away_from_edges(ok, (pts + 0.5) / dsf - 0.5, fimg.shape, (back + 0.5) / dsm - 0.5, mimg.shape)
+    mp = robust_projective(back[inner], pts[inner], threshold=3.0) if inner.sum() >= 20 else None
     if mp is None:
-        return m0, td, kw
+        return m0, m0, td, kw
     moved = pose_distance(pf, m0, mp)
     limit = MAX_POLISH_SHIFT * float(np.hypot(*pf.shape))
     if moved > limit:
         info["structure_polish_rejected"] = (
             f"the fit moves tissue by {moved:.0f} px (over {limit:.0f} px, {100 * MAX_POLISH_SHIFT:g} % of the diagonal)")
-        return m0, td, kw
+        return m0, m0, td, kw
     info["structure_polish_px"] = round(moved, 2)
-    return mp, td, kw
+    judged = mp if inner is ok else robust_projective(back[ok], pts[ok], threshold=3.0)
+    if judged is None:
+        judged = mp
+    elif pose_distance(pf, m0, judged) > limit:  # that fit alone would not have been kept
+        judged = m0
+    return mp, judged, td, kw
 
 
 def register_auto(
@@ -384,14 +411,14 @@ def register_auto(
     if info["cell_ncc"] < SHARED_CELLS_NCC:
         # accepted by the figures above; the fit to the tissue's structure sets the final pose
         say("refine (tissue structure)", 0.9)
-        m0, field0, field_kw = _structure_polish(
+        m0, judged, field0, field_kw = _structure_polish(
             pf, pm, m0, info, progress=lambda m, f: say(f"refine (tissue structure): {m}", 0.9 + 0.09 * f))
     else:
-        field0 = field_kw = None
+        judged, field0, field_kw = m0, None, None
     # tissue that only looks alike as a whole can pass the decision score; the same tissue also
     # agrees block by block
     say("local check", 0.99)
-    local = local_agreement(pf, pm, Transform(m0))
+    local = local_agreement(pf, pm, Transform(judged))
     info.update(local)
     if local["local_shift"] is not None and local["local_shift"] > MAX_LOCAL_SHIFT:
         raise RegistrationFailed(
