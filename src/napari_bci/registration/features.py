@@ -305,13 +305,15 @@ def _structure_polish(pf, pm, m0, info, progress=None) -> tuple[np.ndarray, np.n
     fimg, dsf = pf.image_at(512)
     ys, xs = np.mgrid[4 : fimg.shape[0] : 8, 4 : fimg.shape[1] : 8]
     keep = tissue_mask(fimg)[ys, xs]
-    pts = (np.stack([xs[keep], ys[keep]], 1) + 0.5) * dsf - 0.5  # level-0 fixed px
+    grid = np.stack([xs[keep], ys[keep]], 1).astype(float)  # fixed px of the 512-px level
+    pts = (grid + 0.5) * dsf - 0.5  # level-0 fixed px
     back = td.backward(pts)
     mimg, dsm = pm.image_at(512)
-    q = np.rint((back + 0.5) / dsm - 0.5).astype(int)
+    mxy = (back + 0.5) / dsm - 0.5  # moving px of its 512-px level
+    q = np.rint(mxy).astype(int)
     ok = (q >= 0).all(1) & (q[:, 0] < mimg.shape[1]) & (q[:, 1] < mimg.shape[0])
     ok[ok] = tissue_mask(mimg)[q[ok, 1], q[ok, 0]]  # tissue on both sides
-    inner = away_from_edges(ok, (pts + 0.5) / dsf - 0.5, fimg.shape, (back + 0.5) / dsm - 0.5, mimg.shape)
+    inner = away_from_edges(ok, grid, fimg.shape, mxy, mimg.shape)
     mp = robust_projective(back[inner], pts[inner], threshold=3.0) if inner.sum() >= 20 else None
     if mp is None:
         return m0, m0, td, kw
