@@ -56,6 +56,8 @@ TRAIN = {"n": 256, "size": 512, "seed": 1000}
 VAL = {"n": 8, "size": 512, "seed": 500_000}
 HELDOUT = {"n": 16, "size": 1024, "seed": 900_000}
 TEST_SUBSET = {"n": 4, "size": 384, "seed": 910_000}
+#: Fresh pairs beyond the held-out set (``bench_builtin.py --wide N``): seeds WIDE_SEED + 1000 * level index.
+WIDE_SEED = 930_000
 CALIB = {"n": 8, "size": 1024, "seed": 700_000}
 CALIB2 = {"n": 16, "size": 1024, "seed": 710_000}
 #: Stage 4: the level-map sharpness factors tried (1: the head's softmax as trained).

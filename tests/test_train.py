@@ -288,6 +288,22 @@ def test_synthetic_pairs_are_aligned_by_the_truth(tiny_pairs):
     assert np.corrcoef(h_he, h_ihc)[0, 1] > 0.5
 
 
+def test_scored_evaluation_reports_the_share_of_stained_tumour_cells():
+    from napari_bci.her2 import score
+    from napari_bci.models.baseline import BaselineGenerator
+    from napari_bci.train.loop import evaluate_pairs
+
+    ps = synthetic_pairs(2, 384, seed=77, levels=("0", "3+"))
+    res = evaluate_pairs(None, ps, generator=BaselineGenerator(), score=True)
+    neg, pos = res["scored"]
+    assert (neg["true"], pos["true"]) == ("0", "3+")
+    assert neg["stained_real"] < 0.1 < 0.5 < pos["stained_real"]
+    he, ihc, valid = ps[1].load()
+    y0, y1, x0, x1 = valid_box(valid, ihc.shape[:2], 16)
+    assert pos["stained_real"] == score(ihc[y0:y1, x0:x1], mpp=0.5).fractions["any"]
+    assert 0.0 <= neg["stained_generated"] <= 1.0 and 0.0 <= pos["stained_generated"] <= 1.0
+
+
 def _weights(path):
     from safetensors.torch import load_file
 

@@ -293,7 +293,9 @@ def evaluate_pairs(G, pairs: Sequence[Pair], multiple: int = 16, device: str = "
     the mean DAB OD of the output per true level. ``generator`` (uint8 -> uint8) replaces ``G``
     (e.g. to score the classical baseline on the same pairs). ``score=True`` adds the rule-based
     HER2 score (:func:`napari_bci.her2.score`) of the output and of the real IHC per pair
-    (``"scored"``: name, true, generated, real) and their mean membrane DAB OD per level
+    (``"scored"``: name, true, generated, real, and the share of tumour cells with faint or
+    stronger membrane staining in each, ``stained_generated``, ``stained_real``) and their mean
+    membrane DAB OD per level
     (``"membrane_dab_by_level"``: generated, real)."""
     from .. import stain
 
@@ -321,7 +323,8 @@ def evaluate_pairs(G, pairs: Sequence[Pair], multiple: int = 16, device: str = "
             from ..her2 import score as her2_score
 
             s_gen, s_real = her2_score(pred, mpp=0.5), her2_score(gt, mpp=0.5)
-            scored.append({"name": p.name, "true": lv, "generated": s_gen.her2, "real": s_real.her2})
+            scored.append({"name": p.name, "true": lv, "generated": s_gen.her2, "real": s_real.her2,
+                           "stained_generated": s_gen.fractions["any"], "stained_real": s_real.fractions["any"]})
             mem[lv].append((membrane_dab(s_gen), membrane_dab(s_real)))
         if logits is not None:
             n_pred += 1
