@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sharpness", type=float, default=None,
                     help="level-map sharpness to try instead of the shipped config's (1: the head's map as trained)")
     ap.add_argument("--wide", type=int, default=0, metavar="N",
-                    help="also score N fresh pairs per level beyond the held-out set (about 4 s a pair)")
+                    help="also score N fresh pairs per level beyond the held-out set (about 5 s a pair)")
     args = ap.parse_args(argv)
 
     from napari_bci.models.baseline import BaselineGenerator
@@ -95,17 +95,17 @@ def wide(gen, n: int, cache) -> None:
     from collections import Counter
 
     from napari_bci.train import loop as T
-    from train_builtin import HER2_LEVELS, WIDE_SEED
+    from train_builtin import HELDOUT, HER2_LEVELS, WIDE_SEED
 
     print(f"beyond the held-out set: {n} fresh pairs per level (seeds {WIDE_SEED} + 1000 x level index)")
     for i, lv in enumerate(HER2_LEVELS):
-        ps = T.synthetic_pairs(n, 1024, seed=WIDE_SEED + 1000 * i, levels=(lv,), cache_dir=cache)
+        ps = T.synthetic_pairs(n, HELDOUT["size"], seed=WIDE_SEED + 1000 * i, levels=(lv,), cache_dir=cache)
         res = T.evaluate_pairs(gen.module, ps, multiple=gen.multiple, device="cpu", score=True)
         rows, m = res["scored"], res["membrane_dab_by_level"][lv]
         read = Counter(r["generated"] for r in rows)
         sg = np.array([r["stained_generated"] for r in rows])
         sr = np.array([r["stained_real"] for r in rows])
-        print(f"  {lv}: generated IHC scored right on {read[lv]}/{n} (read as "
+        print(f"  {lv}: generated IHC scored right on {res['her2_scored_correct']}/{n} (read as "
               + ", ".join(f"{k} {v}x" for k, v in sorted(read.items())) + f"), real IHC on "
               f"{res['her2_real_correct']}/{n}; tumour cells with faint or stronger membranes "
               f"{sg.mean():.1%} (range {sg.min():.1%}-{sg.max():.1%}) generated, {sr.mean():.1%} "
