@@ -1,0 +1,65 @@
+"""The context-head measurement on the built-in model (scripts/context_head_experiment.py)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import context_head_experiment as X  # noqa: E402
+from napari_bci.models.level_aware import load_builtin  # noqa: E402
+from napari_bci.train.loop import synthetic_pairs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_builtin(device="cpu").module.eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    out = []
+    for p in synthetic_pairs(8, 256, seed=424242):
+        he, _, _ = p.load()
+        out.append((X.to_tensor(he), p.level))
+    return out
+
+
+def test_window_features_are_the_encoder_statistics_of_the_window(model, images):
+    """A window that covers the whole 256 px image (16 x 16 cells): the centre cell's features are
+    the mean of every encoder stage, the SD of the strided ones and the mean dense logits."""
+    x = images[0][0]
+    with torch.no_grad():
+        parts, cells = X.encode(model, x)
+        f = X.window_features(cells, model, 17)[0, :, 8, 8]
+    s0, s1, s2, z, dense = parts[:5]
+    means = torch.cat([t.mean((2, 3))[0] for t in (s0, s1, s2, z)])
+    sds = torch.cat([t.std((2, 3), correction=0)[0] for t in (s1, s2, z)])
+    want = torch.cat([means, sds, dense.float().mean((2, 3))[0]])
+    assert f.shape == want.shape == (352,)
+    np.testing.assert_allclose(f.numpy(), want.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_context_head_gives_a_level_map_and_learns_its_training_levels(model, images):
+    torch.manual_seed(0)
+    head = X.ContextHead(model, 8)
+    with torch.no_grad():
+        acc = head.fit([x for x, _ in images], [lv for _, lv in images], l2=0.01)
+        _, cells = X.encode(model, images[1][0])
+        logits = head.logits(cells)
+    assert acc > 0.9  # 352 features, 8 images: it can fit them; the measurement is on held-out pairs
+    assert logits.shape == (1, 4, 16, 16)
+    assert int(logits.mean((2, 3)).argmax()) == images[1][1]
+
+
+def test_decode_under_the_models_own_map_is_the_models_output(model, images):
+    """The script's decoder path is the shipped forward pass when given the model's own condition."""
+    x = images[2][0]
+    with torch.no_grad():
+        parts, _ = X.encode(model, x)
+        mine = X.decode(model, parts, model.condition(parts[4]))
+        ref, _ = model.forward_dense(x)
+    torch.testing.assert_close(mine, ref)
