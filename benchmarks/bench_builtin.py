@@ -95,11 +95,11 @@ def wide(gen, n: int, cache) -> None:
     from collections import Counter
 
     from napari_bci.train import loop as T
-    from train_builtin import HELDOUT, HER2_LEVELS, WIDE_SEED
+    from train_builtin import HER2_LEVELS, WIDE_SEED, wide_pairs
 
     print(f"beyond the held-out set: {n} fresh pairs per level (seeds {WIDE_SEED} + 1000 x level index)")
     for i, lv in enumerate(HER2_LEVELS):
-        ps = T.synthetic_pairs(n, HELDOUT["size"], seed=WIDE_SEED + 1000 * i, levels=(lv,), cache_dir=cache)
+        ps = wide_pairs(n, i, cache)
         res = T.evaluate_pairs(gen.module, ps, multiple=gen.multiple, device="cpu", score=True)
         rows, m = res["scored"], res["membrane_dab_by_level"][lv]
         read = Counter(r["generated"] for r in rows)

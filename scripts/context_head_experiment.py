@@ -37,7 +37,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import train_builtin as B  # noqa: E402
-from napari_bci.her2 import score  # noqa: E402
 from napari_bci.models.level_aware import load_builtin  # noqa: E402
 from napari_bci.train import loop as T  # noqa: E402
 
@@ -51,23 +50,15 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 def encode(m, x: torch.Tensor):
-    """The encoder's skips, its output, the dense logits and the per-cell statistics
-    ``(1, C, H/16, W/16)``: cell means of each stage, of the squares of the strided ones, and the
-    dense logits."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % m.multiple, (-w) % m.multiple
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="reflect")
-    s0 = m.enc0(x)
-    s1 = m.enc1(s0)
-    s2 = m.enc2(s1)
-    z = m.enc3(s2)
-    dense = m.head(z)
+    """:meth:`~napari_bci.models.level_aware.LevelAwareGenerator.encode`'s ``(skips, dense)`` and
+    the per-cell statistics ``(1, C, H/16, W/16)``: cell means of each stage, of the squares of
+    the strided ones, and the dense logits."""
+    skips, dense = m.encode(x)
     gh, gw = dense.shape[-2:]
-    maps = dict(zip((name for name, _ in STAGES), (s0, s1, s2, z)))
+    maps = dict(zip((name for name, _ in STAGES), skips))
     cells = [F.avg_pool2d(maps[n], k)[..., :gh, :gw] for n, k in STAGES]
     cells += [F.avg_pool2d(maps[n] ** 2, k)[..., :gh, :gw] for n, k in STAGES[1:]]
-    return (s0, s1, s2, z, dense, h, w), torch.cat(cells + [dense.float()], 1)
+    return (skips, dense), torch.cat(cells + [dense.float()], 1)
 
 
 def window_features(cells: torch.Tensor, m, window: int) -> torch.Tensor:
@@ -115,14 +106,6 @@ class ContextHead:
         return F.conv2d(f, self.lin.weight[:, :, None, None], self.lin.bias)
 
 
-def decode(m, parts, cond: torch.Tensor) -> torch.Tensor:
-    s0, s1, s2, z, _, h, w = parts
-    for blk in m.blocks:
-        z = blk(z, cond)
-    y = m.up0(m.up1(m.up2(z, s2, cond), s1, cond), s0, cond)
-    return torch.tanh(m.out(y))[..., :h, :w]
-
-
 def finetune_decoder(m, images, targets, levels, steps: int, one_sided: float) -> None:
     """Only the decoder learns; the encoder and both heads stay as they are (eval mode throughout)."""
     from napari_bci.train.losses import MembraneDabLoss, PyramidL1, dab_od, ssim_loss
@@ -152,9 +135,9 @@ def finetune_decoder(m, images, targets, levels, steps: int, one_sided: float) -
                 lv.append(levels[i])
             x, y, lv = torch.cat(xs), torch.cat(ys), torch.tensor(lv)
             with torch.no_grad():
-                parts, _ = encode(m, x)
+                skips, _ = m.encode(x)
             cond = F.one_hot(lv, 4).float()[:, :, None, None].expand(-1, -1, crop // 16, crop // 16)
-            fake = decode(m, parts, cond)
+            fake = m.decode(skips, cond)
             loss = pyramid(fake, y)[0] + B.HP["ssim_weight"] * ssim_loss(fake, y) + B.STAGE3["dab_weight"] * dab(fake, y)
             zero = lv == 0
             if one_sided and bool(zero.any()):
@@ -175,8 +158,7 @@ def evaluation_sets(names, cache: Path) -> dict:
         elif name == "heldout":
             sets[name] = B.pairs(B.HELDOUT, cache, progress=False)
         elif name == "wide":
-            sets[name] = sum((T.synthetic_pairs(16, B.HELDOUT["size"], seed=B.WIDE_SEED + 1000 * i, levels=(lv,),
-                                                cache_dir=cache) for i, lv in enumerate(B.HER2_LEVELS)), [])
+            sets[name] = sum((B.wide_pairs(16, i, cache) for i in range(len(B.HER2_LEVELS))), [])
         else:
             raise SystemExit(f"unknown set {name!r} (calibration, heldout, wide)")
     return sets
@@ -187,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=int, default=16, help="context window in head cells of 16 px")
     ap.add_argument("--l2", type=float, default=0.01)
     ap.add_argument("--sets", default="calibration,heldout,wide")
-    ap.add_argument("--score", action="store_true", help="also draw and score the virtual IHC")
+    ap.add_argument("--score", action="store_true", help="also score the virtual IHC (rule-based scorer)")
     ap.add_argument("--sharpness", type=float, default=3.0)
     ap.add_argument("--finetune", type=int, default=0, metavar="STEPS")
     ap.add_argument("--one-sided", type=float, default=0.0)
@@ -211,37 +193,30 @@ def main(argv=None) -> int:
     if args.finetune:
         finetune_decoder(m, images, targets, levels, args.finetune, args.one_sided)
     for name, ps in evaluation_sets(args.sets.split(","), cache).items():
-        dense_conf, ctx_conf = np.zeros((4, 4), int), np.zeros((4, 4), int)
-        scored, psnr, ssim = [], [], []
-        dab = {k: ([], []) for k in range(4)}
+        readings = []  # (dense head's level, context head's level) per pair, in order
+
+        def draw(he: np.ndarray) -> np.ndarray:
+            (skips, dense), cells = encode(m, to_tensor(he[0]))
+            logits = head.logits(cells)
+            readings.append((int(dense.mean((2, 3)).argmax()), int(logits.mean((2, 3)).argmax())))
+            img = m.decode(skips, torch.softmax(logits * args.sharpness, 1))[..., :he.shape[1], :he.shape[2]]
+            return ((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)[None]
+
         with torch.no_grad():
-            for p in ps:
-                he, ihc, valid = p.load()
-                y0, y1, x0, x1 = T.valid_box(valid, ihc.shape[:2], m.multiple)
-                parts, cells = encode(m, to_tensor(he[y0:y1, x0:x1]))
-                logits = head.logits(cells)
-                dense_conf[p.level, int(parts[4].mean((2, 3)).argmax())] += 1
-                ctx_conf[p.level, int(logits.mean((2, 3)).argmax())] += 1
-                if not args.score:
-                    continue
-                img = decode(m, parts, torch.softmax(logits * args.sharpness, 1))
-                out = ((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-                real = ihc[y0:y1, x0:x1]
-                a, b = T.bci_psnr_ssim(out, real)
-                psnr.append(a)
-                ssim.append(b)
-                rg, rr = score(out, mpp=0.5), score(real, mpp=0.5)
-                scored.append((p.name, B.HER2_LEVELS[p.level], rg.her2))
-                dab[p.level][0].append(T.membrane_dab(rg))
-                dab[p.level][1].append(T.membrane_dab(rr))
+            res = T.evaluate_pairs(None, ps, multiple=m.multiple, generator=draw, score=args.score)
+        dense_conf, ctx_conf = np.zeros((4, 4), int), np.zeros((4, 4), int)
+        for p, (d, c) in zip(ps, readings):
+            dense_conf[p.level, d] += 1
+            ctx_conf[p.level, c] += 1
         print(f"{name} ({len(ps)} pairs): image-mean level right, dense head {np.trace(dense_conf)}, "
               f"context head {np.trace(ctx_conf)}; context head confusion (rows truth 0..3+):\n{ctx_conf}")
         if args.score:
-            right = sum(t == g for _, t, g in scored)
-            print(f"  virtual IHC scored right {right}/{len(ps)}, PSNR {np.mean(psnr):.2f} dB, SSIM {np.mean(ssim):.3f}; "
-                  "membrane DAB OD generated / real: "
-                  + ", ".join(f"{B.HER2_LEVELS[k]} {np.mean(g):.3f} / {np.mean(r):.3f}" for k, (g, r) in dab.items()))
-            print("  misread: " + (", ".join(f"{n} as {g}" for n, t, g in scored if t != g) or "none"))
+            dab = res["membrane_dab_by_level"]
+            print(f"  virtual IHC scored right {res['her2_scored_correct']}/{len(ps)}, PSNR {res['psnr']:.2f} dB, "
+                  f"SSIM {res['ssim']:.3f}; membrane DAB OD generated / real: "
+                  + ", ".join(f"{lv} {d['generated']:.3f} / {d['real']:.3f}" for lv, d in dab.items()))
+            print("  misread: " + (", ".join(f"{r['name']} as {r['generated']}" for r in res["scored"]
+                                             if r["generated"] != r["true"]) or "none"))
     return 0
 
 

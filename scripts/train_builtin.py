@@ -84,6 +84,12 @@ def pairs(spec: dict, cache: Path | None, progress: bool = True):
     return T.synthetic_pairs(spec["n"], spec["size"], seed=spec["seed"], cache_dir=cache, progress=progress)
 
 
+def wide_pairs(n: int, level_index: int, cache: Path | None):
+    """``n`` fresh pairs of one level beyond the held-out set (seeds WIDE_SEED + 1000 x level index)."""
+    return T.synthetic_pairs(n, HELDOUT["size"], seed=WIDE_SEED + 1000 * level_index,
+                             levels=(HER2_LEVELS[level_index],), cache_dir=cache)
+
+
 def samples_commit() -> str:
     """The last commit of the sample generator (what rendered the data)."""
     import subprocess

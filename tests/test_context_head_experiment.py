@@ -33,9 +33,8 @@ def test_window_features_are_the_encoder_statistics_of_the_window(model, images)
     the mean of every encoder stage, the SD of the strided ones and the mean dense logits."""
     x = images[0][0]
     with torch.no_grad():
-        parts, cells = X.encode(model, x)
+        ((s0, s1, s2, z), dense), cells = X.encode(model, x)
         f = X.window_features(cells, model, 17)[0, :, 8, 8]
-    s0, s1, s2, z, dense = parts[:5]
     means = torch.cat([t.mean((2, 3))[0] for t in (s0, s1, s2, z)])
     sds = torch.cat([t.std((2, 3), correction=0)[0] for t in (s1, s2, z)])
     want = torch.cat([means, sds, dense.float().mean((2, 3))[0]])
@@ -55,11 +54,12 @@ def test_context_head_gives_a_level_map_and_learns_its_training_levels(model, im
     assert int(logits.mean((2, 3)).argmax()) == images[1][1]
 
 
-def test_decode_under_the_models_own_map_is_the_models_output(model, images):
-    """The script's decoder path is the shipped forward pass when given the model's own condition."""
+def test_encode_then_decode_under_the_models_own_map_is_its_forward_pass(model, images):
+    """The split the script uses (encoder, then decoder under a chosen level map) is the model's own."""
     x = images[2][0]
     with torch.no_grad():
-        parts, _ = X.encode(model, x)
-        mine = X.decode(model, parts, model.condition(parts[4]))
-        ref, _ = model.forward_dense(x)
+        skips, dense = model.encode(x)
+        mine = model.decode(skips, model.condition(dense))
+        ref, ref_dense = model.forward_dense(x)
+    torch.testing.assert_close(dense, ref_dense)
     torch.testing.assert_close(mine, ref)

@@ -155,6 +155,21 @@ class LevelAwareGenerator(nn.Module):
         decoder's condition (teacher forcing) for the samples where ``use_level`` ``(N,)`` is true
         (all when None)."""
         h, w = x.shape[-2:]
+        skips, dense = self.encode(x)
+        cond = self.condition(dense)
+        if level is not None:
+            onehot = F.one_hot(level.long(), cond.shape[1]).to(cond.dtype)[:, :, None, None].expand_as(cond)
+            sel = torch.ones_like(level, dtype=torch.bool) if use_level is None else use_level.bool()
+            cond = torch.where(sel[:, None, None, None], onehot, cond)
+        img = self.decode(skips, cond)
+        if self.dab_gain is not None:
+            img = self.scale_dab(img, cond)
+        return img[..., :h, :w], dense
+
+    def encode(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """``((s0, s1, s2, z), dense_logits)``: the encoder's outputs at full, 1/2, 1/4 and 1/8
+        resolution and the dense head's logits, for ``x`` padded to a multiple of 16."""
+        h, w = x.shape[-2:]
         ph, pw = (-h) % self.multiple, (-w) % self.multiple
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
@@ -162,23 +177,18 @@ class LevelAwareGenerator(nn.Module):
         s1 = self.enc1(s0)
         s2 = self.enc2(s1)
         z = self.enc3(s2)
-        dense = self.head(z)
-        cond = self.condition(dense)
-        if level is not None:
-            onehot = F.one_hot(level.long(), cond.shape[1]).to(cond.dtype)[:, :, None, None].expand_as(cond)
-            sel = torch.ones_like(level, dtype=torch.bool) if use_level is None else use_level.bool()
-            cond = torch.where(sel[:, None, None, None], onehot, cond)
+        return (s0, s1, s2, z), self.head(z)
+
+    def decode(self, skips: tuple[torch.Tensor, ...], cond: torch.Tensor) -> torch.Tensor:
+        """The image (padded size, before ``dab_gain``) drawn from :meth:`encode`'s outputs under
+        the level map ``cond``."""
+        s0, s1, s2, z = skips
         for blk in self.blocks:
             z = blk(z, cond)
         y = self.up2(z, s2, cond)
         y = self.up1(y, s1, cond)
         y = self.up0(y, s0, cond)
-        img = torch.tanh(self.out(y))
-        if self.dab_gain is not None:
-            img = self.scale_dab(img, cond)
-        if ph or pw:
-            img = img[..., :h, :w]
-        return img, dense
+        return torch.tanh(self.out(y))
 
     def scale_dab(self, img: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Multiply the DAB concentration of ``img`` ([-1, 1] RGB) by the level map ``cond``'s
