@@ -15,7 +15,10 @@ condition, optionally after fine-tuning only the decoder for ``--finetune`` step
 pairs (crops of 128 px, batch 8, always conditioned on the true level, the stage-3 loss, Adam 2e-4,
 beta1 0.5, linear decay over the second half, seed 21) with a one-sided term on HER2 0 crops
 (``--one-sided`` x 100 x the mean excess of the output's pooled DAB over the truth's beyond
-0.01 OD). The figures are in docs/model_card.md. Nothing here changes the shipped model.
+0.01 OD) and (``--cell``) the scorer's per-cell reading of the output on the truth's tumour
+cells (:class:`~napari_bci.train.losses.CellReadingLoss`, weights for intensity, completeness and
+class shares; ``--strength`` replaces the membrane DAB loss's). The figures are in
+docs/model_card.md. Nothing here changes the shipped model.
 
 Run from the repository root, e.g. ``python scripts/context_head_experiment.py --score --finetune
 600 --one-sided 0.5 --sets heldout,wide`` (about 15 min on 2 cores).
@@ -39,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 import train_builtin as B  # noqa: E402
 from napari_bci.models.level_aware import load_builtin  # noqa: E402
 from napari_bci.train import loop as T  # noqa: E402
+from napari_bci.train.losses import CellReadingLoss  # noqa: E402
 
 #: encoder stages whose window mean (all) and SD (the strided ones) the context head reads, with the
 #: pooling that brings each to the head's 1/16 grid
@@ -106,30 +110,40 @@ class ContextHead:
         return F.conv2d(f, self.lin.weight[:, :, None, None], self.lin.bias)
 
 
-def finetune_decoder(m, images, targets, levels, steps: int, one_sided: float) -> None:
-    """Only the decoder learns; the encoder and both heads stay as they are (eval mode throughout)."""
-    from napari_bci.train.losses import MembraneDabLoss, PyramidL1, dab_od, ssim_loss
+def finetune_decoder(m, images, targets, levels, steps: int, one_sided: float, rings=None,
+                     cell_weights=(40.0, 4.0, 20.0), strength: float | None = None) -> None:
+    """Only the decoder learns; the encoder and both heads stay as they are (eval mode throughout).
+    ``rings`` (each target's :meth:`~napari_bci.train.losses.CellReadingLoss.rings`) adds the scorer's
+    per-cell reading as a loss term with ``cell_weights`` (intensity, completeness, fractions);
+    ``strength`` replaces the stage-3 membrane DAB loss's."""
+    from napari_bci.train.losses import CellReadingLoss, MembraneDabLoss, PyramidL1, dab_od, ssim_loss
 
     torch.manual_seed(21)
     rng = np.random.default_rng(21)
     decoder = ("blocks", "up2", "up1", "up0", "out")
     params = [p.requires_grad_(True) for n, p in m.named_parameters() if n.split(".")[0] in decoder]
     opt = torch.optim.Adam(params, lr=2e-4, betas=(0.5, 0.999))
-    pyramid, dab = PyramidL1(), MembraneDabLoss(**B.STAGE3["dab_options"])
+    options = dict(B.STAGE3["dab_options"], **({} if strength is None else {"strength": strength}))
+    pyramid, dab, cell = PyramidL1(), MembraneDabLoss(**options), CellReadingLoss(*cell_weights)
     crop, t0 = 128, time.time()
     with torch.enable_grad():
         for step in range(steps):
             for g in opt.param_groups:
                 g["lr"] = 2e-4 * min(1.0, 2 * (steps - step) / steps)
-            xs, ys, lv = [], [], []
+            xs, ys, lv, keys, crop_rings = [], [], [], [], []
             for i in rng.integers(0, len(images), 8):
                 x, y = images[i], targets[i]
                 a = int(rng.integers(0, (x.shape[-2] - crop) // 16 + 1)) * 16
                 b = int(rng.integers(0, (x.shape[-1] - crop) // 16 + 1)) * 16
                 k = int(rng.integers(0, 4))
                 xc, yc = (torch.rot90(t[..., a:a + crop, b:b + crop], k, (2, 3)) for t in (x, y))
-                if rng.random() < 0.5:
+                flip = rng.random() < 0.5
+                if flip:
                     xc, yc = xc.flip(3), yc.flip(3)
+                if rings is not None:
+                    kc = torch.rot90(rings[i]["key"][a:a + crop, b:b + crop], k, (0, 1))
+                    keys.append(kc.flip(1) if flip else kc)
+                    crop_rings.append(rings[i])
                 xs.append(xc)
                 ys.append(yc)
                 lv.append(levels[i])
@@ -139,6 +153,8 @@ def finetune_decoder(m, images, targets, levels, steps: int, one_sided: float) -
             cond = F.one_hot(lv, 4).float()[:, :, None, None].expand(-1, -1, crop // 16, crop // 16)
             fake = m.decode(skips, cond)
             loss = pyramid(fake, y)[0] + B.HP["ssim_weight"] * ssim_loss(fake, y) + B.STAGE3["dab_weight"] * dab(fake, y)
+            if rings is not None:
+                loss = loss + cell(fake, y, keys, crop_rings)
             zero = lv == 0
             if one_sided and bool(zero.any()):
                 pf, pr = (F.max_pool2d(dab_od(t[zero]), 5, 1, 2) for t in (fake, y))
@@ -171,27 +187,36 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", default="calibration,heldout,wide")
     ap.add_argument("--score", action="store_true", help="also score the virtual IHC (rule-based scorer)")
     ap.add_argument("--sharpness", type=float, default=3.0)
+    ap.add_argument("--map", choices=("context", "dense"), default="context",
+                    help="the level map the virtual IHC is drawn under (dense: the model's own)")
     ap.add_argument("--finetune", type=int, default=0, metavar="STEPS")
     ap.add_argument("--one-sided", type=float, default=0.0)
+    ap.add_argument("--cell", default="", metavar="WI,WC,WF",
+                    help="add the scorer's per-cell reading to the fine-tune (CellReadingLoss weights)")
+    ap.add_argument("--strength", type=float, default=None, help="the fine-tune's membrane DAB strength")
     ap.add_argument("--cache", default="/tmp/napari_bci_builtin_cache")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     cache = Path(args.cache)
     m = load_builtin(device="cpu").module.eval()
-    images, targets, levels = [], [], []
+    images, targets, levels, rings = [], [], [], []
     for p in B.pairs(B.TRAIN, cache, progress=False):
         he, ihc, valid = p.load()
         y0, y1, x0, x1 = T.valid_box(valid, ihc.shape[:2], m.multiple)
         images.append(to_tensor(he[y0:y1, x0:x1]))
         targets.append(to_tensor(ihc[y0:y1, x0:x1]))
         levels.append(p.level)
+        if args.cell:
+            rings.append(CellReadingLoss.rings(ihc[y0:y1, x0:x1]))
     torch.manual_seed(0)
     head = ContextHead(m, args.window)
     with torch.no_grad():
         acc = head.fit(images, levels, args.l2)
     print(f"context head, {args.window} x {args.window} cells: {acc:.1%} of the training cells right")
     if args.finetune:
-        finetune_decoder(m, images, targets, levels, args.finetune, args.one_sided)
+        weights = tuple(float(w) for w in args.cell.split(",")) if args.cell else (0.0, 0.0, 0.0)
+        finetune_decoder(m, images, targets, levels, args.finetune, args.one_sided,
+                         rings if args.cell else None, weights, args.strength)
     for name, ps in evaluation_sets(args.sets.split(","), cache).items():
         readings = []  # (dense head's level, context head's level) per pair, in order
 
@@ -199,7 +224,8 @@ def main(argv=None) -> int:
             (skips, dense), cells = encode(m, to_tensor(he[0]))
             logits = head.logits(cells)
             readings.append((int(dense.mean((2, 3)).argmax()), int(logits.mean((2, 3)).argmax())))
-            img = m.decode(skips, torch.softmax(logits * args.sharpness, 1))[..., :he.shape[1], :he.shape[2]]
+            cond = m.condition(dense) if args.map == "dense" else torch.softmax(logits * args.sharpness, 1)
+            img = m.decode(skips, cond)[..., :he.shape[1], :he.shape[2]]
             return ((img[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)[None]
 
         with torch.no_grad():

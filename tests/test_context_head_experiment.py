@@ -63,3 +63,20 @@ def test_encode_then_decode_under_the_models_own_map_is_its_forward_pass(model, 
         ref, ref_dense = model.forward_dense(x)
     torch.testing.assert_close(dense, ref_dense)
     torch.testing.assert_close(mine, ref)
+
+
+def test_decoder_fine_tune_with_the_cell_reading_moves_only_the_decoder():
+    """``--finetune`` with ``--cell``: the crops' ring keys follow their crops, the decoder learns and
+    the encoder and heads keep their weights."""
+    m = load_builtin(device="cpu").module.eval()
+    images, targets, levels, rings = [], [], [], []
+    for p in synthetic_pairs(2, 256, seed=424246, levels=("2+", "3+")):
+        he, ihc, _ = p.load()
+        images.append(X.to_tensor(he))
+        targets.append(X.to_tensor(ihc))
+        levels.append(p.level)
+        rings.append(X.CellReadingLoss.rings(ihc))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    X.finetune_decoder(m, images, targets, levels, 2, 0.0, rings, (40.0, 4.0, 20.0), 0.0)
+    moved = {n.split(".")[0] for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= {"blocks", "up2", "up1", "up0", "out"}

@@ -407,3 +407,36 @@ def test_train_cli_json_on_a_bci_folder(run_cli, tmp_path, tiny_pairs):
     rep = json.loads(out)
     assert rep["steps"] == 1 and rep["metrics"]["n"] == 1 and rep["arch"] == "level_aware"
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_cell_reading_loss_reads_the_truth_as_the_scorer_and_counts_stained_cells():
+    """With a hard threshold the loss's per-cell reading of a real-like IHC is the scorer's
+    intensity on its tumour cells; an output with the membranes paled costs, the truth does not,
+    and the gradient reaches the output."""
+    import numpy as np
+
+    from napari_bci.her2.scoring import analyse
+    from napari_bci.train.losses import CellReadingLoss
+    from napari_bci.train.loop import synthetic_pairs
+
+    p = synthetic_pairs(1, 512, seed=424246, levels=("2+",))[0]
+    _, ihc, _ = p.load()
+    rings = CellReadingLoss.rings(ihc)
+    _, _, _, intensity, tumour, _ = analyse(ihc, 0.5)
+    real = torch.from_numpy(ihc).permute(2, 0, 1)[None].float() / 127.5 - 1
+    hard = CellReadingLoss(tau=0.0)
+    inten, comp = hard.read(hard.dab_map(real, rings), rings["key"], rings)
+    read = np.asarray(tumour, bool) & (rings["counts"].numpy() > 0)  # a cell without ring pixels reads 0
+    assert len(inten) == int(read.sum()) >= 200
+    # equal up to the image border, which scipy's and torch's reflect padding treat differently
+    assert np.allclose(inten.numpy(), np.asarray(intensity)[read], atol=5e-3)
+    assert abs(float(inten.mean()) - float(np.asarray(intensity)[read].mean())) < 1e-4
+    assert float((comp >= 0.4).float().mean()) > 0.3  # a 2+ case: most tumour cells stained
+    loss = CellReadingLoss()
+    assert float(loss(real, real, [rings["key"]], [rings])) == 0.0
+    # pale the DAB: halve the optical density of every pixel
+    pale = (255.0 * ((real + 1) / 2).clamp(min=1 / 255) ** 0.5 / 127.5 - 1).requires_grad_(True)
+    cost = loss(pale, real, [rings["key"]], [rings])
+    assert float(cost.detach()) > 1.0
+    cost.backward()
+    assert float(pale.grad.abs().sum()) > 0

@@ -179,6 +179,25 @@ def _moments(labels: np.ndarray, n: int):
     return cnt, np.stack([sx, sy], axis=1), minor, major
 
 
+def cell_rings(nuclei: np.ndarray, mpp: float, params: CellParams = CellParams()):
+    """(cells, inner): each nucleus expanded by ``expand_um`` (nearest nucleus, as skimage's
+    expand_labels) and the nuclei dilated by ``ring_inner_um``; a cell's ring is cell minus inner."""
+    # one Euclidean distance transform gives both
+    dist, (iy, ix) = ndi.distance_transform_edt(nuclei == 0, return_indices=True)
+    cells = np.where(dist <= params.expand_um / mpp, nuclei[iy, ix], 0).astype(np.int32)
+    return cells, dist <= params.ring_inner_um / mpp
+
+
+def ring_sectors(cells: np.ndarray, inner: np.ndarray, centroid: np.ndarray, sectors: int):
+    """Ring pixels ``(yy, xx)`` and their sector key ``(label - 1) * sectors + angular sector``
+    around the cell's nucleus centroid ``(x, y)``."""
+    yy, xx = np.nonzero((cells > 0) & ~inner)
+    lab = cells[yy, xx]
+    ang = np.arctan2(yy - centroid[lab - 1, 1], xx - centroid[lab - 1, 0])
+    sec = ((ang + np.pi) / (2 * np.pi) * sectors).astype(np.int64) % sectors
+    return yy, xx, (lab.astype(np.int64) - 1) * sectors + sec
+
+
 def measure_cells(
     nuclei: np.ndarray, h: np.ndarray, dab: np.ndarray, mpp: float, params: CellParams = CellParams(),
     pattern_dab: np.ndarray | None = None,
@@ -191,12 +210,7 @@ def measure_cells(
     if n == 0:
         z = np.zeros((0,))
         return Cells(nuclei, nuclei.copy(), np.zeros((0, 2)), z, z, z, z, np.zeros((0, s)), np.zeros((0, 3)))
-    # one Euclidean distance transform gives both the cells (nearest nucleus within expand_um,
-    # as skimage's expand_labels) and the nucleus dilated by ring_inner_um
-    dist, (iy, ix) = ndi.distance_transform_edt(nuclei == 0, return_indices=True)
-    cells = np.where(dist <= params.expand_um / mpp, nuclei[iy, ix], 0).astype(np.int32)
-    inner = dist <= params.ring_inner_um / mpp
-    del iy, ix
+    cells, inner = cell_rings(nuclei, mpp, params)
     cnt, cen, minor, major = _moments(nuclei, n)
     h_mean = np.bincount(nuclei.ravel(), h.ravel(), minlength=n + 1)[1:] / np.maximum(cnt, 1)
     ds = dab.astype(np.float32)
@@ -213,12 +227,7 @@ def measure_cells(
         # nuclei are only approximately where the membranes are)
         k = 2 * int(round(params.membrane_reach_um / mpp)) + 1
         ds = ndi.maximum_filter(ds, size=k)
-    ring = (cells > 0) & ~inner
-    yy, xx = np.nonzero(ring)
-    lab = cells[yy, xx]
-    ang = np.arctan2(yy - cen[lab - 1, 1], xx - cen[lab - 1, 0])
-    sec = ((ang + np.pi) / (2 * np.pi) * s).astype(np.int64) % s
-    key = (lab.astype(np.int64) - 1) * s + sec
+    yy, xx, key = ring_sectors(cells, inner, cen, s)
     out = np.full(n * s, -np.inf, np.float32)
     np.maximum.at(out, key, ds[yy, xx])
     out[~np.isfinite(out)] = np.nan

@@ -208,3 +208,106 @@ class MembraneDabLoss(nn.Module):
         if self.balance:
             loss = loss + self.balance * (pf.mean(dim=(1, 2, 3)) - pr.mean(dim=(1, 2, 3))).abs().mean()
         return loss
+
+
+class CellReadingLoss(nn.Module):
+    """The HER2 scorer's per-cell membrane reading of the output, on the truth's tumour cells.
+
+    :meth:`rings` runs the scorer (:func:`napari_bci.her2.scoring.analyse`) on a target IHC once
+    and keeps each ring pixel's sector key, its tumour cells and its stain model. ``forward``
+    then reads the output and the target as the scorer does (stain separation under that model,
+    background-corrected DAB, the same smoothing and maximum filter, each ring sector's maximum)
+    with the faint threshold softened by ``tau`` OD, and compares, per crop, over the tumour cells
+    wholly inside it: the sorted per-cell intensities (``intensity`` x L1, the quantity whose
+    tumour-cell mean is the membrane DAB of :func:`napari_bci.train.loop.membrane_dab`), the sorted
+    completeness (``completeness`` x L1) and the soft shares of cells the scorer counts as stained,
+    weak-moderate, intense-complete and weak-complete (``fractions`` x L1): which cells does not
+    matter, only how many and how strongly. With ``tau`` -> 0 the intensities equal the scorer's."""
+
+    def __init__(self, intensity: float = 40.0, completeness: float = 4.0, fractions: float = 20.0,
+                 tau: float = 0.005):
+        super().__init__()
+        self.wi, self.wc, self.wf, self.tau = float(intensity), float(completeness), float(fractions), float(tau)
+
+    @staticmethod
+    def rings(ihc, mpp: float = 0.5) -> dict:
+        """The target's cells for :meth:`forward`: ``key`` (H, W) int64 sector key of each ring pixel
+        (-1 elsewhere), ``counts`` ring pixels per cell, ``tumour`` per cell and the stain model."""
+        import numpy as np
+
+        from ..her2.cells import CellParams, cell_rings, ring_sectors
+        from ..her2.scoring import analyse
+        from ..her2.stains import stain_matrix
+
+        cp = CellParams()
+        cells, _, _, _, tumour, model = analyse(ihc, mpp, cell_params=cp)
+        lab, inner = cell_rings(cells.nuclei, mpp, cp)
+        yy, xx, key = ring_sectors(lab, inner, cells.centroid, cp.sectors)
+        k = np.full(ihc.shape[:2], -1, np.int64)
+        k[yy, xx] = key
+        inv = np.linalg.inv(stain_matrix(*model.vectors)).astype(np.float32)[:, :2]
+        return {"key": torch.from_numpy(k), "tumour": torch.from_numpy(np.asarray(tumour, bool)),
+                "counts": torch.bincount(torch.from_numpy(key // cp.sectors), minlength=len(cells)),
+                "white": torch.tensor(model.white, dtype=torch.float32), "inv": torch.from_numpy(inv.copy()),
+                "crosstalk": float(model.crosstalk), "background": float(model.dab_background),
+                "sectors": cp.sectors, "smooth_px": cp.dab_smooth_um / mpp,
+                "reach_px": 2 * int(round(cp.membrane_reach_um / mpp)) + 1}
+
+    @staticmethod
+    def dab_map(x: torch.Tensor, r: dict) -> torch.Tensor:
+        """``(H, W)`` DAB OD of one ``(1, 3, H, W)`` image as the scorer samples its rings."""
+        i = ((x[0].float() + 1) * 127.5).clamp(min=1.0)
+        od = (-torch.log10(i / r["white"].to(x.device).view(3, 1, 1))).clamp(min=0.0)
+        hd = torch.einsum("chw,ck->khw", od, r["inv"].to(x.device))
+        d = F.relu(F.relu(hd[1] - r["crosstalk"] * hd[0].clamp(min=0.0)) - r["background"])[None, None]
+        s = r["smooth_px"]
+        if s:
+            d = gaussian_blur(d, 2 * int(3 * s + 0.5) + 1, s)
+        k = r["reach_px"]
+        return F.max_pool2d(d, k, 1, k // 2)[0, 0]
+
+    def read(self, d: torch.Tensor, key: torch.Tensor, r: dict):
+        """(intensity, completeness) per tumour cell wholly inside ``key``'s crop, or None."""
+        m = key >= 0
+        k, v = key[m], d[m]
+        cell = k // r["sectors"]
+        whole = (torch.bincount(cell, minlength=len(r["counts"])) == r["counts"]) & r["tumour"]
+        keep = whole[cell]
+        k, v = k[keep], v[keep]
+        if k.numel() == 0:
+            return None
+        sectors, inv = torch.unique(k, return_inverse=True)
+        s = torch.full((len(sectors),), -1.0, device=d.device).scatter_reduce(0, inv, v, "amax")
+        _, c = torch.unique(sectors // r["sectors"], return_inverse=True)
+        n = int(c.max()) + 1
+        on = torch.sigmoid((s - 0.04) / self.tau) if self.tau > 0 else (s >= 0.04).float()
+        n_on = torch.zeros(n, device=d.device).index_add(0, c, on)
+        n_sec = torch.zeros(n, device=d.device).index_add(0, c, torch.ones_like(on))
+        total = torch.zeros(n, device=d.device).index_add(0, c, s * on)
+        return total / n_on.clamp(min=1.0), n_on / n_sec
+
+    @staticmethod
+    def shares(reading) -> torch.Tensor:
+        """Soft shares of the cells stained (completeness >= 0.4), weak-moderate or stronger,
+        intense and complete, weak-moderate and complete (the scorer's ScoreParams)."""
+        inten, comp = reading
+        on, full = torch.sigmoid((comp - 0.4) / 0.05), torch.sigmoid((comp - 0.7) / 0.05)
+        weak, intense = torch.sigmoid((inten - 0.16) / 0.02), torch.sigmoid((inten - 0.40) / 0.04)
+        return torch.stack([on.mean(), (on * weak).mean(), (on * intense * full).mean(), (on * weak * full).mean()])
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor, keys, rings) -> torch.Tensor:
+        """``keys``: each sample's crop of its target's ``key`` (cropped and turned as the images);
+        ``rings``: each sample's :meth:`rings`."""
+        total, n = fake.new_zeros(()), 0
+        for b, (key, r) in enumerate(zip(keys, rings)):
+            out = self.read(self.dab_map(fake[b:b + 1], r), key, r)
+            if out is None:
+                continue
+            with torch.no_grad():
+                ref = self.read(self.dab_map(real[b:b + 1], r), key, r)
+            total = total + self.wi * (out[0].sort().values - ref[0].sort().values).abs().mean()
+            total = total + self.wc * (out[1].sort().values - ref[1].sort().values).abs().mean()
+            if self.wf:
+                total = total + self.wf * (self.shares(out) - self.shares(ref)).abs().sum()
+            n += 1
+        return total / max(n, 1)
