@@ -116,7 +116,7 @@ def finetune_decoder(m, images, targets, levels, steps: int, one_sided: float, r
     ``rings`` (each target's :meth:`~napari_bci.train.losses.CellReadingLoss.rings`) adds the scorer's
     per-cell reading as a loss term with ``cell_weights`` (intensity, completeness, fractions);
     ``strength`` replaces the stage-3 membrane DAB loss's."""
-    from napari_bci.train.losses import CellReadingLoss, MembraneDabLoss, PyramidL1, dab_od, ssim_loss
+    from napari_bci.train.losses import MembraneDabLoss, PyramidL1, dab_od, ssim_loss
 
     torch.manual_seed(21)
     rng = np.random.default_rng(21)

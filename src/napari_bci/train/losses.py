@@ -226,8 +226,11 @@ class CellReadingLoss(nn.Module):
 
     def __init__(self, intensity: float = 40.0, completeness: float = 4.0, fractions: float = 20.0,
                  tau: float = 0.005):
+        from ..her2.scoring import ScoreParams
+
         super().__init__()
         self.wi, self.wc, self.wf, self.tau = float(intensity), float(completeness), float(fractions), float(tau)
+        self.params = ScoreParams()
 
     @staticmethod
     def rings(ihc, mpp: float = 0.5) -> dict:
@@ -280,19 +283,20 @@ class CellReadingLoss(nn.Module):
         s = torch.full((len(sectors),), -1.0, device=d.device).scatter_reduce(0, inv, v, "amax")
         _, c = torch.unique(sectors // r["sectors"], return_inverse=True)
         n = int(c.max()) + 1
-        on = torch.sigmoid((s - 0.04) / self.tau) if self.tau > 0 else (s >= 0.04).float()
+        faint = self.params.faint
+        on = torch.sigmoid((s - faint) / self.tau) if self.tau > 0 else (s >= faint).float()
         n_on = torch.zeros(n, device=d.device).index_add(0, c, on)
         n_sec = torch.zeros(n, device=d.device).index_add(0, c, torch.ones_like(on))
         total = torch.zeros(n, device=d.device).index_add(0, c, s * on)
         return total / n_on.clamp(min=1.0), n_on / n_sec
 
-    @staticmethod
-    def shares(reading) -> torch.Tensor:
-        """Soft shares of the cells stained (completeness >= 0.4), weak-moderate or stronger,
-        intense and complete, weak-moderate and complete (the scorer's ScoreParams)."""
+    def shares(self, reading) -> torch.Tensor:
+        """Soft shares of the cells stained (completeness >= ``min_completeness``), weak-moderate or
+        stronger, intense and complete, weak-moderate and complete (the scorer's ScoreParams)."""
         inten, comp = reading
-        on, full = torch.sigmoid((comp - 0.4) / 0.05), torch.sigmoid((comp - 0.7) / 0.05)
-        weak, intense = torch.sigmoid((inten - 0.16) / 0.02), torch.sigmoid((inten - 0.40) / 0.04)
+        q = self.params
+        on, full = torch.sigmoid((comp - q.min_completeness) / 0.05), torch.sigmoid((comp - q.complete) / 0.05)
+        weak, intense = torch.sigmoid((inten - q.weak) / 0.02), torch.sigmoid((inten - q.intense) / 0.04)
         return torch.stack([on.mean(), (on * weak).mean(), (on * intense * full).mean(), (on * weak * full).mean()])
 
     def forward(self, fake: torch.Tensor, real: torch.Tensor, keys, rings) -> torch.Tensor:
